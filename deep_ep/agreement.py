@@ -1,0 +1,85 @@
+"""Collective agreement: ranks check, with one tiny all-gather, that they call the same operation with
+arguments that must match (SPEC section 8). A mismatch raises `CollectiveMismatchError` on every rank,
+naming what each rank passed, instead of hanging in a collective whose sizes differ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .comm import Comm
+from .errors import CollectiveMismatchError
+
+# The fields each operation agrees on, in wire order. Adding a field appends to its op's tuple.
+OPERATIONS: dict[str, tuple[str, ...]] = {
+    "dispatch": (
+        "hidden",
+        "x_dtype",
+        "x_row_bytes",
+        "scales_row_bytes",
+        "num_topk",
+        "topk_dtype",
+        "num_experts",
+        "num_channels",
+        "num_worst_tokens",
+    ),
+    "cached_dispatch": ("hidden", "x_row_bytes", "scales_row_bytes", "num_worst_tokens", "handle_kind"),
+    "combine": ("hidden", "x_dtype", "num_topk", "num_worst_tokens"),
+    "low_latency_dispatch": (
+        "num_max_dispatch_tokens_per_rank",
+        "hidden",
+        "num_experts",
+        "num_topk",
+        "use_fp8",
+        "quant",
+        "round_scale",
+        "use_ue8m0",
+    ),
+    "low_latency_combine": ("num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "num_topk"),
+    "destroy": (),
+}
+_OP_NAMES = list(OPERATIONS)
+_WIDTH = 1 + max(len(fields) for fields in OPERATIONS.values())
+_DTYPES = [
+    torch.bfloat16,
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+]
+
+
+def dtype_code(dtype: torch.dtype | None) -> int:
+    """A small integer for a dtype (-1 for None) that means the same on every rank."""
+    if dtype is None:
+        return -1
+    return _DTYPES.index(dtype) if dtype in _DTYPES else 1000 + sum(map(ord, str(dtype)))
+
+
+def check_agreement(comm: Comm, op: str, **fields: int) -> None:
+    """All-gather (op, fields) and raise CollectiveMismatchError on every rank if any rank differs."""
+    names = OPERATIONS[op]
+    assert set(fields) == set(names), f"agreement fields of {op}: {sorted(fields)} != {sorted(names)}"
+    row = [_OP_NAMES.index(op)] + [int(fields[name]) for name in names]
+    row += [0] * (_WIDTH - len(row))
+    rows = comm.all_gather(torch.tensor(row, dtype=torch.int64), op).tolist()
+    if all(other == rows[0] for other in rows):
+        return
+    ops = {r[0] for r in rows}
+    if len(ops) > 1:
+        detail = "; ".join(
+            f"rank {rank}: {_OP_NAMES[r[0]] if r[0] < len(_OP_NAMES) else r[0]}" for rank, r in enumerate(rows)
+        )
+        raise CollectiveMismatchError(f"{op}: ranks called different operations ({detail})")
+    disagreeing = [i for i, name in enumerate(names, start=1) if len({r[i] for r in rows}) > 1]
+    detail = "; ".join(
+        f"{names[i - 1]}: " + ", ".join(f"rank {rank}={r[i]}" for rank, r in enumerate(rows)) for i in disagreeing
+    )
+    raise CollectiveMismatchError(f"{op}: ranks disagree on arguments that must match across ranks ({detail})")

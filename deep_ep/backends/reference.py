@@ -1,0 +1,226 @@
+"""The reference backend: SPEC semantics with plain torch.distributed collectives (gloo, NCCL, HCCL).
+
+Normal mode is one count exchange (all-gather of the layout counts) plus one packed byte all-to-all per
+dispatch; combine and cached dispatch are one all-to-all each. It has no preallocated buffers, so
+`num_nvl_bytes`/`num_rdma_bytes` only get recorded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..comm import Pending, host_sync_allowed
+from ..packing import RowFormat
+from ..routing import Route, channel_of_tokens
+from .base import Backend, DispatchArgs
+from .reference_low_latency import LowLatencyMixin
+
+
+class ReferenceBackend(LowLatencyMixin, Backend):
+    name = "reference"
+    device_types = ("cpu", "cuda", "npu", "xpu")
+    priority = 0
+    features = frozenset({"normal", "low_latency", "fp8", "int8", "any_group_size"})
+
+    @classmethod
+    def unavailable_reason(cls, group: dist.ProcessGroup, device: torch.device) -> str | None:
+        return None  # runs wherever torch.distributed does
+
+    @classmethod
+    def native_low_latency_quant(cls) -> str:
+        return "fp8"
+
+    # ---- SPEC section 3 ------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> tuple:
+        num_tokens = topk_idx.shape[0]
+        num_ranks = self.comm.size
+        experts_per_rank = num_experts // num_ranks
+        valid = topk_idx >= 0
+        # Invalid entries count into an extra column that is dropped: no host round trip.
+        rank_of = torch.where(valid, topk_idx.long() // experts_per_rank, num_ranks)
+        hits = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.int32, device=topk_idx.device)
+        hits.scatter_(1, rank_of, 1)
+        is_token_in_rank = hits[:, :num_ranks].bool()
+        num_tokens_per_rank = is_token_in_rank.sum(0, dtype=torch.int32)
+        num_tokens_per_rdma_rank = None
+        if num_ranks > 8:
+            num_nodes = -(-num_ranks // 8)
+            node_hits = torch.zeros(num_tokens, num_nodes * 8, dtype=torch.bool, device=topk_idx.device)
+            node_hits[:, :num_ranks] = is_token_in_rank
+            num_tokens_per_rdma_rank = node_hits.view(num_tokens, num_nodes, 8).any(2).sum(0, dtype=torch.int32)
+        expert_of = torch.where(valid, topk_idx.long(), num_experts).reshape(-1)
+        per_expert = torch.zeros(num_experts + 1, dtype=torch.int32, device=topk_idx.device)
+        per_expert.scatter_add_(0, expert_of, torch.ones_like(expert_of, dtype=torch.int32))
+        return num_tokens_per_rank, num_tokens_per_rdma_rank, per_expert[:num_experts], is_token_in_rank
+
+    # ---- SPEC section 4 ------------------------------------------------------------------------------
+    def dispatch(self, args: DispatchArgs) -> tuple[dict, Route, Pending]:
+        comm, rank, num_ranks = self.comm, self.comm.rank, self.comm.size
+        in_rank = args.is_token_in_rank
+        num_tokens = in_rank.shape[0]
+        num_experts = args.num_tokens_per_expert.numel()
+        experts_per_rank = num_experts // num_ranks
+        device = args.x.device
+
+        # Count exchange: tokens per destination, per (destination, channel), per expert; one all-gather.
+        channel = channel_of_tokens(num_tokens, args.num_channels, device)
+        per_channel = torch.zeros(args.num_channels, num_ranks, dtype=torch.int32, device=device)
+        per_channel.index_add_(0, channel, in_rank.int())
+        local = torch.cat(
+            [args.num_tokens_per_rank.int(), per_channel.t().reshape(-1), args.num_tokens_per_expert.int()]
+        )
+        gathered = comm.all_gather(local, "dispatch")
+        counts = gathered[:, :num_ranks]  # [source, destination]
+        channel_counts = gathered[:, num_ranks : num_ranks * (1 + args.num_channels)]
+        channel_counts = channel_counts.reshape(num_ranks, num_ranks, args.num_channels)[:, rank]  # [source, channel]
+        expert_counts = gathered[:, num_ranks * (1 + args.num_channels) :]
+        expert_counts = expert_counts[:, rank * experts_per_rank : (rank + 1) * experts_per_rank].sum(0)
+
+        rank_prefix_matrix = counts.cumsum(0, dtype=torch.int32)
+        channel_prefix_matrix = per_channel.t().cumsum(1, dtype=torch.int32)
+        source_start = torch.cat([counts.new_zeros(1), rank_prefix_matrix[:-1, rank]])
+        recv_channel_prefix_matrix = (
+            source_start.unsqueeze(1) + channel_counts.cumsum(1, dtype=torch.int32) - channel_counts
+        ).int()
+        send_head = _send_head(in_rank, channel, args.num_channels)
+
+        if args.num_worst_tokens:
+            if host_sync_allowed(device):  # every rank sees every total, so all ranks raise together
+                totals = counts.sum(0).tolist()
+                if max(totals) > args.num_worst_tokens:
+                    raise ValueError(
+                        f"num_worst_tokens={args.num_worst_tokens} is smaller than the tokens received: "
+                        f"{totals} per rank"
+                    )
+            route = Route.padded_for(in_rank, counts[:, rank], args.num_worst_tokens, args.num_worst_tokens)
+            count_list: list[int] = []
+        else:
+            host_counts = counts.cpu()  # DeepEP's host synchronisation: the receive size is needed here
+            route = Route.exact(in_rank, host_counts, rank)
+            align = args.expert_alignment
+            count_list = [(c + align - 1) // align * align for c in expert_counts.tolist()]
+
+        topk_idx = args.topk_idx
+        fmt = RowFormat.of(
+            x=args.x,
+            scales=args.x_scales,
+            topk_idx=topk_idx,
+            topk_weights=args.topk_weights,
+            src=torch.empty(num_tokens, dtype=torch.int32),
+        )
+        src = torch.arange(num_tokens, dtype=torch.int32, device=device)
+        rows = fmt.pack(x=args.x, scales=args.x_scales, topk_idx=topk_idx, topk_weights=args.topk_weights, src=src)
+        received, pending = route.forward(comm, rows, "dispatch")
+
+        out = {
+            "recv_x": args.x.new_empty(route.num_recv, *args.x.shape[1:]),
+            "recv_x_scales": None
+            if args.x_scales is None
+            else args.x_scales.new_empty(route.num_recv, *args.x_scales.shape[1:]),
+            "recv_topk_idx": None if topk_idx is None else topk_idx.new_empty(route.num_recv, topk_idx.shape[1]),
+            "recv_topk_weights": None
+            if args.topk_weights is None
+            else args.topk_weights.new_empty(route.num_recv, topk_idx.shape[1]),
+            "num_recv_tokens_per_expert_list": count_list,
+            "handle": (
+                rank_prefix_matrix,
+                channel_prefix_matrix,
+                recv_channel_prefix_matrix,
+                torch.empty(route.num_recv, dtype=torch.int32, device=device),
+                in_rank,
+                send_head,
+            ),
+        }
+
+        def unpack() -> None:
+            fields = fmt.unpack(received)
+            real = _real_rows(route)
+            out["recv_x"].copy_(fields["x"])
+            if out["recv_x_scales"] is not None:
+                out["recv_x_scales"].copy_(fields["scales"])
+            src_idx = fields["src"]
+            if real is not None:
+                src_idx = torch.where(real, src_idx, -1)
+            out["handle"][3].copy_(src_idx)
+            if topk_idx is not None:
+                idx = fields["topk_idx"]
+                local = (idx >= rank * experts_per_rank) & (idx < (rank + 1) * experts_per_rank)
+                if real is not None:
+                    local &= real.unsqueeze(1)
+                out["recv_topk_idx"].copy_(torch.where(local, idx - rank * experts_per_rank, -1))
+                weights = fields["topk_weights"]
+                out["recv_topk_weights"].copy_(torch.where(local, weights, torch.zeros_like(weights)))
+
+        return out, route, pending.then(unpack)
+
+    def cached_dispatch(
+        self, x: torch.Tensor, x_scales: torch.Tensor | None, route: Route
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Pending]:
+        fmt = RowFormat.of(x=x, scales=x_scales)
+        received, pending = route.forward(self.comm, fmt.pack(x=x, scales=x_scales), "cached dispatch")
+        recv_x = x.new_empty(route.num_recv, *x.shape[1:])
+        recv_scales = None if x_scales is None else x_scales.new_empty(route.num_recv, *x_scales.shape[1:])
+
+        def unpack() -> None:
+            fields = fmt.unpack(received)
+            recv_x.copy_(fields["x"])
+            if recv_scales is not None:
+                recv_scales.copy_(fields["scales"])
+
+        return recv_x, recv_scales, pending.then(unpack)
+
+    # ---- SPEC section 5 ------------------------------------------------------------------------------
+    def combine(
+        self,
+        x: torch.Tensor,
+        route: Route,
+        topk_weights: torch.Tensor | None,
+        bias: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Pending]:
+        num_tokens = route.num_tokens
+        fmt = RowFormat.of(x=x, topk_weights=topk_weights)
+        rows = fmt.pack(x=x, topk_weights=topk_weights)
+        returned, pending = route.backward(self.comm, rows, "combine")
+        combined_x = x.new_empty(num_tokens, *x.shape[1:])
+        combined_weights = None
+        if topk_weights is not None:
+            combined_weights = topk_weights.new_empty(num_tokens, topk_weights.shape[1])
+
+        def reduce() -> None:
+            fields = fmt.unpack(returned)
+            combined_x.copy_(_ordered_sum(route, fields["x"], bias, num_tokens))
+            if combined_weights is not None:
+                combined_weights.copy_(_ordered_sum(route, fields["topk_weights"], (), num_tokens))
+
+        return combined_x, combined_weights, pending.then(reduce)
+
+
+def _send_head(in_rank: torch.Tensor, channel: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """int32 [N, R]: position of each token in its (channel, destination) stream, -1 if not sent."""
+    num_tokens, num_ranks = in_rank.shape
+    running = in_rank.long().cumsum(0)
+    # Tokens of this rank sent to d before channel c begins: subtract so each channel restarts at 0.
+    before = torch.zeros(num_channels + 1, num_ranks, dtype=running.dtype, device=in_rank.device)
+    before.index_add_(0, channel + 1, in_rank.long())
+    before = before.cumsum(0)[:num_channels]
+    position = running - 1 - before[channel]
+    return torch.where(in_rank, position, -1).int()
+
+
+def _real_rows(route: Route) -> torch.Tensor | None:
+    """bool [num_recv]: which output rows hold a token (padded routes only)."""
+    if not route.padded:
+        return None
+    return route.recv_rows < sum(route.recv_splits)
+
+
+def _ordered_sum(route: Route, rows: torch.Tensor, bias: tuple[torch.Tensor, ...], num_tokens: int) -> torch.Tensor:
+    """fp32 sum per token from +0.0: the biases, then returned rows by destination ascending (SPEC 5)."""
+    acc = torch.zeros(num_tokens + 1, *rows.shape[1:], dtype=torch.float32, device=rows.device)
+    for b in bias:
+        acc[:num_tokens] += b.float()
+    for begin, end in route.destination_blocks():
+        # One row per token per destination: each element gets exactly one rounded addition.
+        acc.index_add_(0, route.send_tokens[begin:end], rows[begin:end].float())
+    return acc[:num_tokens].to(rows.dtype)

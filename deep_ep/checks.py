@@ -1,0 +1,70 @@
+"""Argument checks shared by the façade's methods: each error names the argument, its value and the rule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def tensor(
+    name: str,
+    value: Any,
+    *,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    dim: int | tuple[int, ...] | None = None,
+    shape: tuple[int | None, ...] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """`value` as a checked tensor; `None` entries of `shape` match any size."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        allowed = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}, got {value.dtype}")
+    dims = (dim,) if isinstance(dim, int) else dim
+    if shape is not None:
+        dims = (len(shape),)
+    if dims is not None and value.dim() not in dims:
+        raise ValueError(f"{name} must be {' or '.join(f'{d}-D' for d in dims)}, got shape {list(value.shape)}")
+    if shape is not None:
+        for axis, (want, got) in enumerate(zip(shape, value.shape)):
+            if want is not None and want != got:
+                expected = ["*" if s is None else s for s in shape]
+                raise ValueError(f"{name} must have shape {expected}, got {list(value.shape)} (dimension {axis})")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device}, but the other inputs are on {device}")
+    return value
+
+
+def integer(name: str, value: Any, *, minimum: int | None = None) -> int:
+    """`value` as a Python int (bools refused), at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def expert_ids(name: str, value: torch.Tensor, num_experts: int) -> None:
+    """Every entry is -1 (no expert) or in [0, num_experts)."""
+    bad = (value < -1) | (value >= num_experts)
+    if value.numel() and bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name}{list(index)} = {int(value[index])} is not an expert id: entries must be -1 or in "
+            f"[0, num_experts={num_experts})"
+        )
+
+
+def distinct_experts(name: str, value: torch.Tensor) -> None:
+    """No token selects the same expert twice (DeepEP assumes distinct top-k experts)."""
+    if value.shape[0] == 0 or value.shape[1] < 2:
+        return
+    ordered = value.sort(dim=1).values
+    same = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if bool(same.any()):
+        token = int(same.any(1).nonzero()[0, 0])
+        raise ValueError(
+            f"{name}[{token}] = {value[token].tolist()} selects one expert twice; experts must be distinct"
+        )

@@ -1,0 +1,119 @@
+"""Collectives over one process group: device staging, timeouts, and deferred completion.
+
+Everything the reference algorithm sends goes through `Comm`, so three concerns live in one place:
+- which device a tensor must be on for the group's backend (gloo wants CPU tensors, NCCL CUDA, HCCL NPU;
+  vLLM hands a gloo group CUDA tensors, which we stage through host memory);
+- a timeout per wait, turned into `CommTimeoutError` naming the operation (a dead peer must not hang us);
+- `Pending`: an issued collective plus the steps that finish the operation, run by `wait()`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from .errors import CommTimeoutError
+
+_BACKEND_DEVICE = {"gloo": "cpu", "mpi": "cpu", "nccl": "cuda", "hccl": "npu", "xccl": "xpu"}
+DEFAULT_TIMEOUT_S = float(os.environ.get("DEEP_EP_COMM_TIMEOUT", "300"))
+
+
+def group_device_types(group: dist.ProcessGroup) -> set[str]:
+    """Device types whose tensors the group's backend(s) can move, e.g. {"cpu"} for gloo."""
+    config = str(dist.get_backend_config(group)) if hasattr(dist, "get_backend_config") else dist.get_backend(group)
+    types = set()
+    for part in config.split(","):
+        device, _, name = part.rpartition(":")
+        types.add(device if device else _BACKEND_DEVICE.get(name.strip(), name.strip()))
+    return types
+
+
+def host_sync_allowed(device: torch.device) -> bool:
+    """False while a CUDA graph is being captured: checks that read device values must then be skipped."""
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+class Pending:
+    """Issued collectives and the steps that complete the operation once they have arrived."""
+
+    def __init__(self, comm: Comm, op: str, works: list, finish: list[Callable[[], None]], on_host: bool) -> None:
+        self._comm, self._op, self._works, self._finish, self._on_host = comm, op, works, finish, on_host
+
+    def wait(self) -> None:
+        works, self._works = self._works, []
+        for work in works:
+            self._comm.wait(work, self._op, self._on_host)
+        finish, self._finish = self._finish, []
+        for step in finish:
+            step()
+
+    def then(self, step: Callable[[], None]) -> Pending:
+        self._finish.append(step)
+        return self
+
+
+class Comm:
+    """One group's collectives as deep_ep uses them."""
+
+    def __init__(self, group: dist.ProcessGroup, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.device_types = group_device_types(group)
+        self.timeout_s = timeout_s
+
+    def wire_device(self, device: torch.device) -> torch.device:
+        """Where a tensor living on `device` travels: itself if the backend takes it, else the host."""
+        if device.type in self.device_types:
+            return device
+        if "cpu" in self.device_types:
+            return torch.device("cpu")
+        raise ValueError(
+            f"tensors on {device} cannot travel over a group whose backend serves {sorted(self.device_types)}"
+        )
+
+    def wait(self, work, op: str, on_host: bool = True) -> None:
+        """Wait for `work`; on host (gloo) with the timeout, on a device stream-ordered (NCCL's own watchdog)."""
+        try:
+            if not on_host:
+                work.wait()
+                return
+            work.wait(datetime.timedelta(seconds=self.timeout_s))
+        except RuntimeError as error:
+            text = str(error).lower()
+            if "timed out" in text or "timeout" in text:
+                why = f"a peer did not answer within {self.timeout_s:g} s"
+            elif "connection closed" in text or "connection reset" in text or "broken pipe" in text:
+                why = "a peer went away (its connection closed)"
+            else:
+                raise
+            raise CommTimeoutError(f"{op}: {why}, seen on rank {self.rank} of {self.size} ({error})") from error
+
+    def all_gather(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """Every rank's `tensor` stacked: [R, *tensor.shape], on `tensor`'s device (blocking)."""
+        wire = tensor.to(self.wire_device(tensor.device)).contiguous()
+        out = torch.empty((self.size * wire.numel(),), dtype=wire.dtype, device=wire.device)
+        work = dist.all_gather_into_tensor(out, wire.reshape(-1), group=self.group, async_op=True)
+        self.wait(work, op, on_host=wire.device.type == "cpu")
+        return out.view(self.size, *tensor.shape).to(tensor.device)
+
+    def all_to_all(
+        self,
+        out: torch.Tensor,
+        inp: torch.Tensor,
+        op: str,
+        out_splits: list[int] | None = None,
+        in_splits: list[int] | None = None,
+    ) -> Pending:
+        """Start `all_to_all_single` of rows (equal splits when none are given); `out` is filled on wait()."""
+        wire = self.wire_device(inp.device)
+        if wire == inp.device:
+            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
+            return Pending(self, op, [work], [], on_host=wire.type == "cpu")
+        staged_out = torch.empty(out.shape, dtype=out.dtype, device=wire)
+        work = dist.all_to_all_single(staged_out, inp.to(wire), out_splits, in_splits, group=self.group, async_op=True)
+        return Pending(self, op, [work], [lambda: out.copy_(staged_out)], on_host=True)

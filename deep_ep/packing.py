@@ -1,0 +1,60 @@
+"""Rows of several tensors packed into one byte row, so one all-to-all moves them all bit-exactly.
+
+Bytes are dtype-agnostic (gloo has no float8) and a row travels unchanged, which is what makes the
+reference backend bit-exact by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Field:
+    """One tensor of a packed row: its dtype and the shape of one row (() for one scalar per row)."""
+
+    name: str
+    dtype: torch.dtype
+    row_shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.row_shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+class RowFormat:
+    """Byte layout of a packed row: the fields side by side, in order."""
+
+    def __init__(self, fields: list[Field]) -> None:
+        self.fields = fields
+        self.width = sum(field.nbytes for field in fields)
+
+    @staticmethod
+    def of(**tensors: torch.Tensor | None) -> RowFormat:
+        """The format of the given row tensors ([N, ...] each); None entries are left out."""
+        return RowFormat([Field(name, t.dtype, tuple(t.shape[1:])) for name, t in tensors.items() if t is not None])
+
+    def pack(self, **tensors: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, width]: row t holds row t of every field."""
+        parts = []
+        for field in self.fields:
+            t = tensors[field.name]
+            parts.append(t.contiguous().view(torch.uint8).reshape(t.shape[0], field.nbytes))
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts, dim=1)
+
+    def unpack(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The fields of uint8 rows [M, width], each a contiguous tensor [M, *row_shape]."""
+        out, offset = {}, 0
+        for field in self.fields:
+            # A fresh dense copy: a dtype view needs standard strides and an aligned start.
+            part = rows[:, offset : offset + field.nbytes].clone(memory_format=torch.contiguous_format)
+            out[field.name] = part.view(field.dtype).reshape(rows.shape[0], *field.row_shape)
+            offset += field.nbytes
+        return out

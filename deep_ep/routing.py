@@ -1,0 +1,111 @@
+"""Where each row goes in the reference algorithm: one `Route` per normal-mode dispatch.
+
+A route sends rows token -> destination ranks (dispatch, cached dispatch) and back (combine). Two forms:
+- exact: split sizes are known on the host (DeepEP synchronises with the host in a fresh dispatch);
+- padded: every (source, destination) pair gets `capacity` slots, so nothing needs the host
+  (`num_worst_tokens` mode, CUDA-graph friendly); a trash row/slot absorbs what is unused.
+Either way the rows arriving from source s form block s in ascending s, tokens ascending: SPEC order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .comm import Comm, Pending
+
+
+def channel_of_tokens(num_tokens: int, num_channels: int, device: torch.device) -> torch.Tensor:
+    """int64 [N]: DeepEP's channel of each token (contiguous ranges of ceil(N / C) tokens)."""
+    per_channel = max(-(-num_tokens // num_channels), 1)
+    return torch.arange(num_tokens, device=device) // per_channel
+
+
+@dataclass
+class Route:
+    """How one dispatch moved rows; enough to repeat it (cached dispatch) and reverse it (combine).
+
+    send_tokens: int64 [sum(send_splits)], the token of each sent row, grouped by destination
+        (padded form: `num_tokens` marks an unused slot).
+    send_splits / recv_splits: rows sent to / received from each rank.
+    recv_rows: padded form only, int64 [num_recv]: the received slot of each output row
+        (`sum(recv_splits)` marks a padding row).
+    """
+
+    num_tokens: int
+    num_recv: int
+    send_tokens: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    recv_rows: torch.Tensor | None = None
+
+    @property
+    def padded(self) -> bool:
+        return self.recv_rows is not None
+
+    @staticmethod
+    def exact(is_token_in_rank: torch.Tensor, counts: torch.Tensor, rank: int) -> Route:
+        """counts: host int [R, R] of tokens sent from rank s to rank d."""
+        send_tokens = is_token_in_rank.t().nonzero()[:, 1]  # (d, t) pairs come sorted by d, then t
+        send_splits = counts[rank].tolist()
+        recv_splits = counts[:, rank].tolist()
+        return Route(is_token_in_rank.shape[0], sum(recv_splits), send_tokens, send_splits, recv_splits)
+
+    @staticmethod
+    def padded_for(is_token_in_rank: torch.Tensor, recv_counts: torch.Tensor, capacity: int, num_recv: int) -> Route:
+        """A host-free route: recv_counts is a device int [R] (rows from each source), capacity >= each count."""
+        num_tokens, num_ranks = is_token_in_rank.shape
+        device = is_token_in_rank.device
+        # Slot of (t, d) = how many earlier tokens also go to d; unsent pairs and overflow go to a trash column.
+        slot = is_token_in_rank.long().cumsum(0) - 1
+        slot = torch.where(is_token_in_rank & (slot < capacity), slot, capacity)
+        send_tokens = torch.full((num_ranks, capacity + 1), num_tokens, dtype=torch.long, device=device)
+        tokens = torch.arange(num_tokens, device=device).unsqueeze(1).expand(num_tokens, num_ranks)
+        send_tokens.scatter_(1, slot.t(), tokens.t())
+        send_tokens = send_tokens[:, :capacity].reshape(-1)
+        # Output row p comes from source s = the block holding p, at slot p - start(s).
+        ends = recv_counts.long().cumsum(0)
+        rows = torch.arange(num_recv, device=device)
+        source = torch.searchsorted(ends, rows, right=True)
+        start = torch.cat([ends.new_zeros(1), ends])[source]
+        recv_rows = source * capacity + (rows - start)
+        recv_rows = torch.where(source < num_ranks, recv_rows, num_ranks * capacity)
+        splits = [capacity] * num_ranks
+        return Route(num_tokens, num_recv, send_tokens, splits, list(splits), recv_rows)
+
+    def forward(self, comm: Comm, rows: torch.Tensor, op: str) -> tuple[torch.Tensor, Pending]:
+        """Send token rows [N, W] to their destinations; returns the received rows [num_recv, W] (valid on wait)."""
+        if self.padded:  # unused slots read an appended zero row
+            rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+        send = rows[self.send_tokens]
+        received = rows.new_empty(sum(self.recv_splits), rows.shape[1])
+        pending = comm.all_to_all(received, send, op, self.recv_splits, self.send_splits)
+        if not self.padded:
+            return received, pending
+        out = rows.new_empty(self.num_recv, rows.shape[1])
+
+        def compact() -> None:
+            padded = torch.cat([received, received.new_zeros(1, received.shape[1])])
+            torch.index_select(padded, 0, self.recv_rows, out=out)
+
+        return out, pending.then(compact)
+
+    def backward(self, comm: Comm, rows: torch.Tensor, op: str) -> tuple[torch.Tensor, Pending]:
+        """Send received rows [num_recv, W] back to their sources; returns rows aligned with `send_tokens`."""
+        if self.padded:
+            slots = rows.new_zeros(sum(self.recv_splits) + 1, rows.shape[1])
+            slots.index_copy_(0, self.recv_rows, rows[: self.num_recv])
+            rows = slots[:-1]
+        else:
+            rows = rows[: self.num_recv]
+        returned = rows.new_empty(sum(self.send_splits), rows.shape[1])
+        return returned, comm.all_to_all(returned, rows.contiguous(), op, self.send_splits, self.recv_splits)
+
+    def destination_blocks(self) -> list[tuple[int, int]]:
+        """(begin, end) of the rows of each destination within `send_tokens`, ascending destination."""
+        blocks, begin = [], 0
+        for size in self.send_splits:
+            blocks.append((begin, begin + size))
+            begin += size
+        return blocks
