@@ -18,6 +18,8 @@ import torch.distributed as dist
 
 from .errors import CommTimeoutError
 
+# torch >= 2.13 renamed all_gather_into_tensor; the GPU hosts run 2.11.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _BACKEND_DEVICE = {"gloo": "cpu", "mpi": "cpu", "nccl": "cuda", "hccl": "npu", "xccl": "xpu"}
 DEFAULT_TIMEOUT_S = float(os.environ.get("DEEP_EP_COMM_TIMEOUT", "300"))
 
@@ -97,7 +99,7 @@ class Comm:
         """Every rank's `tensor` stacked: [R, *tensor.shape], on `tensor`'s device (blocking)."""
         wire = tensor.to(self.wire_device(tensor.device)).contiguous()
         out = torch.empty((self.size * wire.numel(),), dtype=wire.dtype, device=wire.device)
-        work = dist.all_gather_into_tensor(out, wire.reshape(-1), group=self.group, async_op=True)
+        work = _all_gather_single(out, wire.reshape(-1), group=self.group, async_op=True)
         self.wait(work, op, on_host=wire.device.type == "cpu")
         return out.view(self.size, *tensor.shape).to(tensor.device)
 
