@@ -159,3 +159,71 @@ def test_eight_ranks(name: str) -> None:
 
 def test_uneven_token_counts() -> None:
     run_ranks(3, _check_round, dict(tokens=[5, 0, 9], hidden=8, topk=2, experts=6, routing="uniform", seed=13))
+
+
+def _self_describing(rank: int, world: int, tokens: list[int]) -> None:
+    """DeepEP test_intranode style: x[t] = source rank everywhere but the last column, which holds t.
+    Every received row must name its own origin, in SPEC order, and combine must give x * |D(t)|."""
+    experts = 4 * world
+    w = make_workload(world, tokens, 32, 3, experts, seed=31, routing="sparse", self_describing=True)
+    buffer = Buffer(dist.group.WORLD)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(w.topk_idx[rank], experts)
+    recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(
+        w.x[rank],
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=w.topk_idx[rank],
+        topk_weights=w.topk_weights[rank],
+    )
+    rank_prefix, recv_src_idx = handle[0], handle[3]
+    sources = recv_x[:, 0].long()
+    token_ids = recv_x[:, -1].long()
+    # Rows come grouped by source rank ascending, with rank_prefix_matrix[:, rank] as block ends.
+    begin = 0
+    for s in range(world):
+        end = int(rank_prefix[s, rank])
+        assert (sources[begin:end] == s).all(), f"rows {begin}:{end} should come from rank {s}"
+        ids = token_ids[begin:end]
+        assert (ids[1:] > ids[:-1]).all(), "tokens of one source must be ascending"
+        expected_ids = (w.topk_idx[s] // (experts // world) == rank).any(1).nonzero().flatten()
+        assert torch.equal(ids, expected_ids)
+        begin = end
+    assert begin == recv_x.shape[0] and torch.equal(recv_src_idx.long(), token_ids)
+    # recv_topk_idx names local experts of exactly the entries that belong here.
+    for i in range(recv_x.shape[0]):
+        src_row = w.topk_idx[int(sources[i])][int(token_ids[i])]
+        local = torch.where(src_row // (experts // world) == rank, src_row - rank * (experts // world), -1)
+        local = torch.where(src_row >= 0, local, -1)
+        assert torch.equal(recv_idx[i], local)
+    # combine(dispatch(x), recv_topk_weights) reconstructs x * |D(t)| and topk_weights.
+    combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+    fanout = in_rank.sum(1, keepdim=True).float()
+    assert_bit_equal("combined x", combined, (w.x[rank].float() * fanout).to(torch.bfloat16))
+    assert_bit_equal("combined weights", combined_w, w.topk_weights[rank])
+
+
+@pytest.mark.parametrize("world,tokens", [(2, [6, 5]), (4, [7, 0, 3, 9]), (8, [3] * 8)])
+def test_self_describing_rows_and_reconstruction(world: int, tokens: list[int]) -> None:
+    run_ranks(world, _self_describing, tokens)
+
+
+def _adjoint(rank: int, world: int) -> None:
+    """Combine is the adjoint of dispatch: <combine(y), x> == <y, dispatch(x)> (float64, exact here)."""
+    w = make_workload(world, 8, 4, 2, 2 * world, seed=41, dtype=torch.float64)
+    buffer = Buffer(dist.group.WORLD)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(w.topk_idx[rank], w.num_experts)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        w.x[rank], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert
+    )
+    y = torch.randn(recv_x.shape, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    combined, _, _ = buffer.combine(y, handle)
+    lhs = torch.tensor([(combined * w.x[rank]).sum().item()], dtype=torch.float64)
+    rhs = torch.tensor([(y * recv_x).sum().item()], dtype=torch.float64)
+    dist.all_reduce(lhs)
+    dist.all_reduce(rhs)
+    assert abs(lhs.item() - rhs.item()) <= 1e-12 * max(1.0, abs(lhs.item())), (lhs, rhs)
+
+
+def test_combine_is_the_adjoint_of_dispatch() -> None:
+    run_ranks(3, _adjoint)

@@ -75,12 +75,15 @@ def run_ranks(
     timeout: float = 120.0,
     backend: str = "gloo",
     env: dict[str, str] | None = None,
+    doomed: tuple[int, ...] = (),
     **kwargs: Any,
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args, **kwargs)` on every rank of a new world; return the results by rank.
 
     `fn` and its arguments must be picklable (a module-level function). Raises `RankFailure` with every
     failing rank's traceback, or naming the ranks still running at the deadline (`timeout` seconds).
+    `doomed`: ranks a test kills or stalls on purpose; their result is None, and once every other rank has
+    reported they are killed instead of waited for.
     """
     ctx = _context()
     workdir = tempfile.mkdtemp(prefix="deep_ep_world_")
@@ -99,7 +102,7 @@ def run_ranks(
             child_end.close()
             procs.append(proc)
             conns.append(parent_end)
-        return _collect(procs, conns, timeout)
+        return _collect(procs, conns, timeout, set(doomed))
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -108,11 +111,11 @@ def run_ranks(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _collect(procs: list, conns: list, timeout: float) -> list[Any]:
+def _collect(procs: list, conns: list, timeout: float, doomed: set[int]) -> list[Any]:
     deadline = time.monotonic() + timeout
-    results: dict[int, tuple[str, Any]] = {}
+    results: dict[int, tuple[str, Any]] = {rank: ("ok", None) for rank in doomed}
     waiting = dict(enumerate(conns))
-    while waiting:
+    while set(waiting) - doomed:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
@@ -125,11 +128,12 @@ def _collect(procs: list, conns: list, timeout: float) -> list[Any]:
             try:
                 results[rank] = conn.recv()
             except EOFError:
-                results[rank] = ("error", f"process exited with code {procs[rank].exitcode} before reporting\n")
+                if rank not in doomed:
+                    results[rank] = ("error", f"process exited with code {procs[rank].exitcode} before reporting\n")
             del waiting[rank]
     failures = [f"[rank {rank}] {body}" for rank, (status, body) in sorted(results.items()) if status == "error"]
-    if waiting:
-        failures.append(f"ranks {sorted(waiting)} did not finish within {timeout:g} s (killed)")
+    if set(waiting) - doomed:
+        failures.append(f"ranks {sorted(set(waiting) - doomed)} did not finish within {timeout:g} s (killed)")
     if failures:
         raise RankFailure("\n".join(failures))
     return [results[rank][1] for rank in range(len(procs))]
