@@ -1,0 +1,56 @@
+# ruff: noqa: E501 - the markdown table rows below are long by nature
+"""Print docs/ERRORS.md from the case table of tests/test_reliability.py (the docs cannot drift from the tests).
+
+python tools/error_table.py > docs/ERRORS.md
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+HEADER = """# Errors: each bad input, the error it raises, and the test that proves it
+
+Every case below is run by `tests/test_reliability.py::test_every_bad_input_raises_and_the_buffer_stays_usable`
+on gloo worlds of 1, 2 and 3 ranks: the call must raise the listed exception with a message containing the
+listed text, and the same Buffer must then complete a normal-mode round and a low-latency round that match the
+executable spec bit for bit. The table is generated from the test (`python tools/error_table.py`), and
+`tests/test_docs.py` fails if it is out of date.
+
+| # | case (test id) | what is wrong | raises | message contains |
+|---|---|---|---|---|
+"""
+
+FOOTER = """
+## Across ranks and peers
+
+| case | raises | test |
+|---|---|---|
+| ranks pass different `hidden` to `dispatch` | `CollectiveMismatchError` on every rank, naming each rank's value | `test_collective_mismatch_raises_on_every_rank[hidden]` |
+| one rank calls `combine` while another calls cached `dispatch` | `CollectiveMismatchError` ("ranks called different operations") | `...[op]` |
+| different `num_max_dispatch_tokens_per_rank` in `low_latency_dispatch` | `CollectiveMismatchError` | `...[tokens_cap]` |
+| different `num_worst_tokens` | `CollectiveMismatchError` | `...[num_worst_tokens]` |
+| different `num_experts` in `low_latency_dispatch` | `CollectiveMismatchError` | `...[experts]` |
+| a peer exits in the middle of `dispatch` / `combine` | `CommTimeoutError` naming the operation ("a peer went away") | `test_dead_peer_raises_timeout_naming_the_op[exit-*]` |
+| a peer stalls in the middle of `dispatch` / `combine` | `CommTimeoutError` naming the operation after `buffer.comm_timeout` s | `test_dead_peer_raises_timeout_naming_the_op[stall-*]` |
+| random shapes with one random corruption (hypothesis) | only `ValueError`/`TypeError`, the same on every rank; otherwise results equal the spec | `test_fuzzed_arguments_give_documented_errors_or_exact_results` |
+
+After a `CollectiveMismatchError` the Buffer is usable (tested). After a `CommTimeoutError` the peer is gone or
+late: the process group itself may be unusable, and the job should rebuild it.
+"""
+
+
+def render() -> str:
+    from test_reliability import CASES
+
+    rows = []
+    for number, (name, what, _, exc, fragment) in enumerate(CASES, start=1):
+        rows.append(f"| {number} | `{name}` | {what} | `{exc.__name__}` | {fragment.replace('|', '/')} |")
+    return HEADER + "\n".join(rows) + "\n" + FOOTER
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())
