@@ -6,6 +6,7 @@ pure torch.distributed `reference` backend, which defines the semantics (see doc
 
 from __future__ import annotations
 
+from . import autograd, moe, permute  # noqa: F401 - training helpers (docs/TRAINING.md), cheap to import
 from .backends import list_backends, register_backend
 from .buffer import Buffer
 from .config import Config, topk_idx_t

@@ -596,7 +596,7 @@ def _fuzz_case(rank: int, world: int, case: dict) -> str:
         if bad == "idx_alone":
             kwargs["topk_weights"] = None
         recv_x, _, recv_w, _, handle, _ = buffer.dispatch(
-            x[0] if bad == "x_1d" else x, num_worst_tokens=1 if bad == "worst_small" else 0, **kwargs
+            x.reshape(-1) if bad == "x_1d" else x, num_worst_tokens=1 if bad == "worst_small" else 0, **kwargs
         )
         bias = x[:1] if bad == "bias_shape" else None
         combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w, bias=bias)

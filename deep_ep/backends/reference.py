@@ -22,6 +22,8 @@ class ReferenceBackend(LowLatencyMixin, Backend):
     device_types = ("cpu", "cuda", "npu", "xpu")
     priority = 0
     features = frozenset({"normal", "low_latency", "fp8", "int8", "any_group_size"})
+    # SPEC 5's dtypes plus float64 (accumulated in float64), which float64 gradcheck of deep_ep.autograd needs.
+    combine_dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
     @classmethod
     def unavailable_reason(cls, group: dist.ProcessGroup, device: torch.device) -> str | None:
@@ -111,7 +113,7 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         )
         src = torch.arange(num_tokens, dtype=torch.int32, device=device)
         rows = fmt.pack(x=args.x, scales=args.x_scales, topk_idx=topk_idx, topk_weights=args.topk_weights, src=src)
-        received, pending = route.forward(comm, rows, "dispatch")
+        received, pending = self._forward(route, rows, "dispatch")
 
         out = {
             "recv_x": args.x.new_empty(route.num_recv, *args.x.shape[1:]),
@@ -158,7 +160,7 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         self, x: torch.Tensor, x_scales: torch.Tensor | None, route: Route
     ) -> tuple[torch.Tensor, torch.Tensor | None, Pending]:
         fmt = RowFormat.of(x=x, scales=x_scales)
-        received, pending = route.forward(self.comm, fmt.pack(x=x, scales=x_scales), "cached dispatch")
+        received, pending = self._forward(route, fmt.pack(x=x, scales=x_scales), "cached dispatch")
         recv_x = x.new_empty(route.num_recv, *x.shape[1:])
         recv_scales = None if x_scales is None else x_scales.new_empty(route.num_recv, *x_scales.shape[1:])
 
@@ -169,6 +171,12 @@ class ReferenceBackend(LowLatencyMixin, Backend):
                 recv_scales.copy_(fields["scales"])
 
         return recv_x, recv_scales, pending.then(unpack)
+
+    def _forward(self, route: Route, rows: torch.Tensor, op: str) -> tuple[torch.Tensor, Pending]:
+        """Move packed token rows [N, W] (uint8) to their destinations: the transport of dispatch and cached
+        dispatch. Returns the received rows [num_recv, W] (valid once the Pending ran); kernel backends
+        override it to move the same bytes another way."""
+        return route.forward(self.comm, rows, op)
 
     # ---- SPEC section 5 ------------------------------------------------------------------------------
     def combine(
@@ -216,11 +224,15 @@ def _real_rows(route: Route) -> torch.Tensor | None:
 
 
 def _ordered_sum(route: Route, rows: torch.Tensor, bias: tuple[torch.Tensor, ...], num_tokens: int) -> torch.Tensor:
-    """fp32 sum per token from +0.0: the biases, then returned rows by destination ascending (SPEC 5)."""
-    acc = torch.zeros(num_tokens + 1, *rows.shape[1:], dtype=torch.float32, device=rows.device)
+    """fp32 sum per token from +0.0: the biases, then returned rows by destination ascending (SPEC 5).
+
+    float64 rows (beyond SPEC, for gradcheck) are summed in float64, in the same order.
+    """
+    acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    acc = torch.zeros(num_tokens + 1, *rows.shape[1:], dtype=acc_dtype, device=rows.device)
     for b in bias:
-        acc[:num_tokens] += b.float()
+        acc[:num_tokens] += b.to(acc_dtype)
     for begin, end in route.destination_blocks():
         # One row per token per destination: each element gets exactly one rounded addition.
-        acc.index_add_(0, route.send_tokens[begin:end], rows[begin:end].float())
+        acc.index_add_(0, route.send_tokens[begin:end], rows[begin:end].to(acc_dtype))
     return acc[:num_tokens].to(rows.dtype)
