@@ -39,6 +39,18 @@ def kernel_extensions() -> tuple[list, dict]:
     return [extension], {"build_ext": cpp_extension.BuildExtension}
 
 
+def torch_npu_requirement() -> str:
+    """torch-npu X.Y.* for the installed torch X.Y (torch_npu releases pin torch==X.Y.*), where torch is
+    visible at build time (`--no-build-isolation`); else unpinned: then pin torch in the same pip command."""
+    try:
+        from importlib.metadata import version
+
+        major, minor = version("torch").split(".")[:2]
+        return f"torch-npu=={major}.{minor}.*"
+    except Exception:  # no torch visible to the build
+        return "torch-npu"
+
+
 ext_modules, cmdclass = kernel_extensions()
 
 setup(
@@ -54,6 +66,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6"],
         "bench": ["matplotlib>=3.7"],
+        "ascend": [torch_npu_requirement()],
     },
     entry_points={"console_scripts": []},
     ext_modules=ext_modules,

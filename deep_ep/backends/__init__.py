@@ -20,6 +20,8 @@ from .base import Backend
 
 _BUILTIN = {
     "reference": "deep_ep.backends.reference:ReferenceBackend",
+    "ascend": "deep_ep.backends.ascend:AscendBackend",
+    "cuda": "deep_ep.backends.cuda:CudaBackend",
 }
 _registry: dict[str, str | type[Backend]] = dict(_BUILTIN)
 _entry_points_loaded = False
