@@ -74,6 +74,10 @@ class Comm:
             return device
         if "cpu" in self.device_types:
             return torch.device("cpu")
+        if device.type == "cpu" and self.device_types:
+            # Small host tensors (the agreement rows) over a device-only group (NCCL, HCCL) travel on the
+            # group's device; torch.device("cuda") without an index means the current one.
+            return torch.device(sorted(self.device_types)[0])
         raise ValueError(
             f"tensors on {device} cannot travel over a group whose backend serves {sorted(self.device_types)}"
         )

@@ -44,7 +44,11 @@ class RowFormat:
         parts = []
         for field in self.fields:
             t = tensors[field.name]
-            parts.append(t.contiguous().view(torch.uint8).reshape(t.shape[0], field.nbytes))
+            # A byte view needs stride(-1) == 1, which a "contiguous" tensor with a size-1 dimension need not
+            # have (e.g. fp8 scales [N, 1] transposed from [1, N]): make such tensors dense first.
+            if not t.is_contiguous() or (t.dim() > 0 and t.stride(-1) != 1):
+                t = t.clone(memory_format=torch.contiguous_format)
+            parts.append(t.view(torch.uint8).reshape(t.shape[0], field.nbytes))
         if len(parts) == 1:
             return parts[0]
         return torch.cat(parts, dim=1)

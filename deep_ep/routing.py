@@ -31,6 +31,8 @@ class Route:
     send_splits / recv_splits: rows sent to / received from each rank.
     recv_rows: padded form only, int64 [num_recv]: the received slot of each output row
         (`sum(recv_splits)` marks a padding row).
+    all_counts: exact form only, host [R][R]: tokens sent from rank s to rank d for every pair, so a
+        backend that writes into its peers' memory can compute every offset without another exchange.
     """
 
     num_tokens: int
@@ -39,6 +41,7 @@ class Route:
     send_splits: list[int]
     recv_splits: list[int]
     recv_rows: torch.Tensor | None = None
+    all_counts: list[list[int]] | None = None
 
     @property
     def padded(self) -> bool:
@@ -50,7 +53,9 @@ class Route:
         send_tokens = is_token_in_rank.t().nonzero()[:, 1]  # (d, t) pairs come sorted by d, then t
         send_splits = counts[rank].tolist()
         recv_splits = counts[:, rank].tolist()
-        return Route(is_token_in_rank.shape[0], sum(recv_splits), send_tokens, send_splits, recv_splits)
+        return Route(
+            is_token_in_rank.shape[0], sum(recv_splits), send_tokens, send_splits, recv_splits, None, counts.tolist()
+        )
 
     @staticmethod
     def padded_for(is_token_in_rank: torch.Tensor, recv_counts: torch.Tensor, capacity: int, num_recv: int) -> Route:

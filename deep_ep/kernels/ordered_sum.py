@@ -1,0 +1,141 @@
+"""The combine reduction of SPEC section 5 as a gather: `ordered_gather_sum(rows, row_index, biases)`.
+
+`out[t]` = one rounding, to `rows.dtype`, of the float32 sum that starts from +0.0 and adds, in this order,
+`biases[0][t]`, `biases[1][t]`, then `rows[row_index[t, d]]` for d = 0..R-1 wherever `row_index[t, d] >= 0`.
+Every addition is a separate float32 rounding (there is no multiply, so nothing can be fused into an FMA).
+float64 rows are summed in float64 (the reference backend does the same, for gradcheck).
+
+Adding +0.0 where a row is absent instead of skipping it gives the same bits: the accumulator starts at
++0.0 and a round-to-nearest sum is -0.0 only when both operands are -0.0, so it is never -0.0 and
+`acc + 0.0 == acc` bit for bit (NaN and infinities included). Both implementations rely on that to stay
+branch-free.
+
+On CUDA tensors of bf16/fp16/fp32 with Triton importable, a Triton kernel reads each row once; anywhere
+else the torch implementation below runs. Set `DEEP_EP_TRITON=0` to force the torch implementation.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+__all__ = ["ordered_gather_sum", "row_index_from_splits", "status", "triton_usable"]
+
+log = logging.getLogger("deep_ep.kernels")
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_triton_error: str | None = None  # set when a launch raised: later calls take the torch path (same bits)
+
+
+def row_index_from_splits(send_tokens: torch.Tensor, send_splits: list[int], num_tokens: int) -> torch.Tensor:
+    """int32 [N, R]: row_index[t, d] = the row of `send_tokens` that token t sent to rank d, else -1.
+
+    `send_tokens` (int64) lists the token of each sent row grouped by destination (`send_splits[d]` rows
+    for rank d, destinations ascending), as an exact `deep_ep.routing.Route` holds it; the rows returned
+    by combine come back in that same order. Builds on the tokens' device without a host round trip.
+    """
+    num_ranks = len(send_splits)
+    total = sum(send_splits)
+    device = send_tokens.device
+    index = torch.full((num_tokens, num_ranks), -1, dtype=torch.int32, device=device)
+    if total == 0:
+        return index
+    # The splits are host ints; a non-blocking copy keeps the host from waiting on the stream.
+    repeats = torch.tensor(send_splits, dtype=torch.long).to(device, non_blocking=True)
+    destination = torch.repeat_interleave(torch.arange(num_ranks, device=device), repeats, output_size=total)
+    # Each (token, destination) pair occurs at most once, so this plain scatter is deterministic.
+    index[send_tokens[:total], destination] = torch.arange(total, dtype=torch.int32, device=device)
+    return index
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        from . import triton_ordered_sum  # noqa: F401  (compiles nothing yet; kernels compile at first launch)
+    except Exception:  # a broken Triton install must leave the torch path working
+        return False
+    return True
+
+
+def triton_usable(rows: torch.Tensor) -> bool:
+    """Whether `ordered_gather_sum` would run the Triton kernel for these rows."""
+    return (
+        rows.is_cuda
+        and rows.dtype in _TRITON_DTYPES
+        and _triton_error is None
+        and os.environ.get("DEEP_EP_TRITON", "1") != "0"
+        and _triton_importable()
+    )
+
+
+def status() -> str:
+    """Which implementation CUDA tensors get: "triton", or "torch (why)"."""
+    if os.environ.get("DEEP_EP_TRITON", "1") == "0":
+        return "torch (DEEP_EP_TRITON=0)"
+    if _triton_error is not None:
+        return f"torch (the Triton launch failed: {_triton_error})"
+    if not _triton_importable():
+        return "torch (Triton cannot be imported)"
+    return "triton"
+
+
+def _check(rows: torch.Tensor, row_index: torch.Tensor, biases: tuple[torch.Tensor, ...]) -> None:
+    if rows.dim() != 2:
+        raise ValueError(f"rows must be 2-D [M, H], got shape {list(rows.shape)}")
+    if row_index.dim() != 2 or row_index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"row_index must be int32/int64 [N, R], got {row_index.dtype} {list(row_index.shape)}")
+    if len(biases) > 2:
+        raise ValueError(f"at most two biases, got {len(biases)}")
+    num_tokens, hidden = row_index.shape[0], rows.shape[1]
+    for i, b in enumerate(biases):
+        if b.shape != (num_tokens, hidden) or b.dtype != rows.dtype or b.device != rows.device:
+            raise ValueError(
+                f"biases[{i}] must be {rows.dtype} [{num_tokens}, {hidden}] on {rows.device}, "
+                f"got {b.dtype} {list(b.shape)} on {b.device}"
+            )
+
+
+def ordered_gather_sum(
+    rows: torch.Tensor, row_index: torch.Tensor, biases: tuple[torch.Tensor, ...] = ()
+) -> torch.Tensor:
+    """[N, H] of rows.dtype: the SPEC 5 sum for each token (module docstring).
+
+    rows: [M, H] (any row stride, unit column stride for the Triton kernel); row_index: int [N, R], -1 =
+    absent; biases: up to two [N, H] tensors of rows.dtype, added first. The result is a fresh tensor.
+    """
+    global _triton_error
+    _check(rows, row_index, biases)
+    if triton_usable(rows):
+        from . import triton_ordered_sum
+
+        try:
+            return triton_ordered_sum.ordered_gather_sum(rows, row_index, biases)
+        except Exception as error:  # compile or launch refused (raised before any GPU work): same bits below
+            _triton_error = f"{type(error).__name__}: {error}"[:500]
+            log.warning("deep_ep: the Triton ordered-sum kernel failed; using torch ops from now on: %s", error)
+    return torch_ordered_gather_sum(rows, row_index, biases)
+
+
+def torch_ordered_gather_sum(
+    rows: torch.Tensor, row_index: torch.Tensor, biases: tuple[torch.Tensor, ...] = ()
+) -> torch.Tensor:
+    """The same sum with plain torch ops (any device): the fallback, and the kernel's executable contract."""
+    _check(rows, row_index, biases)
+    acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    num_tokens, num_sources = row_index.shape
+    acc = torch.zeros(num_tokens, rows.shape[1], dtype=acc_dtype, device=rows.device)
+    for b in biases:
+        acc += b.to(acc_dtype)
+    if rows.shape[0] == 0:  # nothing came back: only the biases (or zeros)
+        return acc.to(rows.dtype)
+    for d in range(num_sources):
+        index = row_index[:, d].long()
+        present = (index >= 0).unsqueeze(1)
+        values = rows.index_select(0, index.clamp(min=0)).to(acc_dtype)
+        acc += torch.where(present, values, torch.zeros_like(values))  # +0.0 where absent: same bits
+    return acc.to(rows.dtype)

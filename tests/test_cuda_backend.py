@@ -1,0 +1,333 @@
+"""The cuda backend's logic on the CPU: registry and availability, the push plans, the combine reduction,
+and the whole backend end to end on a CPU stand-in for symmetric memory (shared files + a gloo barrier),
+compared bit for bit with the reference backend by the GPU self-test's own comparison code.
+
+What only a GPU can check (symmetric memory, streams, the barrier kernel, the Triton kernel compiled for a
+GPU) is in tools/cuda_selftest.py; the `gpu`-marked test at the end runs it where GPUs exist.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import deep_ep
+from deep_ep.backends import availability, get_backend_class
+from deep_ep.backends.cuda import (
+    PUSH_ENV,
+    CudaBackend,
+    PushCopy,
+    combine_plan,
+    dispatch_plan,
+    field_view,
+    pad_columns,
+    rows_received,
+    word_view,
+    workspace_rows,
+    workspace_size,
+)
+from deep_ep.backends.reference import _ordered_sum
+from deep_ep.errors import BackendUnavailableError
+from deep_ep.kernels.ordered_sum import (
+    ordered_gather_sum,
+    row_index_from_splits,
+    triton_usable,
+)
+from deep_ep.packing import RowFormat
+from deep_ep.routing import Route
+from deep_ep.testing import run_ranks
+from deep_ep.testing.compare import first_mismatch
+from tools import cuda_selftest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- registry and availability ---------------------------------------------------------------------------
+def test_registered_and_importable_without_cuda() -> None:
+    assert "cuda" in deep_ep.list_backends()
+    cls = get_backend_class("cuda")
+    assert cls is CudaBackend and cls.name == "cuda" and cls.device_types == ("cuda",)
+    assert cls.priority > get_backend_class("reference").priority  # "auto" prefers it where it is usable
+    assert cls.supports("normal") and cls.supports("low_latency")
+
+
+def _availability_on_gloo(group: dist.ProcessGroup) -> dict:
+    reasons = availability(group, torch.device("cpu"))
+    try:
+        deep_ep.Buffer(group, backend="cuda")
+        explicit = None
+    except BackendUnavailableError as error:
+        explicit = str(error)
+    return {
+        "registry": reasons["cuda"],
+        "direct": CudaBackend.unavailable_reason(group, torch.device("cuda", 0)),
+        "cpu": CudaBackend.unavailable_reason(group, torch.device("cpu")),
+        "explicit": explicit,
+        "auto": deep_ep.Buffer(group).backend,
+    }
+
+
+def _check_unavailable_here(got: dict) -> None:
+    assert "serves devices ['cuda']" in got["registry"]
+    if not torch.cuda.is_available():
+        assert got["direct"].startswith("CUDA is not available")
+    assert "not a CUDA GPU" in got["cpu"]
+    assert got["explicit"] is not None and "'cuda' is unavailable" in got["explicit"]
+    assert got["auto"] == "reference"
+
+
+# ---- the push plans: simulate every rank's copies and compare with the all-to-all they replace -------------
+def _random_counts(gen: torch.Generator, num_ranks: int) -> list[list[int]]:
+    counts = torch.randint(0, 6, (num_ranks, num_ranks), generator=gen)
+    counts[torch.rand(num_ranks, num_ranks, generator=gen) < 0.3] = 0  # empty pairs, idle ranks
+    return counts.tolist()
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 3, 4, 5, 8])
+def test_plans_place_rows_exactly_as_the_all_to_all(num_ranks: int) -> None:
+    gen = torch.Generator().manual_seed(num_ranks)
+    for _ in range(20):
+        counts = _random_counts(gen, num_ranks)
+        # Dispatch: row (s, d, i) = the i-th row rank s sends to rank d; SPEC order on d is s, then i.
+        expected = {d: [(s, i) for s in range(num_ranks) for i in range(counts[s][d])] for d in range(num_ranks)}
+        got = {d: [None] * rows_received(counts, d, True) for d in range(num_ranks)}
+        for s in range(num_ranks):
+            sent = [(d, i) for d in range(num_ranks) for i in range(counts[s][d])]  # send_tokens order
+            plan = dispatch_plan(counts, s)
+            assert sorted(c.peer for c in plan) == [d for d in range(num_ranks) if counts[s][d]]
+            for c in plan:
+                for j in range(c.count):
+                    d, i = sent[c.src_begin + j]
+                    assert d == c.peer
+                    assert got[d][c.dst_row + j] is None, "two rows written to one slot"
+                    got[d][c.dst_row + j] = (s, i)
+        assert got == expected
+        assert workspace_rows(counts, True) == max(len(rows) for rows in expected.values())
+
+        # Combine: rank d returns its received rows; rank s must get them aligned with its send order.
+        back = {s: [None] * rows_received(counts, s, False) for s in range(num_ranks)}
+        for d in range(num_ranks):
+            held = expected[d]  # (s, i) of each received row, in order
+            for c in combine_plan(counts, d):
+                for j in range(c.count):
+                    s, i = held[c.src_begin + j]
+                    assert s == c.peer
+                    back[s][c.dst_row + j] = (d, i)
+        for s in range(num_ranks):
+            assert back[s] == [(d, i) for d in range(num_ranks) for i in range(counts[s][d])]
+        assert workspace_rows(counts, False) == max(len(rows) for rows in back.values())
+
+
+def test_plan_rotation_and_sizes() -> None:
+    counts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [c.peer for c in dispatch_plan(counts, 1)] == [2, 0, 1]  # peers after this rank first
+    assert dispatch_plan(counts, 1)[0] == PushCopy(peer=2, src_begin=9, count=6, dst_row=3)
+    assert workspace_size(0) == workspace_size(1) == 32 << 20
+    assert workspace_size(5, minimum=1) == 8 and workspace_size(8, minimum=1) == 8
+    assert workspace_size((32 << 20) + 1) == 64 << 20
+
+
+# ---- byte-row helpers --------------------------------------------------------------------------------------
+def test_pad_word_and_field_views() -> None:
+    x = torch.randn(5, 7).to(torch.bfloat16)
+    w = torch.rand(5, 3)
+    fmt = RowFormat.of(x=x, topk_weights=w)
+    rows = fmt.pack(x=x, topk_weights=w)  # 14 + 12 = 26 bytes
+    padded = pad_columns(rows, 32)
+    assert padded.shape == (5, 32) and torch.equal(padded[:, :26], rows) and not padded[:, 26:].any()
+    assert pad_columns(padded, 32) is padded
+    assert word_view(padded).dtype == torch.int64
+    assert word_view(rows).dtype == torch.uint8  # 26-byte rows hold no whole words
+    assert word_view(padded.view(-1)[4:84].view(5, 16)).dtype == torch.int32  # start aligned to 4 only
+    xs = field_view(padded, fmt, "x")
+    assert xs.data_ptr() == padded.data_ptr() and torch.equal(xs, x)  # offset 0: a view, no copy
+    ws = field_view(padded, fmt, "topk_weights")  # offset 14: not 4-aligned, so a copy
+    assert torch.equal(ws, w)
+    empty = pad_columns(rows[:0], 32)
+    assert field_view(empty, fmt, "x").shape == (0, 7)
+
+
+def test_pack_makes_size_one_dims_dense() -> None:
+    # fp8 scales [N, 1] transposed from [1, N] are "contiguous" with stride(-1) != 1; packing must cope.
+    scales = torch.rand(1, 9).t()
+    fmt = RowFormat.of(scales=scales)
+    assert torch.equal(fmt.unpack(fmt.pack(scales=scales))["scales"], scales)
+
+
+# ---- the combine reduction ----------------------------------------------------------------------------------
+def _random_route(gen: torch.Generator, num_tokens: int, num_ranks: int) -> Route:
+    in_rank = torch.rand(num_tokens, num_ranks, generator=gen) < 0.5
+    counts = torch.zeros(num_ranks, num_ranks, dtype=torch.long)
+    counts[0] = in_rank.sum(0)
+    return Route.exact(in_rank, counts, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_ordered_gather_sum_matches_reference_bits(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for num_tokens, num_ranks, hidden in [(0, 2, 8), (1, 1, 5), (23, 3, 16), (40, 4, 33)]:
+        route = _random_route(gen, num_tokens, num_ranks)
+        total = sum(route.send_splits)
+        pitch = hidden + 5  # rows as strided views of wider rows, as the workspace holds them
+        rows = (torch.randn(total, pitch, generator=gen) * 3).to(dtype)[:, :hidden]
+        rows[rows.abs() < 0.3] = -0.0  # signed zeros must survive the order of additions
+        biases = tuple(torch.randn(num_tokens, hidden, generator=gen).to(dtype) for _ in range(2))
+        row_index = row_index_from_splits(route.send_tokens, route.send_splits, num_tokens)
+        for nb in range(3):
+            expected = _ordered_sum(route, rows, biases[:nb], num_tokens)
+            got = ordered_gather_sum(rows, row_index, biases[:nb])
+            assert first_mismatch(got, expected) is None, (num_tokens, num_ranks, hidden, nb)
+    assert not triton_usable(rows)  # CPU tensors never take the Triton path
+
+
+def test_row_index_from_splits() -> None:
+    gen = torch.Generator().manual_seed(5)
+    route = _random_route(gen, 31, 4)
+    index = row_index_from_splits(route.send_tokens, route.send_splits, 31)
+    begin = 0
+    for d, size in enumerate(route.send_splits):
+        for row in range(begin, begin + size):
+            assert index[route.send_tokens[row], d] == row
+        begin += size
+    assert int((index >= 0).sum()) == sum(route.send_splits)
+    assert row_index_from_splits(route.send_tokens[:0], [0, 0], 3).eq(-1).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed (an extra check)")
+def test_triton_kernel_logic_in_the_interpreter() -> None:
+    # Runs the real kernel body in Triton's CPU interpreter (float16/float32: the interpreter truncates
+    # float32 -> bfloat16 instead of rounding, unlike the GPU).
+    code = (
+        "import torch\n"
+        "from deep_ep.kernels import triton_ordered_sum as k\n"
+        "from deep_ep.kernels.ordered_sum import torch_ordered_gather_sum, row_index_from_splits\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for dtype in (torch.float16, torch.float32):\n"
+        "    for h, nb in ((5, 0), (130, 2), (1100, 1)):\n"
+        "        m = torch.rand(21, 3, generator=g) < 0.6\n"
+        "        st = m.t().nonzero()[:, 1]; sp = m.sum(0).tolist()\n"
+        "        idx = row_index_from_splits(st, sp, 21)\n"
+        "        rows = torch.randn(sum(sp), h + 3, generator=g).to(dtype)[:, :h]\n"
+        "        b = tuple(torch.randn(21, h, generator=g).to(dtype) for _ in range(nb))\n"
+        "        a, e = k.ordered_gather_sum(rows, idx, b), torch_ordered_gather_sum(rows, idx, b)\n"
+        "        assert torch.equal(a.view(torch.uint8), e.view(torch.uint8)), (dtype, h, nb)\n"
+    )
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
+# ---- the whole backend on a CPU stand-in for symmetric memory ----------------------------------------------
+class HostSharedWorkspace:
+    """Symmetric memory stand-in: rank r's buffer is a shared file every rank maps; the barrier is gloo's.
+
+    Same members as `SymmetricWorkspace` (`ensure`, `peer`, `local`, `barrier`), so the backend's push,
+    growth and unpacking run unchanged; CPU ops finish before the barrier, as the GPU's stream order does.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, directory: str, minimum: int) -> None:
+        self.group, self.directory, self.minimum = group, directory, minimum
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.nbytes, self.generation = 0, 0
+        self.local: torch.Tensor | None = None
+        self._peers: list[torch.Tensor] = []
+
+    def ensure(self, nbytes: int) -> None:
+        if nbytes <= self.nbytes:
+            return
+        size = workspace_size(nbytes, self.minimum)
+        self.generation += 1
+        paths = [os.path.join(self.directory, f"gen{self.generation}-rank{r}") for r in range(self.size)]
+        with open(paths[self.rank], "wb") as f:
+            f.truncate(size)
+        dist.barrier(self.group)  # every file exists before anyone maps it
+        self._peers = [torch.from_file(p, shared=True, size=size, dtype=torch.uint8) for p in paths]
+        self.local, self.nbytes = self._peers[self.rank], size
+
+    def peer(self, rank: int) -> torch.Tensor:
+        return self._peers[rank]
+
+    def barrier(self, timeout_s: float) -> None:
+        dist.barrier(self.group)
+
+
+class SimCudaBackend(CudaBackend):
+    """The cuda backend with its workspace on the CPU stand-in (a tiny minimum, so it regrows often)."""
+
+    name = "cuda_sim"
+    device_types = ("cpu",)
+
+    @classmethod
+    def unavailable_reason(cls, group: dist.ProcessGroup, device: torch.device) -> str | None:
+        return None
+
+    def _new_workspace(self) -> HostSharedWorkspace:
+        return HostSharedWorkspace(self.comm.group, os.environ["DEEP_EP_SIM_DIR"], minimum=256)
+
+
+def _sim_round(rank: int, world: int, opts: cuda_selftest.Options) -> tuple:
+    # One world for both checks (worlds cost seconds on a loaded 2-core machine); availability first, before
+    # rank_main registers the stand-in (which "auto" would then pick).
+    reasons = _availability_on_gloo(dist.group.WORLD)
+    report = cuda_selftest.rank_main(rank, world, opts)
+    # The fallback push (gather locally, then block copies) on two of the workloads.
+    os.environ[PUSH_ENV] = "copy"
+    opts.cases = opts.cases[:2]
+    report.checks += [(f"push=copy/{name}", why) for name, why in cuda_selftest.rank_main(rank, world, opts).checks]
+    return report, reasons
+
+
+def _sim_cases(world: int) -> list[cuda_selftest.Case]:
+    uneven = [5, 0, 9][:world]
+    return [
+        cuda_selftest.Case("uniform", 12, 128, 8, 3, "uniform", 1),
+        cuda_selftest.Case("sparse-odd-hidden", 9, 7, 6, 2, "sparse", 2),  # rows not 16-byte multiples
+        cuda_selftest.Case("uneven-idle", uneven, 64, 9, 2, "idle_rank", 3),
+        cuda_selftest.Case("no-tokens", 0, 16, 6, 2, "uniform", 4),
+        cuda_selftest.Case("bigger", 40, 256, 12, 4, "skewed", 5),  # forces the workspace to grow
+    ]
+
+
+def test_backend_end_to_end_on_host_shared_memory_and_unavailable_here(tmp_path) -> None:
+    world = 3  # odd, with an idle rank and a rank without tokens among the workloads
+    opts = cuda_selftest.Options(
+        candidate="cuda_sim", timing=False, cases=_sim_cases(world), register=("cuda_sim", SimCudaBackend)
+    )
+    results = run_ranks(world, _sim_round, opts, env={"DEEP_EP_SIM_DIR": str(tmp_path)})
+    _check_unavailable_here(results[0][1])
+    reports = [report for report, _ in results]
+    failures = [(r, name, why) for r, rep in enumerate(reports) for name, why in rep.checks if why is not None]
+    assert not failures, failures[:5]
+    assert len(reports[0].checks) > 100
+    assert any(name.startswith("push=copy/") for name, _ in reports[0].checks)
+    grown = {name.split("-rank")[0] for name in os.listdir(tmp_path)}
+    assert len(grown) >= 2, f"the workspace never regrew: {sorted(grown)}"
+
+
+def test_host_tensors_ride_on_the_device_of_a_device_only_group() -> None:
+    # The agreement check all-gathers a CPU tensor; an NCCL group carries only CUDA tensors.
+    from deep_ep.comm import Comm
+
+    comm = Comm.__new__(Comm)
+    comm.device_types = {"cuda"}
+    assert comm.wire_device(torch.device("cpu")) == torch.device("cuda")
+    comm.device_types = {"cpu", "cuda"}
+    assert comm.wire_device(torch.device("cpu")) == torch.device("cpu")
+    comm.device_types = {"cpu"}
+    assert comm.wire_device(torch.device("cuda", 1)) == torch.device("cpu")
+
+
+# ---- on a GPU host -----------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_selftest_quick() -> None:
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    world = min(4, torch.cuda.device_count())
+    script = os.path.join(ROOT, "tools", "cuda_selftest.py")
+    subprocess.run([sys.executable, script, "--world", str(world), "--quick", "--no-timing"], check=True, timeout=600)
