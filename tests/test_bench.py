@@ -1,0 +1,151 @@
+"""Smoke test of tools/bench.py: a tiny run of both modes on 2 gloo ranks; the report's schema and its byte
+counts against an independent count from the routing. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tools import bench
+
+RANKS, TOKENS, LL_TOKENS, HIDDEN, TOPK, EXPERTS, DROP = 2, 24, 8, 128, 3, 8, 0.2
+# Per-row / per-message bytes written out by hand for HIDDEN = 128 (DeepEP's accounting, not bench's helpers).
+NORMAL_ROW = {"bfloat16": 256, "fp8": 128 + 4}
+LL_MESSAGE = {"bfloat16": 16 + 256, "fp8": 16 + 128 + 4}
+COMBINE_ROW = 256
+
+RECORD_FIELDS = {
+    "impl",
+    "program",
+    "mode",
+    "op",
+    "dtype",
+    "tokens",
+    "time_ms",
+    "time_ms_rank_medians",
+    "samples_ms_rank0",
+    "bytes_per_rank",
+    "bytes_each_rank",
+    "cross_bytes_per_rank",
+    "cross_bytes_each_rank",
+    "wire_cross_bytes_per_rank",
+    "wire_cross_bytes_each_rank",
+    "gbps",
+    "cross_gbps",
+    "raw_a2a_ms",
+    "ratio_to_raw_a2a",
+}
+
+
+def _routing(num_tokens: int) -> list[list[set[int]]]:
+    """Destination ranks of every token of every rank: [source][token] -> set of ranks."""
+    local = EXPERTS // RANKS
+    out = []
+    for rank in range(RANKS):
+        topk_idx, _ = bench.make_routing(rank, num_tokens, EXPERTS, TOPK, seed=0, drop=DROP)
+        out.append([{int(e) // local for e in row if e >= 0} for row in topk_idx.tolist()])
+    return out
+
+
+def _ll_selections(num_tokens: int) -> list[list[int]]:
+    """[source][destination]: valid (token, k) selections of source's tokens whose expert lives on destination."""
+    local = EXPERTS // RANKS
+    out = []
+    for rank in range(RANKS):
+        topk_idx, _ = bench.make_routing(rank, num_tokens, EXPERTS, TOPK, seed=0, drop=DROP)
+        counts = [0] * RANKS
+        for e in topk_idx.flatten().tolist():
+            if e >= 0:
+                counts[e // local] += 1
+        out.append(counts)
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    path = tmp_path_factory.mktemp("bench") / "report.json"
+    argv = [
+        "--ranks", str(RANKS), "--mode", "all", "--tokens", str(TOKENS), "--ll-tokens", str(LL_TOKENS),
+        "--hidden", str(HIDDEN), "--topk", str(TOPK), "--experts", str(EXPERTS), "--dtype", "bfloat16", "fp8",
+        "--drop", str(DROP), "--iters", "1", "--warmup", "0", "--quiet", "--backend", "reference",
+        "--json", str(path),
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    return json.loads(path.read_text())
+
+
+def test_report_schema(report: dict) -> None:
+    assert report["schema"] == bench.SCHEMA
+    for key in ("created", "program", "command", "impl", "machine", "config", "timing", "byte_accounting"):
+        assert report[key], key
+    assert report["machine"]["ranks"] == RANKS and report["machine"]["dist_backend"] == "gloo"
+    impls = {r["impl"] for r in report["records"]}
+    assert impls == {bench.RAW, "deep_ep:reference"}
+    ops = {(r["impl"], r["mode"], r["op"], r["dtype"]) for r in report["records"]}
+    ours = "deep_ep:reference"
+    for dtype in ("bfloat16", "fp8"):
+        for op in ("dispatch", "dispatch_cached"):
+            assert (ours, "normal", op, dtype) in ops
+        assert (bench.RAW, "normal", "dispatch", dtype) in ops
+        for op in ("dispatch", "combine", "dispatch+combine"):
+            assert (ours, "ll", op, dtype) in ops and (bench.RAW, "ll", op, dtype) in ops
+    assert (ours, "normal", "layout", "-") in ops and (ours, "normal", "combine", "bfloat16") in ops
+    for rec in report["records"]:
+        assert RECORD_FIELDS <= set(rec), RECORD_FIELDS - set(rec)
+        assert rec["time_ms"] > 0 and len(rec["time_ms_rank_medians"]) == RANKS and len(rec["samples_ms_rank0"]) == 1
+        if rec["op"] == "layout":
+            assert rec["bytes_per_rank"] is None and rec["ratio_to_raw_a2a"] is None
+            continue
+        assert len(rec["bytes_each_rank"]) == RANKS and rec["gbps"] > 0
+        assert rec["raw_a2a_ms"] > 0 and rec["ratio_to_raw_a2a"] > 0
+        # What went through all_to_all_single (sender side per rank; DeepEP's counts take either side, so only
+        # the totals compare): the raw baseline moves exactly the cross-rank payload.
+        wire, cross = sum(rec["wire_cross_bytes_each_rank"]), sum(rec["cross_bytes_each_rank"])
+        if rec["impl"] == bench.RAW:
+            assert wire == cross, rec
+        elif rec["mode"] == "normal":
+            assert wire >= cross, rec
+    # The profile-free, plot-free run still says where its numbers come from.
+    assert {"normal.dispatch", "normal.combine", "ll.dispatch", "ll.combine", "cross"} <= set(report["byte_accounting"])
+
+
+def test_normal_bytes_match_an_independent_count(report: dict) -> None:
+    dests = _routing(TOKENS)
+    received = [sum(d in token for src in dests for token in src) for d in range(RANKS)]
+    own = [sum(d in token for token in dests[d]) for d in range(RANKS)]
+    for rec in report["records"]:
+        if rec["mode"] != "normal" or rec["op"] == "layout":
+            continue
+        row = COMBINE_ROW if rec["op"] == "combine" else NORMAL_ROW[rec["dtype"]]
+        assert rec["bytes_each_rank"] == [received[d] * row for d in range(RANKS)], rec["op"]
+        assert rec["cross_bytes_each_rank"] == [(received[d] - own[d]) * row for d in range(RANKS)], rec["op"]
+        assert rec["bytes_per_rank"] == sum(received) * row / RANKS
+
+
+def test_low_latency_bytes_match_an_independent_count(report: dict) -> None:
+    sel = _ll_selections(LL_TOKENS)
+    sent = [sum(row) for row in sel]  # DeepEP counts each rank's own valid selections
+    cross = [sum(row) - row[s] for s, row in enumerate(sel)]
+    for rec in report["records"]:
+        if rec["mode"] != "ll":
+            continue
+        dispatch, combine = LL_MESSAGE[rec["dtype"]], COMBINE_ROW
+        per = {"dispatch": dispatch, "combine": combine, "dispatch+combine": dispatch + combine}[rec["op"]]
+        assert rec["bytes_each_rank"] == [n * per for n in sent], (rec["op"], rec["dtype"])
+        assert rec["cross_bytes_each_rank"] == [n * per for n in cross], (rec["op"], rec["dtype"])
+
+
+def test_table_and_merge(report: dict) -> None:
+    merged = bench.merge_reports([report, report])
+    assert len(merged["records"]) == 2 * len(report["records"])
+    text = bench.format_table(merged)
+    assert "deep_ep:reference" in text and "dispatch+combine" in text
+
+
+def test_plot_is_optional(report: dict, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: a message, no file, no error
+    path = tmp_path / "plot.png"
+    assert "matplotlib is not installed" in bench.plot(report, str(path))
+    assert not path.exists()
