@@ -40,18 +40,26 @@ class RowFormat:
         return RowFormat([Field(name, t.dtype, tuple(t.shape[1:])) for name, t in tensors.items() if t is not None])
 
     def pack(self, **tensors: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, width]: row t holds row t of every field."""
-        parts = []
-        for field in self.fields:
-            t = tensors[field.name]
-            # A byte view needs stride(-1) == 1, which a "contiguous" tensor with a size-1 dimension need not
-            # have (e.g. fp8 scales [N, 1] transposed from [1, N]): make such tensors dense first.
-            if not t.is_contiguous() or (t.dim() > 0 and t.stride(-1) != 1):
-                t = t.clone(memory_format=torch.contiguous_format)
-            parts.append(t.view(torch.uint8).reshape(t.shape[0], field.nbytes))
+        """uint8 [N, width]: row t holds row t of every field (a view, no copy, for one dense field)."""
+        parts = [byte_rows(tensors[field.name], field.nbytes) for field in self.fields]
         if len(parts) == 1:
             return parts[0]
         return torch.cat(parts, dim=1)
+
+    def field_view(self, rows: torch.Tensor, name: str) -> torch.Tensor:
+        """Field `name` of uint8 rows [M, width] as [M, *row_shape]: a strided view where the bytes line up
+        with the dtype, else a dense copy."""
+        offset = 0
+        for field in self.fields:
+            if field.name == name:
+                part = rows[:, offset : offset + field.nbytes]
+                size = torch.empty((), dtype=field.dtype).element_size()
+                aligned = part.storage_offset() % size == 0 and part.stride(0) % size == 0
+                if not aligned or (part.dim() and part.stride(-1) != 1):
+                    part = part.clone(memory_format=torch.contiguous_format)
+                return part.view(field.dtype).view(rows.shape[0], *field.row_shape)
+            offset += field.nbytes
+        raise KeyError(name)
 
     def unpack(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The fields of uint8 rows [M, width], each a contiguous tensor [M, *row_shape]."""
@@ -62,3 +70,23 @@ class RowFormat:
             out[field.name] = part.view(field.dtype).reshape(rows.shape[0], *field.row_shape)
             offset += field.nbytes
         return out
+
+    def unpack_into(self, rows: torch.Tensor, **targets: torch.Tensor) -> None:
+        """Copy each field of uint8 rows [M, width] into its dense target [M, *row_shape]: one pass."""
+        offset = 0
+        for field in self.fields:
+            target = targets.get(field.name)
+            if target is not None:
+                byte_rows(target, field.nbytes).copy_(rows[:, offset : offset + field.nbytes])
+            offset += field.nbytes
+
+
+def byte_rows(t: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """t [N, ...] as uint8 [N, nbytes] sharing its memory where the layout allows (else a dense copy).
+
+    A byte view needs stride(-1) == 1, which a "contiguous" tensor with a size-1 dimension need not have
+    (e.g. fp8 scales [N, 1] transposed from [1, N]). Writers (unpack_into) pass tensors they allocated dense.
+    """
+    if not t.is_contiguous() or (t.dim() > 0 and t.stride(-1) != 1):
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t.view(torch.uint8).reshape(t.shape[0], nbytes)

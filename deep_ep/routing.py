@@ -79,22 +79,19 @@ class Route:
         splits = [capacity] * num_ranks
         return Route(num_tokens, num_recv, send_tokens, splits, list(splits), recv_rows)
 
-    def forward(self, comm: Comm, rows: torch.Tensor, op: str) -> tuple[torch.Tensor, Pending]:
-        """Send token rows [N, W] to their destinations; returns the received rows [num_recv, W] (valid on wait)."""
-        if self.padded:  # unused slots read an appended zero row
-            rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-        send = rows[self.send_tokens]
+    def forward(
+        self, comm: Comm, rows: torch.Tensor, op: str, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Pending]:
+        """Send token rows [N, W] to their destinations; returns the received rows [num_recv, W], valid once
+        the Pending ran. `out`: an optional receive buffer (e.g. the byte view of the output tensor)."""
+        send = gather_rows(rows, self.send_tokens, self.num_tokens if self.padded else None)
+        if out is None:
+            out = rows.new_empty(self.num_recv, rows.shape[1])
+        if not self.padded:
+            return out, comm.all_to_all(out, send, op, self.recv_splits, self.send_splits)
         received = rows.new_empty(sum(self.recv_splits), rows.shape[1])
         pending = comm.all_to_all(received, send, op, self.recv_splits, self.send_splits)
-        if not self.padded:
-            return received, pending
-        out = rows.new_empty(self.num_recv, rows.shape[1])
-
-        def compact() -> None:
-            padded = torch.cat([received, received.new_zeros(1, received.shape[1])])
-            torch.index_select(padded, 0, self.recv_rows, out=out)
-
-        return out, pending.then(compact)
+        return out, pending.then(lambda: gather_rows(received, self.recv_rows, received.shape[0], out=out))
 
     def backward(self, comm: Comm, rows: torch.Tensor, op: str) -> tuple[torch.Tensor, Pending]:
         """Send received rows [num_recv, W] back to their sources; returns rows aligned with `send_tokens`."""
@@ -114,3 +111,21 @@ class Route:
             blocks.append((begin, begin + size))
             begin += size
         return blocks
+
+
+def gather_rows(
+    rows: torch.Tensor, index: torch.Tensor, trash: int | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """rows[index] with index_select (far faster than advanced indexing on byte rows); entries equal to
+    `trash` give zero rows. Writes into `out` when given."""
+    if rows.shape[0] == 0:  # only trash entries can point here
+        result = rows.new_zeros(index.shape[0], rows.shape[1])
+        return result if out is None else out.copy_(result)
+    clamped = index if trash is None else index.clamp(max=rows.shape[0] - 1)
+    if out is None:
+        out = rows.index_select(0, clamped)
+    else:
+        torch.index_select(rows, 0, clamped, out=out)
+    if trash is not None:
+        out.masked_fill_((index == trash).unsqueeze(1), 0)
+    return out

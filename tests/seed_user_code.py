@@ -1,3 +1,4 @@
+# ruff: noqa: UP006, UP007, UP035, UP045, E501 - user code as DeepEP users write it
 """The user code of shared/seeds/003 (DeepEP's README example for training / prefill), unchanged in
 substance: it must run on deep_ep as written for DeepEP."""
 
@@ -40,7 +41,9 @@ def dispatch_forward(
     topk_weights: torch.Tensor,
     num_experts: int,
     previous_event: Optional[EventOverlap] = None,  # noqa: UP045
-) -> Tuple[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor, List, Tuple, EventOverlap]:  # noqa: E501, UP006, UP007
+) -> Tuple[
+    Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor, List, Tuple, EventOverlap
+]:  # noqa: E501, UP006, UP007
     global _buffer
     num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, previous_event = (
         _buffer.get_dispatch_layout(
@@ -67,7 +70,9 @@ def dispatch_forward(
 
 
 def dispatch_backward(
-    grad_recv_x: torch.Tensor, grad_recv_topk_weights: torch.Tensor, handle: Tuple  # noqa: UP006
+    grad_recv_x: torch.Tensor,
+    grad_recv_topk_weights: torch.Tensor,
+    handle: Tuple,  # noqa: UP006
 ) -> Tuple[torch.Tensor, torch.Tensor, EventOverlap]:  # noqa: UP006
     global _buffer
     combined_grad_x, combined_grad_recv_topk_weights, event = _buffer.combine(
@@ -77,7 +82,9 @@ def dispatch_backward(
 
 
 def combine_forward(
-    x: torch.Tensor, handle: Tuple, previous_event: Optional[EventOverlap] = None  # noqa: UP006, UP045
+    x: torch.Tensor,
+    handle: Tuple,
+    previous_event: Optional[EventOverlap] = None,  # noqa: UP006, UP045
 ) -> Tuple[torch.Tensor, EventOverlap]:  # noqa: UP006
     global _buffer
     combined_x, _, event = _buffer.combine(

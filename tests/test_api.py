@@ -136,7 +136,8 @@ def test_public_names() -> None:
         assert hasattr(deep_ep, name), name
     assert deep_ep.topk_idx_t == torch.int64
     assert issubclass(deep_ep.UnsupportedFeatureError, NotImplementedError)
-    from deep_ep.utils import EventHandle as Handle, EventOverlap as Overlap  # Megatron's import path
+    from deep_ep.utils import EventHandle as Handle  # Megatron's import path
+    from deep_ep.utils import EventOverlap as Overlap
 
     assert Handle is EventHandle and Overlap is EventOverlap
     assert "reference" in deep_ep.list_backends()

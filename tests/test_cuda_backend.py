@@ -25,7 +25,6 @@ from deep_ep.backends.cuda import (
     PushCopy,
     combine_plan,
     dispatch_plan,
-    field_view,
     pad_columns,
     rows_received,
     word_view,
@@ -145,12 +144,12 @@ def test_pad_word_and_field_views() -> None:
     assert word_view(padded).dtype == torch.int64
     assert word_view(rows).dtype == torch.uint8  # 26-byte rows hold no whole words
     assert word_view(padded.view(-1)[4:84].view(5, 16)).dtype == torch.int32  # start aligned to 4 only
-    xs = field_view(padded, fmt, "x")
+    xs = fmt.field_view(padded, "x")
     assert xs.data_ptr() == padded.data_ptr() and torch.equal(xs, x)  # offset 0: a view, no copy
-    ws = field_view(padded, fmt, "topk_weights")  # offset 14: not 4-aligned, so a copy
+    ws = fmt.field_view(padded, "topk_weights")  # offset 14: not 4-aligned, so a copy
     assert torch.equal(ws, w)
     empty = pad_columns(rows[:0], 32)
-    assert field_view(empty, fmt, "x").shape == (0, 7)
+    assert fmt.field_view(empty, "x").shape == (0, 7)
 
 
 def test_pack_makes_size_one_dims_dense() -> None:
@@ -180,7 +179,8 @@ def test_ordered_gather_sum_matches_reference_bits(dtype: torch.dtype) -> None:
         biases = tuple(torch.randn(num_tokens, hidden, generator=gen).to(dtype) for _ in range(2))
         row_index = row_index_from_splits(route.send_tokens, route.send_splits, num_tokens)
         for nb in range(3):
-            expected = _ordered_sum(route, rows, biases[:nb], num_tokens)
+            expected = rows.new_empty(num_tokens, hidden)
+            _ordered_sum(route, rows, biases[:nb], num_tokens, expected)
             got = ordered_gather_sum(rows, row_index, biases[:nb])
             assert first_mismatch(got, expected) is None, (num_tokens, num_ranks, hidden, nb)
     assert not triton_usable(rows)  # CPU tensors never take the Triton path

@@ -240,23 +240,6 @@ def word_view(rows: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def field_view(rows: torch.Tensor, fmt: RowFormat, name: str) -> torch.Tensor:
-    """Field `name` of packed byte rows [M, >= fmt.width] as [M, *row_shape] of its dtype: a strided view
-    where the field's offset and the row pitch allow one, else a dense copy."""
-    offset = 0
-    for field in fmt.fields:
-        if field.name == name:
-            break
-        offset += field.nbytes
-    else:
-        raise KeyError(name)
-    part = rows[:, offset : offset + field.nbytes]
-    item = torch.empty((), dtype=field.dtype).element_size()
-    if offset % item or rows.stride(0) % item or rows.storage_offset() % item:
-        part = part.clone(memory_format=torch.contiguous_format)
-    return part.view(field.dtype).reshape(rows.shape[0], *field.row_shape)
-
-
 # ---- the backend -------------------------------------------------------------------------------------------
 class CudaBackend(ReferenceBackend):
     """NVLink peer-memory transport for normal mode; the reference algorithm for what it does not serve yet."""
@@ -336,12 +319,16 @@ class CudaBackend(ReferenceBackend):
         return super().low_latency_combine(x, topk_idx, topk_weights, route, out)
 
     # ---- transport: dispatch and cached dispatch -------------------------------------------------------
-    def _forward(self, route: Route, rows: torch.Tensor, op: str) -> tuple[torch.Tensor, Pending]:
+    def _forward(
+        self, route: Route, rows: torch.Tensor, op: str, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Pending]:
         reason = self._refusal(route, rows)
         if reason is not None:
             self._log_once(reason, logging.INFO if self.comm.size == 1 else logging.WARNING)
-            return super()._forward(route, rows, op)
+            return super()._forward(route, rows, op, out=out)
         received = self._push(route.all_counts, rows, dispatch=True, send_tokens=route.send_tokens)
+        if out is not None:  # the caller wants the rows in its own tensor (it never aliases the workspace)
+            received = out.copy_(received)
         # The caller's unpack copies out of the workspace on this stream, before the next call's barrier.
         return received, Pending(self.comm, op, [], [], on_host=False)
 
@@ -362,10 +349,10 @@ class CudaBackend(ReferenceBackend):
         returned = self._push(route.all_counts, rows, dispatch=False)
         # Rows came back where `send_tokens` lists them: destination blocks ascending, tokens ascending.
         row_index = row_index_from_splits(route.send_tokens, route.send_splits, route.num_tokens)
-        combined_x = ordered_gather_sum(field_view(returned, fmt, "x"), row_index, bias)
+        combined_x = ordered_gather_sum(fmt.field_view(returned, "x"), row_index, bias)
         combined_weights = None
         if topk_weights is not None:
-            combined_weights = ordered_gather_sum(field_view(returned, fmt, "topk_weights"), row_index)
+            combined_weights = ordered_gather_sum(fmt.field_view(returned, "topk_weights"), row_index)
         return combined_x, combined_weights, Pending(self.comm, "combine", [], [], on_host=False)
 
     # ---- the push ----------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from ..comm import Pending, host_sync_allowed
-from ..packing import RowFormat
+from ..kernels.ordered_sum import ordered_gather_sum, row_index_from_splits
+from ..packing import RowFormat, byte_rows
 from ..routing import Route, channel_of_tokens
 from .base import Backend, DispatchArgs
 from .reference_low_latency import LowLatencyMixin
@@ -136,23 +137,19 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         }
 
         def unpack() -> None:
-            fields = fmt.unpack(received)
+            # One pass from the received bytes into the outputs, then the small per-row fix-ups.
+            fmt.unpack_into(received, x=out["recv_x"], scales=out["recv_x_scales"], src=out["handle"][3])
             real = _real_rows(route)
-            out["recv_x"].copy_(fields["x"])
-            if out["recv_x_scales"] is not None:
-                out["recv_x_scales"].copy_(fields["scales"])
-            src_idx = fields["src"]
             if real is not None:
-                src_idx = torch.where(real, src_idx, -1)
-            out["handle"][3].copy_(src_idx)
+                out["handle"][3].masked_fill_(~real, -1)
             if topk_idx is not None:
-                idx = fields["topk_idx"]
+                idx = fmt.field_view(received, "topk_idx")
                 local = (idx >= rank * experts_per_rank) & (idx < (rank + 1) * experts_per_rank)
                 if real is not None:
                     local &= real.unsqueeze(1)
                 out["recv_topk_idx"].copy_(torch.where(local, idx - rank * experts_per_rank, -1))
-                weights = fields["topk_weights"]
-                out["recv_topk_weights"].copy_(torch.where(local, weights, torch.zeros_like(weights)))
+                weights = fmt.field_view(received, "topk_weights")
+                out["recv_topk_weights"].copy_(torch.where(local, weights, 0.0))
 
         return out, route, pending.then(unpack)
 
@@ -160,23 +157,22 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         self, x: torch.Tensor, x_scales: torch.Tensor | None, route: Route
     ) -> tuple[torch.Tensor, torch.Tensor | None, Pending]:
         fmt = RowFormat.of(x=x, scales=x_scales)
-        received, pending = self._forward(route, fmt.pack(x=x, scales=x_scales), "cached dispatch")
         recv_x = x.new_empty(route.num_recv, *x.shape[1:])
         recv_scales = None if x_scales is None else x_scales.new_empty(route.num_recv, *x_scales.shape[1:])
+        rows = fmt.pack(x=x, scales=x_scales)  # a view of x when it travels alone
+        if recv_scales is None:  # receive straight into the output's bytes: no unpacking pass
+            _, pending = self._forward(route, rows, "cached dispatch", out=byte_rows(recv_x, fmt.width))
+            return recv_x, None, pending
+        received, pending = self._forward(route, rows, "cached dispatch")
+        return recv_x, recv_scales, pending.then(lambda: fmt.unpack_into(received, x=recv_x, scales=recv_scales))
 
-        def unpack() -> None:
-            fields = fmt.unpack(received)
-            recv_x.copy_(fields["x"])
-            if recv_scales is not None:
-                recv_scales.copy_(fields["scales"])
-
-        return recv_x, recv_scales, pending.then(unpack)
-
-    def _forward(self, route: Route, rows: torch.Tensor, op: str) -> tuple[torch.Tensor, Pending]:
+    def _forward(
+        self, route: Route, rows: torch.Tensor, op: str, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Pending]:
         """Move packed token rows [N, W] (uint8) to their destinations: the transport of dispatch and cached
-        dispatch. Returns the received rows [num_recv, W] (valid once the Pending ran); kernel backends
-        override it to move the same bytes another way."""
-        return route.forward(self.comm, rows, op)
+        dispatch. Returns the received rows [num_recv, W] (in `out` if given), valid once the Pending ran;
+        kernel backends override it to move the same bytes another way."""
+        return route.forward(self.comm, rows, op, out=out)
 
     # ---- SPEC section 5 ------------------------------------------------------------------------------
     def combine(
@@ -196,10 +192,9 @@ class ReferenceBackend(LowLatencyMixin, Backend):
             combined_weights = topk_weights.new_empty(num_tokens, topk_weights.shape[1])
 
         def reduce() -> None:
-            fields = fmt.unpack(returned)
-            combined_x.copy_(_ordered_sum(route, fields["x"], bias, num_tokens))
+            _ordered_sum(route, fmt.field_view(returned, "x"), bias, num_tokens, combined_x)
             if combined_weights is not None:
-                combined_weights.copy_(_ordered_sum(route, fields["topk_weights"], (), num_tokens))
+                _ordered_sum(route, fmt.field_view(returned, "topk_weights"), (), num_tokens, combined_weights)
 
         return combined_x, combined_weights, pending.then(reduce)
 
@@ -223,16 +218,27 @@ def _real_rows(route: Route) -> torch.Tensor | None:
     return route.recv_rows < sum(route.recv_splits)
 
 
-def _ordered_sum(route: Route, rows: torch.Tensor, bias: tuple[torch.Tensor, ...], num_tokens: int) -> torch.Tensor:
+def _ordered_sum(
+    route: Route, rows: torch.Tensor, bias: tuple[torch.Tensor, ...], num_tokens: int, out: torch.Tensor
+) -> None:
     """fp32 sum per token from +0.0: the biases, then returned rows by destination ascending (SPEC 5).
 
-    float64 rows (beyond SPEC, for gradcheck) are summed in float64, in the same order.
+    float64 rows (beyond SPEC, for gradcheck) are summed in float64, in the same order. On CUDA an exact
+    route takes the one-pass ordered gather-sum kernel (same additions, same order, same bits).
     """
+    if rows.is_cuda and not route.padded:
+        row_index = row_index_from_splits(route.send_tokens, route.send_splits, num_tokens)
+        out.copy_(ordered_gather_sum(rows, row_index, bias))
+        return
     acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     acc = torch.zeros(num_tokens + 1, *rows.shape[1:], dtype=acc_dtype, device=rows.device)
     for b in bias:
         acc[:num_tokens] += b.to(acc_dtype)
+    # Chunks of about 1 MiB of accumulator rows keep the widened copy in cache (twice as fast on a CPU).
+    step = max(1, (1 << 20) // max(1, acc[0].numel() * acc.element_size()))
     for begin, end in route.destination_blocks():
-        # One row per token per destination: each element gets exactly one rounded addition.
-        acc.index_add_(0, route.send_tokens[begin:end], rows[begin:end].to(acc_dtype))
-    return acc[:num_tokens].to(rows.dtype)
+        for first in range(begin, end, step):
+            last = min(first + step, end)
+            # One row per token per destination: each element gets exactly one rounded addition.
+            acc.index_add_(0, route.send_tokens[first:last], rows[first:last].to(acc_dtype))
+    out.copy_(acc[:num_tokens])  # the one rounding, straight into the output
