@@ -25,11 +25,8 @@ class LowLatencyRoute:
 
     num_max_dispatch_tokens_per_rank: int
     num_topk: int
+    slots_per_token: int  # Kc = min(K, L): a token meets at most that many distinct experts on one rank
     slot_rows: torch.Tensor  # int64 [R*T*Kc]: flat row of [L*R*T] (L*R*T = none)
-
-    @property
-    def slots_per_token(self) -> int:
-        return self.slot_rows.numel() // self.num_max_dispatch_tokens_per_rank
 
 
 def _rank_or_unique(valid: torch.Tensor, dest_rank: torch.Tensor) -> torch.Tensor:
@@ -70,12 +67,15 @@ class LowLatencyMixin:
         ranks = torch.arange(num_ranks, device=device).view(num_ranks, 1, 1)
         # ids[d, t, k]: the local expert on rank d that (t, k) selects, else -1.
         ids = torch.where(dest.unsqueeze(0) == ranks, (topk_idx % experts_per_rank).unsqueeze(0), -1).int()
+        # A byte view needs stride(-1) == 1, which "contiguous" tensors with a size-0 or size-1 dim (N = 0,
+        # or H = 128: one scale per row) need not have.
+        fields = {name: _dense(t) for name, t in fields.items()}
         fmt = RowFormat.of(**fields)
         payload = fmt.pack(**fields)
         send = torch.zeros(num_ranks, tokens_cap, fmt.width + 4 * num_topk, dtype=torch.uint8, device=device)
         send[:, :num_tokens, : fmt.width] = payload.unsqueeze(0)
         send[:, :, fmt.width :] = 255  # int32 -1 in every id byte: empty slots select nothing
-        send[:, :num_tokens, fmt.width :] = ids.view(torch.uint8).view(num_ranks, num_tokens, 4 * num_topk)
+        send[:, :num_tokens, fmt.width :] = _dense(ids).view(torch.uint8).view(num_ranks, num_tokens, 4 * num_topk)
         received = torch.empty_like(send)
         pending = comm.all_to_all(received.view(-1), send.view(-1), "low_latency_dispatch")
 
@@ -83,7 +83,10 @@ class LowLatencyMixin:
         out = _empty_ll_outputs(fields, args, experts_per_rank, rows, device)
         slots_per_token = min(num_topk, experts_per_rank)
         route = LowLatencyRoute(
-            tokens_cap, num_topk, torch.empty(rows * slots_per_token, dtype=torch.long, device=device)
+            tokens_cap,
+            num_topk,
+            slots_per_token,
+            torch.empty(rows * slots_per_token, dtype=torch.long, device=device),
         )
 
         def unpack() -> None:
@@ -177,11 +180,26 @@ def _empty_ll_outputs(fields: dict, args: LowLatencyDispatchArgs, experts: int, 
     return out
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 0 or t.stride(-1) == 1:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+_FLOAT8_DTYPES = tuple(
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+    if hasattr(torch, name)
+)
+
+
 def _scatter_rows(target: torch.Tensor, flat_row: torch.Tensor, values: torch.Tensor) -> None:
     """target[l, p] = values[i] where flat_row[i] = l * rows + p; the trash index L * rows is dropped.
 
     Scattering through a staging buffer with a trash row keeps this free of host round trips.
     """
+    if target.dtype in _FLOAT8_DTYPES:  # index_copy_ has no float8 kernel on the CPU; bytes move the same
+        target, values = target.view(torch.uint8), values.view(torch.uint8)
     staging = target.new_zeros(target.shape[0] * target.shape[1] + 1, *target.shape[2:])
     staging.index_copy_(0, flat_row, values)
     target.copy_(staging[:-1].view(target.shape))

@@ -7,7 +7,7 @@ import torch
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a tensor as uint8 (NaN == NaN, -0.0 != +0.0: what "bit for bit" means)."""
-    t = t.detach().contiguous().cpu()
+    t = t.detach().cpu().clone(memory_format=torch.contiguous_format)  # dense: a byte view needs stride(-1) == 1
     return t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
 
 
