@@ -16,6 +16,7 @@ import torch
 from .. import quant
 from ..comm import Pending
 from ..packing import RowFormat
+from ..routing import gather_rows
 from .base import LowLatencyDispatchArgs
 
 
@@ -103,10 +104,10 @@ class LowLatencyMixin:
             position = torch.arange(order.numel(), device=device) - start[sorted_expert]
             flat_row = torch.where(is_real, sorted_expert * rows + position, experts_per_rank * rows)
             message_row = order // num_topk  # (source, token) of each sorted message
-            _scatter_rows(out["recv_x"], flat_row, got["x"][message_row])
+            _scatter_rows(out, "recv_x", flat_row, got["x"].index_select(0, message_row))
             if "scales" in got:
-                _scatter_rows(out["recv_scales"], flat_row, got["scales"][message_row])
-            _scatter_rows(out["src_info"], flat_row, (message_row % tokens_cap).int())
+                _scatter_rows(out, "recv_scales", flat_row, got["scales"].index_select(0, message_row))
+            _scatter_rows(out, "src_info", flat_row, (message_row % tokens_cap).int())
             out["recv_count"].copy_(count[:experts_per_rank])
             source = message_row // tokens_cap
             per_source = torch.zeros(experts_per_rank + 1, num_ranks, dtype=torch.long, device=device)
@@ -134,12 +135,11 @@ class LowLatencyMixin:
         out: torch.Tensor,
     ) -> Pending:
         comm = self.comm
-        num_ranks = comm.size
         num_experts_local, rows, hidden = x.shape
         tokens_cap = route.num_max_dispatch_tokens_per_rank
         slots = route.slots_per_token
-        flat = torch.cat([x.reshape(-1, hidden), x.new_zeros(1, hidden)])
-        send = flat[route.slot_rows]  # [R*T*Kc, H]: rows back to their sources, in the (t, j) grid
+        # [R*T*Kc, H]: rows back to their sources, in the (t, j) grid; empty slots (the trash index) get zeros.
+        send = gather_rows(x.reshape(-1, hidden), route.slot_rows, trash=num_experts_local * rows)
         received = torch.empty_like(send)
         pending = comm.all_to_all(received, send, "low_latency_combine")
         num_tokens = topk_idx.shape[0]
@@ -148,11 +148,11 @@ class LowLatencyMixin:
             valid = topk_idx >= 0
             dest = torch.where(valid, topk_idx // num_experts_local, 0)
             j = _slot_in_rank(_rank_or_unique(valid, dest))
-            tokens = torch.arange(num_tokens, device=x.device).unsqueeze(1)
-            grid = received.view(num_ranks, tokens_cap, slots, hidden)
+            tokens = torch.arange(num_tokens, device=x.device)
             acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
             for k in range(topk_idx.shape[1]):
-                row = grid[dest[:, k], tokens[:, 0], j[:, k].clamp(max=slots - 1)].float()
+                slot = (dest[:, k] * tokens_cap + tokens) * slots + j[:, k].clamp(max=slots - 1)
+                row = received.index_select(0, slot).float()
                 product = topk_weights[:, k : k + 1].float() * row  # rounded product, then a separate add
                 acc = acc + torch.where(valid[:, k : k + 1], product, torch.zeros_like(product))
             out.copy_(acc.to(out.dtype))
@@ -161,18 +161,29 @@ class LowLatencyMixin:
 
 
 def _empty_ll_outputs(fields: dict, args: LowLatencyDispatchArgs, experts: int, rows: int, device) -> dict:
-    """Zeroed SPEC 6 receive tensors: [L, R*T, ...]; fp8 scales column-major ([L, S, R*T] transposed)."""
+    """Zeroed SPEC 6 receive tensors: [L, R*T, ...]; fp8 scales column-major ([L, S, R*T] transposed).
+
+    Row-major outputs are the first L*R*T rows of a flat buffer with one more (trash) row, kept under
+    "flat" so the scatter writes them in place; the column-major scales are scattered through a staging copy.
+    """
     hidden = args.x.shape[1]
+    flat: dict[str, torch.Tensor] = {}
+
+    def with_trash(name: str, dtype: torch.dtype, *row_shape: int) -> torch.Tensor:
+        flat[name] = torch.zeros(experts * rows + 1, *row_shape, dtype=dtype, device=device)
+        return flat[name][:-1].view(experts, rows, *row_shape)
+
     out = {
-        "recv_x": torch.zeros(experts, rows, hidden, dtype=fields["x"].dtype, device=device),
+        "recv_x": with_trash("recv_x", fields["x"].dtype, hidden),
         "recv_count": torch.zeros(experts, dtype=torch.int32, device=device),
-        "src_info": torch.zeros(experts, rows, dtype=torch.int32, device=device),
+        "src_info": with_trash("src_info", torch.int32),
         "layout_range": torch.zeros(experts, args.num_experts // experts, dtype=torch.int64, device=device),
+        "flat": flat,
     }
     if "scales" in fields:
         scales = fields["scales"]
         if scales.dim() == 1:  # int8: one scale per row
-            out["recv_scales"] = torch.zeros(experts, rows, dtype=scales.dtype, device=device)
+            out["recv_scales"] = with_trash("recv_scales", scales.dtype)
         else:
             out["recv_scales"] = torch.zeros(
                 experts, scales.shape[1], rows, dtype=scales.dtype, device=device
@@ -193,13 +204,20 @@ _FLOAT8_DTYPES = tuple(
 )
 
 
-def _scatter_rows(target: torch.Tensor, flat_row: torch.Tensor, values: torch.Tensor) -> None:
-    """target[l, p] = values[i] where flat_row[i] = l * rows + p; the trash index L * rows is dropped.
+def _scatter_rows(out: dict, name: str, flat_row: torch.Tensor, values: torch.Tensor) -> None:
+    """out[name][l, p] = values[i] where flat_row[i] = l * rows + p; the trash index L * rows is dropped.
 
-    Scattering through a staging buffer with a trash row keeps this free of host round trips.
+    Row-major outputs are written in place through their flat buffer; column-major scales go through a
+    staging buffer. No host round trips either way.
     """
+    target = out["flat"].get(name)
+    staging = None
+    if target is None:
+        shape = out[name].shape
+        target = staging = out[name].new_zeros(shape[0] * shape[1] + 1, *shape[2:])
     if target.dtype in _FLOAT8_DTYPES:  # index_copy_ has no float8 kernel on the CPU; bytes move the same
-        target, values = target.view(torch.uint8), values.view(torch.uint8)
-    staging = target.new_zeros(target.shape[0] * target.shape[1] + 1, *target.shape[2:])
-    staging.index_copy_(0, flat_row, values)
-    target.copy_(staging[:-1].view(target.shape))
+        target.view(torch.uint8).index_copy_(0, flat_row, values.view(torch.uint8))
+    else:
+        target.index_copy_(0, flat_row, values)
+    if staging is not None:
+        out[name].copy_(staging[:-1].view(out[name].shape))
