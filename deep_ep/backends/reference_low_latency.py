@@ -161,7 +161,10 @@ class LowLatencyMixin:
 
 
 def _empty_ll_outputs(fields: dict, args: LowLatencyDispatchArgs, experts: int, rows: int, device) -> dict:
-    """Zeroed SPEC 6 receive tensors: [L, R*T, ...]; fp8 scales column-major ([L, S, R*T] transposed).
+    """SPEC 6 receive tensors: [L, R*T, ...]; fp8 scales column-major ([L, S, R*T] transposed).
+
+    Rows at or past recv_count are left uninitialised, as DeepEP leaves them: zeroing the whole [L, R*T, H]
+    grid (hundreds of MB at DeepSeek sizes) would cost more than the exchange itself.
 
     Row-major outputs are the first L*R*T rows of a flat buffer with one more (trash) row, kept under
     "flat" so the scatter writes them in place; the column-major scales are scattered through a staging copy.
@@ -170,7 +173,7 @@ def _empty_ll_outputs(fields: dict, args: LowLatencyDispatchArgs, experts: int, 
     flat: dict[str, torch.Tensor] = {}
 
     def with_trash(name: str, dtype: torch.dtype, *row_shape: int) -> torch.Tensor:
-        flat[name] = torch.zeros(experts * rows + 1, *row_shape, dtype=dtype, device=device)
+        flat[name] = torch.empty(experts * rows + 1, *row_shape, dtype=dtype, device=device)
         return flat[name][:-1].view(experts, rows, *row_shape)
 
     out = {
@@ -185,7 +188,7 @@ def _empty_ll_outputs(fields: dict, args: LowLatencyDispatchArgs, experts: int, 
         if scales.dim() == 1:  # int8: one scale per row
             out["recv_scales"] = with_trash("recv_scales", scales.dtype)
         else:
-            out["recv_scales"] = torch.zeros(
+            out["recv_scales"] = torch.empty(
                 experts, scales.shape[1], rows, dtype=scales.dtype, device=device
             ).transpose(1, 2)
     return out
@@ -214,7 +217,7 @@ def _scatter_rows(out: dict, name: str, flat_row: torch.Tensor, values: torch.Te
     staging = None
     if target is None:
         shape = out[name].shape
-        target = staging = out[name].new_zeros(shape[0] * shape[1] + 1, *shape[2:])
+        target = staging = out[name].new_empty(shape[0] * shape[1] + 1, *shape[2:])
     if target.dtype in _FLOAT8_DTYPES:  # index_copy_ has no float8 kernel on the CPU; bytes move the same
         target.view(torch.uint8).index_copy_(0, flat_row, values.view(torch.uint8))
     else:
