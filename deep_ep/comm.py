@@ -30,7 +30,10 @@ def group_device_types(group: dist.ProcessGroup) -> set[str]:
     types = set()
     for part in config.split(","):
         device, _, name = part.rpartition(":")
-        types.add(device if device else _BACKEND_DEVICE.get(name.strip(), name.strip()))
+        name = name.strip()
+        # gloo reports "cuda:gloo" too, but its CUDA paths are partial: deep_ep stages CUDA tensors through
+        # host memory on gloo groups instead (the vLLM case).
+        types.add(_BACKEND_DEVICE[name] if name in ("gloo", "mpi") or not device else device)
     return types
 
 
