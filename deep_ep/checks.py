@@ -46,6 +46,11 @@ def integer(name: str, value: Any, *, minimum: int | None = None) -> int:
     return value
 
 
+def invalid_expert_ids(value: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """A 0-d device bool: some entry is neither -1 nor in [0, num_experts) (no host round trip)."""
+    return ((value < -1) | (value >= num_experts)).any()
+
+
 def expert_ids(name: str, value: torch.Tensor, num_experts: int) -> None:
     """Every entry is -1 (no expert) or in [0, num_experts)."""
     bad = (value < -1) | (value >= num_experts)

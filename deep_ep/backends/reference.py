@@ -99,21 +99,23 @@ class ReferenceBackend(LowLatencyMixin, Backend):
             route = Route.padded_for(in_rank, counts[:, rank], args.num_worst_tokens, args.num_worst_tokens)
             count_list: list[int] = []
         else:
-            host_counts = counts.cpu()  # DeepEP's host synchronisation: the receive size is needed here
+            # DeepEP's host synchronisation, once: the receive sizes and the per-expert counts are needed here.
+            host = gathered.cpu()
+            host_counts = host[:, :num_ranks]
             route = Route.exact(in_rank, host_counts, rank)
+            host_experts = host[:, num_ranks * (1 + args.num_channels) :]
+            host_experts = host_experts[:, rank * experts_per_rank : (rank + 1) * experts_per_rank].sum(0)
             align = args.expert_alignment
-            count_list = [(c + align - 1) // align * align for c in expert_counts.tolist()]
+            count_list = [(c + align - 1) // align * align for c in host_experts.tolist()]
 
         topk_idx = args.topk_idx
-        fmt = RowFormat.of(
-            x=args.x,
-            scales=args.x_scales,
-            topk_idx=topk_idx,
-            topk_weights=args.topk_weights,
-            src=torch.empty(num_tokens, dtype=torch.int32),
-        )
         src = torch.arange(num_tokens, dtype=torch.int32, device=device)
-        rows = fmt.pack(x=args.x, scales=args.x_scales, topk_idx=topk_idx, topk_weights=args.topk_weights, src=src)
+        fields = dict(x=args.x, scales=args.x_scales, topk_idx=topk_idx, topk_weights=args.topk_weights, src=src)
+        fmt = RowFormat.of(**fields)
+        if fmt.width % 8:  # whole 8-byte words per row, so the row gathers move words, not bytes
+            fields["pad"] = torch.zeros(num_tokens, -fmt.width % 8, dtype=torch.uint8, device=device)
+            fmt = RowFormat.of(**fields)
+        rows = fmt.pack(**fields)
         received, pending = self._forward(route, rows, "dispatch")
 
         out = {
@@ -202,13 +204,19 @@ class ReferenceBackend(LowLatencyMixin, Backend):
 def _send_head(in_rank: torch.Tensor, channel: torch.Tensor, num_channels: int) -> torch.Tensor:
     """int32 [N, R]: position of each token in its (channel, destination) stream, -1 if not sent."""
     num_tokens, num_ranks = in_rank.shape
-    running = in_rank.long().cumsum(0)
+    running = _cumsum_over_tokens(in_rank)
     # Tokens of this rank sent to d before channel c begins: subtract so each channel restarts at 0.
     before = torch.zeros(num_channels + 1, num_ranks, dtype=running.dtype, device=in_rank.device)
     before.index_add_(0, channel + 1, in_rank.long())
     before = before.cumsum(0)[:num_channels]
     position = running - 1 - before[channel]
     return torch.where(in_rank, position, -1).int()
+
+
+def _cumsum_over_tokens(in_rank: torch.Tensor) -> torch.Tensor:
+    """int64 [N, R]: inclusive running count over tokens. Scanned along the last dimension: a CUDA scan over
+    the outer dimension of a narrow [N, R] tensor runs one thread per column (0.2 ms at N=4096)."""
+    return in_rank.t().long().cumsum(1).t()
 
 
 def _real_rows(route: Route) -> torch.Tensor | None:
