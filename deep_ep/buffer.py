@@ -195,7 +195,8 @@ class Buffer:
 
     # ---- shared plumbing --------------------------------------------------------------------------
     def _agree(self, op: str, **fields: int) -> None:
-        if self.check_agreement:
+        # The check reads its all-gather on the host, which a CUDA graph being captured cannot do.
+        if self.check_agreement and host_sync_allowed(self.device):
             check_agreement(self._comm, op, **fields)
 
     def _begin(self, previous_event: EventOverlap | None, async_finish: bool, allocate_on_comm_stream: bool) -> None:
@@ -542,8 +543,9 @@ class Buffer:
             raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={tokens_cap}")
         self._num_experts_check("num_experts", num_experts)
         experts_per_rank = num_experts // self.group_size
-        checks.expert_ids("topk_idx", topk_idx, num_experts)
-        checks.distinct_experts("topk_idx", topk_idx)
+        if host_sync_allowed(device):  # value checks read the device; under CUDA-graph capture they cannot
+            checks.expert_ids("topk_idx", topk_idx, num_experts)
+            checks.distinct_experts("topk_idx", topk_idx)
         if use_ue8m0 and not round_scale:
             raise ValueError("use_ue8m0=True needs round_scale=True")
         if async_finish and return_recv_hook:
@@ -600,7 +602,7 @@ class Buffer:
         def receive() -> None:
             start = time.perf_counter_ns()
             pending.wait()
-            if dispatch_wait_recv_cost_stats is not None:  # one collective: every source waited as long
+            if dispatch_wait_recv_cost_stats is not None and host_sync_allowed(device):  # one wait for all sources
                 dispatch_wait_recv_cost_stats.add_(time.perf_counter_ns() - start)
             if cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats.add_(out["recv_count"])
@@ -655,7 +657,8 @@ class Buffer:
             raise ValueError(f"topk_idx has {num_topk} columns but the dispatch had {handle.num_topk}")
         if num_tokens > tokens_cap:
             raise ValueError(f"topk_idx has {num_tokens} rows, more than num_max_dispatch_tokens_per_rank={tokens_cap}")
-        checks.expert_ids("topk_idx", topk_idx, num_experts)
+        if host_sync_allowed(device):
+            checks.expert_ids("topk_idx", topk_idx, num_experts)
         checks.tensor(
             "topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk), device=device
         )
