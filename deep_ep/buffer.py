@@ -86,6 +86,9 @@ class Buffer:
         self.use_fabric = use_fabric
         self.explicitly_destroy = explicitly_destroy
         self.check_agreement = os.environ.get("DEEP_EP_CHECK_AGREEMENT", "1") != "0"
+        # Low-latency value checks (expert ids in range, distinct per token) read the device, one host round
+        # trip per call; False (env DEEP_EP_CHECK_VALUES=0) skips them, as CUDA-graph capture must (docs/ERRORS.md).
+        self.check_values = os.environ.get("DEEP_EP_CHECK_VALUES", "1") != "0"
 
         self._comm = Comm(group)
         self.device = _default_device(self._comm)
@@ -543,7 +546,7 @@ class Buffer:
             raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={tokens_cap}")
         self._num_experts_check("num_experts", num_experts)
         experts_per_rank = num_experts // self.group_size
-        if host_sync_allowed(device):  # value checks read the device; under CUDA-graph capture they cannot
+        if self.check_values and host_sync_allowed(device):  # they read the device: not under graph capture
             checks.expert_ids("topk_idx", topk_idx, num_experts)
             checks.distinct_experts("topk_idx", topk_idx)
         if use_ue8m0 and not round_scale:
@@ -657,7 +660,7 @@ class Buffer:
             raise ValueError(f"topk_idx has {num_topk} columns but the dispatch had {handle.num_topk}")
         if num_tokens > tokens_cap:
             raise ValueError(f"topk_idx has {num_tokens} rows, more than num_max_dispatch_tokens_per_rank={tokens_cap}")
-        if host_sync_allowed(device):
+        if self.check_values and host_sync_allowed(device):
             checks.expert_ids("topk_idx", topk_idx, num_experts)
         checks.tensor(
             "topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk), device=device

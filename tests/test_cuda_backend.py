@@ -31,6 +31,7 @@ from deep_ep.backends.cuda import (
     workspace_rows,
     workspace_size,
 )
+from deep_ep.backends.cuda_low_latency import LowLatencyLayout, kernel_refusal
 from deep_ep.backends.reference import _ordered_sum
 from deep_ep.errors import BackendUnavailableError
 from deep_ep.kernels.ordered_sum import (
@@ -40,8 +41,9 @@ from deep_ep.kernels.ordered_sum import (
 )
 from deep_ep.packing import RowFormat
 from deep_ep.routing import Route
-from deep_ep.testing import run_ranks
+from deep_ep.testing import diff, run_ranks
 from deep_ep.testing.compare import first_mismatch
+from deep_ep.testing.symm_mem_emulation import DIRECTORY_ENV, SimCudaBackend
 from tools import cuda_selftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,53 +226,6 @@ def test_triton_kernel_logic_in_the_interpreter() -> None:
 
 
 # ---- the whole backend on a CPU stand-in for symmetric memory ----------------------------------------------
-class HostSharedWorkspace:
-    """Symmetric memory stand-in: rank r's buffer is a shared file every rank maps; the barrier is gloo's.
-
-    Same members as `SymmetricWorkspace` (`ensure`, `peer`, `local`, `barrier`), so the backend's push,
-    growth and unpacking run unchanged; CPU ops finish before the barrier, as the GPU's stream order does.
-    """
-
-    def __init__(self, group: dist.ProcessGroup, directory: str, minimum: int) -> None:
-        self.group, self.directory, self.minimum = group, directory, minimum
-        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
-        self.nbytes, self.generation = 0, 0
-        self.local: torch.Tensor | None = None
-        self._peers: list[torch.Tensor] = []
-
-    def ensure(self, nbytes: int) -> None:
-        if nbytes <= self.nbytes:
-            return
-        size = workspace_size(nbytes, self.minimum)
-        self.generation += 1
-        paths = [os.path.join(self.directory, f"gen{self.generation}-rank{r}") for r in range(self.size)]
-        with open(paths[self.rank], "wb") as f:
-            f.truncate(size)
-        dist.barrier(self.group)  # every file exists before anyone maps it
-        self._peers = [torch.from_file(p, shared=True, size=size, dtype=torch.uint8) for p in paths]
-        self.local, self.nbytes = self._peers[self.rank], size
-
-    def peer(self, rank: int) -> torch.Tensor:
-        return self._peers[rank]
-
-    def barrier(self, timeout_s: float) -> None:
-        dist.barrier(self.group)
-
-
-class SimCudaBackend(CudaBackend):
-    """The cuda backend with its workspace on the CPU stand-in (a tiny minimum, so it regrows often)."""
-
-    name = "cuda_sim"
-    device_types = ("cpu",)
-
-    @classmethod
-    def unavailable_reason(cls, group: dist.ProcessGroup, device: torch.device) -> str | None:
-        return None
-
-    def _new_workspace(self) -> HostSharedWorkspace:
-        return HostSharedWorkspace(self.comm.group, os.environ["DEEP_EP_SIM_DIR"], minimum=256)
-
-
 def _sim_round(rank: int, world: int, opts: cuda_selftest.Options) -> tuple:
     # One world for both checks (worlds cost seconds on a loaded 2-core machine); availability first, before
     # rank_main registers the stand-in (which "auto" would then pick).
@@ -299,7 +254,7 @@ def test_backend_end_to_end_on_host_shared_memory_and_unavailable_here(tmp_path)
     opts = cuda_selftest.Options(
         candidate="cuda_sim", timing=False, cases=_sim_cases(world), register=("cuda_sim", SimCudaBackend)
     )
-    results = run_ranks(world, _sim_round, opts, env={"DEEP_EP_SIM_DIR": str(tmp_path)})
+    results = run_ranks(world, _sim_round, opts, env={DIRECTORY_ENV: str(tmp_path)})
     _check_unavailable_here(results[0][1])
     reports = [report for report, _ in results]
     failures = [(r, name, why) for r, rep in enumerate(reports) for name, why in rep.checks if why is not None]
@@ -331,3 +286,47 @@ def test_gpu_selftest_quick() -> None:
     world = min(4, torch.cuda.device_count())
     script = os.path.join(ROOT, "tools", "cuda_selftest.py")
     subprocess.run([sys.executable, script, "--world", str(world), "--quick", "--no-timing"], check=True, timeout=600)
+
+
+# ---- low-latency kernels on the emulated symmetric memory --------------------------------------------------
+def test_low_latency_layout_regions_do_not_overlap_and_stay_aligned() -> None:
+    for ranks, cap, hidden, experts, topk in ((2, 128, 7168, 256, 8), (3, 9, 130, 6, 3), (8, 1, 2, 8, 1)):
+        lay = LowLatencyLayout(ranks, cap, hidden, experts, topk)
+        regions = [
+            (0, 2 * lay.msg_size),
+            (lay.flag_base, lay.flag_base + 2 * lay.flag_size),
+            (lay.rows_base, lay.rows_base + 2 * lay.rows_size),
+        ]
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(regions, regions[1:]))
+        assert lay.pitch * 4 >= 2 * hidden and lay.pitch % 4 == 0  # whole 16-byte rows, room for bf16
+        assert lay.flag_size >= 2 * lay.slots and lay.flag_base % 4 == 0 and lay.rows_base % 4 == 0
+        assert lay.nbytes == (lay.rows_base + 2 * lay.rows_size) * 4
+    assert kernel_refusal(7, False, "fp8") and kernel_refusal(6, True, "int8") and not kernel_refusal(8, True, "int8")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="Triton not installed (pip install -e '.[test]')"
+)
+def test_low_latency_kernels_match_reference_on_emulated_symmetric_memory(tmp_path, monkeypatch) -> None:
+    # EMULATION: torch symmetric memory is replaced by shared files + gloo barriers
+    # (deep_ep.testing.symm_mem_emulation) and the Triton kernels run in Triton's CPU interpreter; the backend
+    # code and the kernels themselves are the real ones. Every format and routing family, 3 ranks, bit for bit.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(DIRECTORY_ENV, str(tmp_path))
+    families = ["uniform", "skewed", "sparse", "idle_rank", "empty_rank", "max_tokens", "small_hidden"]
+    cases = diff.make_cases(
+        3,
+        modes=["low_latency"],
+        dtypes=list(diff.LL_FORMATS),
+        families=families,
+        num_tokens=6,
+        hidden=128,
+        num_topk=3,
+        experts_per_rank=2,
+    )
+    plan = diff.Plan([diff.Participant.parse(p) for p in ("reference", "cuda_sim")], cases, comm_timeout=60)
+    report = diff.run_local(3, plan, setup="deep_ep.testing.symm_mem_emulation:register", timeout=600)
+    assert report.ok, report.format()
+    compared = {(c["case_index"], c["op"]) for c in report.checks if c["participant"].startswith("cuda_sim")}
+    assert compared == {(i, op) for i in range(len(cases)) for op in ("low_latency_dispatch", "low_latency_combine")}
+    assert any(name.startswith("low_latency-gen") for name in os.listdir(tmp_path))  # the kernels' workspace

@@ -176,6 +176,7 @@ class DeepEPPortable(Impl):
 
     backend: str = "auto"
     check_agreement: bool = True  # False: skip the façade's per-call agreement all-gather (its cost shows)
+    check_values: bool = True  # False: skip the low-latency value checks (a host round trip each call)
 
     def module(self) -> Any:
         if REPO_ROOT not in sys.path:
@@ -199,6 +200,7 @@ class DeepEPPortable(Impl):
             group, 0, rdma, low_latency_mode=True, num_qps_per_rank=num_experts // num_ranks, backend=self.backend
         )
         buffer.check_agreement = self.check_agreement
+        buffer.check_values = self.check_values
         return buffer
 
     def label(self, buffer: Any) -> str:
@@ -211,6 +213,7 @@ class DeepEPPortable(Impl):
             "version": module.__version__,
             "backend": self.backend,
             "check_agreement": self.check_agreement,
+            "check_values": self.check_values,
         }
 
     def launch_local(self, world: int, fn: Callable[..., Any], args: tuple, backend: str, timeout: float) -> list:
@@ -980,6 +983,11 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
         action="store_true",
         help="turn off deep_ep's per-call collective agreement check (buffer.check_agreement = False)",
     )
+    parser.add_argument(
+        "--no-value-checks",
+        action="store_true",
+        help="turn off deep_ep's low-latency value checks (buffer.check_values = False; DeepEP has none)",
+    )
     parser.add_argument("--mode", choices=["normal", "ll", "all"], default="all")
     parser.add_argument("--dtype", nargs="+", default=["bfloat16"], help="bfloat16 and/or fp8 (dispatch payload)")
     parser.add_argument("--iters", type=int, default=20, help="timed rounds (median taken)")
@@ -1074,7 +1082,9 @@ def main(
         emit(merge_reports(reports), args)
         return 0
     cfg = config_from_args(args, parser)
-    impl = impl or DeepEPPortable(args.backend, check_agreement=not args.no_agreement_check)
+    impl = impl or DeepEPPortable(
+        args.backend, check_agreement=not args.no_agreement_check, check_values=not args.no_value_checks
+    )
     if args.launcher == "torchrun":
         per_rank = run_torchrun(_worker, (cfg, impl), cfg.dist_backend)
         if per_rank is None:

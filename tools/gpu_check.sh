@@ -33,12 +33,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a deadline; a failure is repo
         --json "$OUT/crosscheck_reference_x$NPROC.json"
     step "harness: cuda vs reference x$NPROC" 100 \
         "${RUN[@]}" --nproc-per-node "$NPROC" tools/crosscheck.py --dist-backend nccl \
-        --participants reference@cuda/nccl,cuda@cuda/nccl "${PLAN[@]}" --modes normal \
+        --participants reference@cuda/nccl,cuda@cuda/nccl "${PLAN[@]}" \
         --json "$OUT/crosscheck_cuda_x$NPROC.json"
+    for backend in reference cuda; do
+        step "low-latency CUDA graph: capture + replay == eager ($backend) x$NPROC" 120 \
+            python3 tools/ll_graph_check.py --world "$NPROC" --backend "$backend"
+    done
     if (( NPROC > 2 )); then
         step "harness: cuda vs reference x2" 80 env CUDA_VISIBLE_DEVICES=0,1 \
             "${RUN[@]}" --nproc-per-node 2 tools/crosscheck.py --dist-backend nccl \
-            --participants reference@cuda/nccl,cuda@cuda/nccl "${PLAN[@]}" --modes normal \
+            --participants reference@cuda/nccl,cuda@cuda/nccl "${PLAN[@]}" \
             --json "$OUT/crosscheck_cuda_x2.json"
     fi
 } 2>&1 | tee "$OUT/gpu_check_log.txt"

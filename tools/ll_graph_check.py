@@ -1,7 +1,7 @@
 """Capture low_latency_dispatch + low_latency_combine in a CUDA graph and replay it on new inputs; the
 replay must equal eager calls bit for bit (valid rows). Needs GPUs and NCCL:
 
-    python3 tools/ll_graph_check.py --world 2
+    python3 tools/ll_graph_check.py --world 2 [--backend cuda]
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from deep_ep.testing import run_ranks  # noqa: E402
 from deep_ep.testing.workloads import make_workload  # noqa: E402
 
 
-def _check(rank: int, world: int, hidden: int, tokens: int, experts: int) -> str:
+def _check(rank: int, world: int, hidden: int, tokens: int, experts: int, backend: str) -> str:
     device = torch.device("cuda", torch.cuda.current_device())
-    buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
+    buffer = Buffer(dist.group.WORLD, low_latency_mode=True, backend=backend)
     inputs = [make_workload(world, tokens, hidden, 8, experts, seed=s, routing="sparse") for s in (1, 2)]
     x = inputs[0].x[rank].to(device)
     idx = inputs[0].topk_idx[rank].to(device)
@@ -54,7 +54,7 @@ def _check(rank: int, world: int, hidden: int, tokens: int, experts: int) -> str
             assert torch.equal(got[0][e, :n], eager[0][e, :n]), f"recv_x of expert {e}"
         assert torch.equal(got[1], eager[1]) and torch.equal(got[2].view(torch.int16), eager[2].view(torch.int16))
         results.append(int(eager[1].sum()))
-    return f"rank {rank}: graph replay == eager for {len(results)} inputs (rows {results})"
+    return f"rank {rank} ({buffer.backend}): graph replay == eager for {len(results)} inputs (rows {results})"
 
 
 def main() -> int:
@@ -63,8 +63,11 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--backend", default="auto", help="deep_ep backend name")
     args = parser.parse_args()
-    for line in run_ranks(args.world, _check, args.hidden, args.tokens, args.experts, backend="nccl", timeout=240):
+    for line in run_ranks(
+        args.world, _check, args.hidden, args.tokens, args.experts, args.backend, backend="nccl", timeout=240
+    ):
         print(line)
     print("RESULT: PASS")
     return 0

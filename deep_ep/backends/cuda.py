@@ -35,6 +35,7 @@ from ..kernels.ordered_sum import ordered_gather_sum, row_index_from_splits
 from ..packing import RowFormat
 from ..routing import Route
 from .base import LowLatencyDispatchArgs
+from .cuda_low_latency import CudaLowLatencyRoute, LowLatencyKernels, kernel_refusal
 from .reference import ReferenceBackend
 
 log = logging.getLogger("deep_ep.cuda")
@@ -255,6 +256,7 @@ class CudaBackend(ReferenceBackend):
         self._side_streams: list[torch.cuda.Stream] = []
         self._last_stream: torch.cuda.Stream | None = None
         self._logged: set[str] = set()
+        self._low_latency = LowLatencyKernels(self)
 
     @classmethod
     def unavailable_reason(cls, group: dist.ProcessGroup, device: torch.device) -> str | None:
@@ -308,15 +310,27 @@ class CudaBackend(ReferenceBackend):
             return f"tensors on {tensor.device} (the Buffer's GPU is {self.device}) run the reference algorithm"
         return None
 
+    def _low_latency_refusal(self, tensor: torch.Tensor, hidden: int, use_fp8: bool) -> str | None:
+        """Why this low-latency call runs the reference algorithm instead of the kernels, or None."""
+        if self.comm.size == 1:
+            return "a one-rank group runs the reference algorithm (nothing crosses GPUs)"
+        if tensor.device != self.device:
+            return f"tensors on {tensor.device} (the Buffer's GPU is {self.device}) run the reference algorithm"
+        return kernel_refusal(hidden, use_fp8, self.low_latency_quant)
+
     def low_latency_dispatch(self, args: LowLatencyDispatchArgs) -> tuple[dict, Any, Pending]:
-        self._log_once("low-latency mode runs the reference algorithm over NCCL (no low-latency kernels yet)")
-        return super().low_latency_dispatch(args)
+        reason = self._low_latency_refusal(args.x, args.x.shape[1], args.use_fp8)
+        if reason is not None:
+            self._log_once(reason, logging.INFO if self.comm.size == 1 else logging.WARNING)
+            return super().low_latency_dispatch(args)
+        return self._low_latency.dispatch(args)
 
     def low_latency_combine(
         self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, route: Any, out: torch.Tensor
     ) -> Pending:
-        self._log_once("low-latency mode runs the reference algorithm over NCCL (no low-latency kernels yet)")
-        return super().low_latency_combine(x, topk_idx, topk_weights, route, out)
+        if not isinstance(route, CudaLowLatencyRoute):  # its dispatch ran the reference algorithm
+            return super().low_latency_combine(x, topk_idx, topk_weights, route, out)
+        return self._low_latency.combine(x, topk_idx, topk_weights, route, out)
 
     # ---- transport: dispatch and cached dispatch -------------------------------------------------------
     def _forward(
@@ -407,7 +421,8 @@ class CudaBackend(ReferenceBackend):
         count = rows_received(counts, rank, dispatch)
         return workspace.local[: count * pitch].view(count, pitch)[:, :width]
 
-    def _new_workspace(self) -> SymmetricWorkspace:
+    def _new_workspace(self, purpose: str = "normal") -> SymmetricWorkspace:
+        """A workspace for normal mode or ("low_latency") the low-latency kernels; each Buffer owns one of each."""
         return SymmetricWorkspace(self.comm.group, self.device)
 
     def _streams_for(self, num_copies: int) -> list[torch.cuda.Stream]:

@@ -48,7 +48,10 @@ def _ordered_gather_sum_kernel(
         row = tl.load(index_ptr + token * index_stride + d).to(tl.int64)
         present = row >= 0
         safe_row = tl.where(present, row, 0)  # never form an address from -1, even masked
-        values = tl.load(rows_ptr + safe_row * rows_stride + cols, mask=mask & present, other=0.0)
+        # An absent row masks every column (a comparison, not `mask & present`: Triton 3.9's interpreter
+        # rejects the mask that the scalar-and-vector `&` makes).
+        row_mask = cols < tl.where(present, hidden, 0)
+        values = tl.load(rows_ptr + safe_row * rows_stride + cols, mask=row_mask, other=0.0)
         acc = acc + values.to(tl.float32)
     tl.store(out_ptr + token * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -1,0 +1,214 @@
+"""Triton kernels of the cuda backend's low-latency mode (the design is in docs/CUDA.md).
+
+Every kernel addresses this rank's symmetric workspace as int32 words (`ws`); a peer's workspace is
+`ws + peer_delta[peer]` (the distance between the two mappings, in words). No kernel reads anything on the
+host, so every launch is CUDA-graph capturable; the call counters live on the device.
+
+Workspace regions, two copies of each that alternate with the parity of the call counter (`LowLatencyLayout`
+in deep_ep/backends/cuda_low_latency.py computes the offsets):
+- dispatch messages `[L, R*T, PITCH]`: slot `(l, s*T + t)` holds rank s's token t for local expert l;
+- dispatch flags `[L, R*T]`: `seq + 1` in the slots written by the call numbered `seq` (stale values from
+  earlier calls never equal it, so nothing has to be cleared), then dispatch meta `[L, R*T]`: `t*K + k`;
+- combine rows `[T*K, H]` bf16: row `t*K + k` is the expert output for this rank's token t, choice k.
+
+The combine's float arithmetic is spelled out so that it is SPEC 6.3's on the GPU and in Triton's CPU
+interpreter alike: bf16 -> fp32 by shifting bits, one rounded multiply then one rounded add per choice (the
+launch turns FMA contraction off), and fp32 -> bf16 round-to-nearest-even computed on the bits.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def ll_dispatch_push_kernel(
+    payload,  # int32 words [N, WORDS]: each token's message body (x bytes, then scale bytes)
+    topk,  # int64 [N, K]
+    ws,  # int32 words: this rank's workspace
+    peer_delta,  # int64 [R]
+    seq_ptr,  # int32 [1]: the dispatch call counter
+    rank,
+    tokens_cap,  # T
+    experts_per_rank,  # L
+    slots,  # L * R * T
+    msg_base,
+    msg_size,  # words of one parity's messages
+    flag_base,
+    flag_size,  # words of one parity's flags + meta (2 * slots)
+    payload_stride,
+    PITCH: tl.constexpr,
+    WORDS: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per token: its message goes to every selected expert's slot on the expert's rank."""
+    token = tl.program_id(0).to(tl.int64)
+    seq = tl.load(seq_ptr)
+    parity = (seq & 1).to(tl.int64)
+    rows_per_expert = slots // experts_per_rank
+    messages = ws + msg_base + parity * msg_size
+    flags = ws + flag_base + parity * flag_size
+    for k in tl.static_range(K):
+        expert = tl.load(topk + token * K + k)
+        if expert >= 0:
+            slot = (expert % experts_per_rank) * rows_per_expert + rank * tokens_cap + token
+            delta = tl.load(peer_delta + expert // experts_per_rank)
+            target = messages + delta + slot * PITCH
+            for start in tl.static_range(0, WORDS, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < WORDS
+                words = tl.load(payload + token * payload_stride + cols, mask=mask)
+                tl.store(target + cols, words, mask=mask)
+            tl.store(flags + delta + slot, seq + 1)
+            tl.store(flags + delta + slots + slot, (token * K + k).to(tl.int32))
+
+
+@triton.jit
+def ll_dispatch_receive_kernel(
+    ws,
+    seq_ptr,
+    recv_x,  # int32 words [L * R*T, X_WORDS]
+    scales,  # int32 words: recv_scales (any strides), or a dummy when SCALE_WORDS == 0
+    recv_count,  # int32 [L]
+    layout_range,  # int64 [L, R]
+    src_info,  # int32 [L, R*T]
+    route_count,  # int32 [L]: the backend's own copy of recv_count, for combine
+    route_target,  # int32 [L, R*T]: s * T*K + t*K + k of each received row, for combine
+    tokens_cap,
+    rows_per_expert,  # R * T
+    slots,
+    msg_base,
+    msg_size,
+    flag_base,
+    flag_size,
+    scale_stride_expert,
+    scale_stride_row,
+    scale_stride_word,
+    PITCH: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    SCALE_WORDS: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr,
+    R: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_SLOTS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program (l, j) copies rows j, j + G, j + 2G, ... of local expert l (G = grid dim 1) into the outputs.
+
+    Row p of expert l is the p-th flagged slot in slot order (source ascending, token ascending: SPEC 6).
+    """
+    expert = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    parts = tl.num_programs(1)
+    seq = tl.load(seq_ptr)
+    parity = (seq & 1).to(tl.int64)
+    messages = ws + msg_base + parity * msg_size
+    flags = ws + flag_base + parity * flag_size
+    offs = tl.arange(0, BLOCK_SLOTS)
+    in_range = offs < rows_per_expert
+    flag = tl.load(flags + expert * rows_per_expert + offs, mask=in_range, other=0)
+    valid = ((flag == seq + 1) & in_range).to(tl.int32)
+    inclusive = tl.cumsum(valid, axis=0)
+    count = tl.sum(valid, axis=0)
+    if part == 0:
+        tl.store(recv_count + expert, count)
+        tl.store(route_count + expert, count)
+        for source in tl.static_range(R):
+            mine = (offs >= source * tokens_cap) & (offs < (source + 1) * tokens_cap)
+            begin = tl.sum(tl.where(offs < source * tokens_cap, valid, 0), axis=0).to(tl.int64)
+            size = tl.sum(tl.where(mine, valid, 0), axis=0).to(tl.int64)
+            tl.store(layout_range + expert * R + source, (begin << 32) | size)
+    for row in range(part, count, parts):
+        # The slot holding row `row`: the number of slots whose inclusive count is <= row.
+        slot = tl.sum(((inclusive <= row) & in_range).to(tl.int32), axis=0).to(tl.int64)
+        source_msg = messages + (expert * rows_per_expert + slot) * PITCH
+        out_row = expert * rows_per_expert + row
+        for start in tl.static_range(0, X_WORDS, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < X_WORDS
+            tl.store(recv_x + out_row * X_WORDS + cols, tl.load(source_msg + cols, mask=mask), mask=mask)
+        if SCALE_WORDS > 0:
+            words = tl.arange(0, SCALE_BLOCK)
+            mask = words < SCALE_WORDS
+            values = tl.load(source_msg + X_WORDS + words, mask=mask)
+            target = scales + expert * scale_stride_expert + row * scale_stride_row + words * scale_stride_word
+            tl.store(target, values, mask=mask)
+        meta = tl.load(flags + slots + expert * rows_per_expert + slot)
+        tl.store(src_info + out_row, (slot % tokens_cap).to(tl.int32))
+        tl.store(route_target + out_row, ((slot // tokens_cap) * tokens_cap * K + meta).to(tl.int32))
+
+
+@triton.jit
+def ll_combine_push_kernel(
+    y,  # int32 words: x of low_latency_combine, [L, R*T, H] bf16
+    ws,
+    peer_delta,
+    seq_ptr,  # int32 [1]: the combine call counter
+    route_count,
+    route_target,
+    rows_per_expert,
+    y_stride_expert,  # words
+    y_stride_row,  # words
+    rows_base,
+    rows_size,  # words of one parity's combine rows
+    TK: tl.constexpr,
+    H_WORDS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program (l, j) sends rows j, j + G, ... of local expert l back to the ranks their tokens came from."""
+    expert = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    parts = tl.num_programs(1)
+    parity = (tl.load(seq_ptr) & 1).to(tl.int64)
+    count = tl.load(route_count + expert)
+    for row in range(part, count, parts):
+        target = tl.load(route_target + expert * rows_per_expert + row).to(tl.int64)
+        delta = tl.load(peer_delta + target // TK)
+        dest = ws + delta + rows_base + parity * rows_size + (target % TK) * H_WORDS
+        source = y + expert * y_stride_expert + row * y_stride_row
+        for start in tl.static_range(0, H_WORDS, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < H_WORDS
+            tl.store(dest + cols, tl.load(source + cols, mask=mask), mask=mask)
+
+
+@triton.jit
+def ll_combine_reduce_kernel(
+    ws16,  # int16 view of this rank's workspace
+    seq_ptr,
+    topk,  # int64 [N, K]
+    weights,  # float32 [N, K]
+    out,  # int16 view of the bf16 output [N, H]
+    out_stride,
+    hidden,
+    rows_base16,  # in int16 elements
+    rows_size16,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out[t] = bf16(sum over valid k, in k order, of fp32(w[t, k]) * fp32(row(t, k))), from +0.0."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < hidden
+    parity = (tl.load(seq_ptr) & 1).to(tl.int64)
+    rows = ws16 + rows_base16 + parity * rows_size16
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(K):
+        expert = tl.load(topk + token * K + k)
+        if expert >= 0:
+            weight = tl.load(weights + token * K + k)
+            bits = tl.load(rows + (token * K + k) * hidden + cols, mask=mask, other=0)
+            value = ((bits.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+            acc = acc + weight * value
+    tl.store(out + token * out_stride + cols, _bf16_bits(acc), mask=mask)
+
+
+@triton.jit
+def _bf16_bits(value):
+    """The bf16 bits (as int16) of fp32 `value`, rounded to nearest even; NaN stays a quiet NaN."""
+    bits = value.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(value != value, (bits >> 16) | 0x40, rounded)
+    return rounded.to(tl.int16)
