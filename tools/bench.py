@@ -204,7 +204,8 @@ class DeepEPPortable(Impl):
         return buffer
 
     def label(self, buffer: Any) -> str:
-        return f"deep_ep:{buffer.backend}"
+        checked = self.check_agreement and self.check_values
+        return f"deep_ep:{buffer.backend}" + ("" if checked else " (unchecked)")
 
     def metadata(self) -> dict:
         module = self.module()
@@ -244,6 +245,7 @@ class BenchConfig:
     profile: bool = False
     profile_calls: int = 1
     progress: bool = True
+    ll_graph: bool = False  # also time the low-latency pair captured in one CUDA graph (replays)
 
     @property
     def modes(self) -> list[str]:
@@ -387,6 +389,23 @@ class RankBench:
         out = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(out, local, group=self.group)
         return [t.tolist() for t in out]
+
+    def capture(self, phases: Sequence[Callable[[], Any]]) -> Callable[[], None]:
+        """The phases captured in one CUDA graph (after a warm-up on a side stream); returns its replay.
+
+        What a decode step that captures its MoE layers runs: no host work per call, only the device's."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for phase in phases:
+                phase()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for phase in phases:
+                phase()
+        self._graphs = getattr(self, "_graphs", []) + [graph]  # keep it (and its memory) alive
+        return graph.replay
 
     def raw_a2a(self, send_rows: int, recv_rows: int, row_bytes: int, in_splits: list[int], out_splits: list[int]):
         send = torch.empty(send_rows, row_bytes, dtype=torch.uint8, device=self.device)
@@ -570,6 +589,15 @@ class RankBench:
                 self.record(impl, "ll", "dispatch", dtype, t, d_times, d_acct, d_wire, announce=False)
                 self.record(impl, "ll", "combine", dtype, t, c_times, c_acct, c_wire, announce=False)
                 self.record(impl, "ll", "dispatch+combine", dtype, t, pair, pair_acct, pair_wire)
+            if cfg.ll_graph and self.device.type == "cuda":
+                try:
+                    replay = self.capture((dispatch, combine))
+                except Exception as error:  # a failed capture loses this figure only, not the run
+                    print(f"rank {rank}: {label} could not be captured in a CUDA graph: {error!r}", flush=True)
+                    torch.cuda.synchronize(self.device)
+                    continue
+                (times,) = self.measure((replay,))[0]
+                self.record(label, "ll", "graph dispatch+combine", dtype, t, times, pair_acct, None)
         if profile:
             dtype = "fp8" if "fp8" in cfg.dtypes else cfg.dtypes[0]
             use_fp8 = dtype == "fp8"
@@ -989,6 +1017,11 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
         help="turn off deep_ep's low-latency value checks (buffer.check_values = False; DeepEP has none)",
     )
     parser.add_argument("--mode", choices=["normal", "ll", "all"], default="all")
+    parser.add_argument(
+        "--ll-graph",
+        action="store_true",
+        help="GPUs: also time the low-latency dispatch+combine pair captured in one CUDA graph (op 'graph ...')",
+    )
     parser.add_argument("--dtype", nargs="+", default=["bfloat16"], help="bfloat16 and/or fp8 (dispatch payload)")
     parser.add_argument("--iters", type=int, default=20, help="timed rounds (median taken)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
@@ -1042,6 +1075,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         profile=bool(args.profile),
         profile_calls=max(1, args.profile_calls),
         progress=not args.quiet,
+        ll_graph=args.ll_graph,
     )
 
 

@@ -62,7 +62,8 @@ PY
 
     step "deep_ep reference backend, normal + low-latency, $DIST x$NPROC" 150 \
         "${RUN[@]}" tools/bench.py --launcher torchrun --dist-backend "$DIST" --backend reference --mode all \
-        "${NORMAL[@]}" "${LL[@]}" "${SHAPE[@]}" --json "$WORK/1_reference.json" --profile "$OUT/profile_reference.txt"
+        "${NORMAL[@]}" "${LL[@]}" "${SHAPE[@]}" --ll-graph --json "$WORK/1_reference.json" \
+        --profile "$OUT/profile_reference.txt"
 
     step "install upstream DeepEP into $UPSTREAM" 60 \
         python3 -m pip install -q --no-index --no-deps --target "$UPSTREAM" .whl/tokenspeed_deepep-*.whl
@@ -88,19 +89,23 @@ PY
 
     local start=$SECONDS
     if ! step "upstream DeepEP, low-latency mode" 80 \
-        "${upstream[@]}" --mode ll "${LL[@]}" "${SHAPE[@]}" --json "$WORK/3_upstream_ll.json" \
+        "${upstream[@]}" --mode ll "${LL[@]}" "${SHAPE[@]}" --ll-graph --json "$WORK/3_upstream_ll.json" \
         && (( SECONDS - start < 50 )); then
         # A quick failure is most likely NVSHMEM finding no RDMA transport: all peers are NVLink peers here.
         step "upstream DeepEP, low-latency mode, NVSHMEM_REMOTE_TRANSPORT=none" 50 \
-            env NVSHMEM_REMOTE_TRANSPORT=none "${upstream[@]}" --mode ll "${LL[@]}" "${SHAPE[@]}" \
+            env NVSHMEM_REMOTE_TRANSPORT=none "${upstream[@]}" --mode ll "${LL[@]}" "${SHAPE[@]}" --ll-graph \
             --json "$WORK/3_upstream_ll.json"
     fi
 
-    # deep_ep's cuda backend (peer writes over NVLink; its low-latency mode is the reference algorithm), normal
-    # mode only, if it is usable here: an explicit backend name never falls back, so an unusable one says why.
-    step "deep_ep cuda backend, normal mode, $DIST x$NPROC" 60 \
-        "${RUN[@]}" tools/bench.py --launcher torchrun --dist-backend "$DIST" --backend cuda --mode normal \
-        "${NORMAL[@]}" "${SHAPE[@]}" --json "$WORK/4_cuda.json"
+    # deep_ep's cuda backend (peer writes over NVLink, Triton kernels), if it is usable here: an explicit
+    # backend name never falls back, so an unusable one says why. Low-latency mode twice: with the façade's
+    # per-call checks (the default) and without them (DeepEP has none), labelled "(unchecked)".
+    step "deep_ep cuda backend, normal + low-latency, $DIST x$NPROC" 120 \
+        "${RUN[@]}" tools/bench.py --launcher torchrun --dist-backend "$DIST" --backend cuda --mode all \
+        "${NORMAL[@]}" "${LL[@]}" "${SHAPE[@]}" --ll-graph --json "$WORK/4_cuda.json" --profile "$OUT/profile_cuda.txt"
+    step "deep_ep cuda backend, low-latency without per-call checks, $DIST x$NPROC" 60 \
+        "${RUN[@]}" tools/bench.py --launcher torchrun --dist-backend "$DIST" --backend cuda --mode ll \
+        "${LL[@]}" "${SHAPE[@]}" --no-agreement-check --no-value-checks --json "$WORK/5_cuda_unchecked.json"
 
     echo "=== merged report"
     local reports=("$WORK"/*.json)

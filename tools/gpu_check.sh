@@ -31,7 +31,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a deadline; a failure is repo
         "${RUN[@]}" --nproc-per-node "$NPROC" tools/crosscheck.py --dist-backend nccl \
         --participants reference@cuda/nccl,spec,reference@cuda/gloo "${PLAN[@]}" --repeats 2 \
         --json "$OUT/crosscheck_reference_x$NPROC.json"
-    step "harness: cuda vs reference x$NPROC" 100 \
+    step "harness: cuda vs reference x$NPROC" 150 \
         "${RUN[@]}" --nproc-per-node "$NPROC" tools/crosscheck.py --dist-backend nccl \
         --participants reference@cuda/nccl,cuda@cuda/nccl "${PLAN[@]}" \
         --json "$OUT/crosscheck_cuda_x$NPROC.json"

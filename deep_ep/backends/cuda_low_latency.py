@@ -13,6 +13,7 @@ Kernels: deep_ep/kernels/triton_low_latency.py; design and memory ordering: docs
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from .reference_low_latency import _dense
 
 WORD = 4  # the kernels move int32 words
 BLOCK_WORDS = 1024  # words per vector copy step
+FUSED_CAST_ENV = "DEEP_EP_CUDA_FUSED_CAST"  # "0": make fp8 messages with deep_ep.quant's torch ops instead
 
 
 @dataclass(frozen=True)
@@ -107,10 +109,46 @@ def message_payload(args: LowLatencyDispatchArgs) -> tuple[torch.Tensor, dict[st
     if args.quant == "int8":
         q, scale = quant.per_token_cast_to_int8(x)
         scale = scale.reshape(-1, 1)
+    elif x.is_cuda and x.shape[0] and os.environ.get(FUSED_CAST_ENV, "1") != "0":
+        return _fused_fp8_payload(args), {"x": x.new_empty(0, dtype=torch.float8_e4m3fn), "scales": _scales_like(args)}
     else:
         q, scale = quant.per_block_cast_to_fp8(x, round_scale=args.round_scale, use_ue8m0=args.use_ue8m0)
     body = torch.cat([_dense(q).view(torch.uint8), _dense(scale).view(torch.uint8)], dim=1)
     return body.view(torch.int32), {"x": q, "scales": scale}
+
+
+def _scales_like(args: LowLatencyDispatchArgs) -> torch.Tensor:
+    """An empty tensor with the dtype and row width of the fp8 scales (what `empty_outputs` needs to know)."""
+    hidden = args.x.shape[1]
+    width, dtype = (hidden // 512, torch.int32) if args.use_ue8m0 else (hidden // 128, torch.float32)
+    return args.x.new_empty(0, width, dtype=dtype)
+
+
+def _fused_fp8_payload(args: LowLatencyDispatchArgs) -> torch.Tensor:
+    """The fp8 message bodies made by one Triton kernel (SPEC 6.1, the same bits as deep_ep.quant)."""
+    from ..kernels.triton_low_latency import ll_fp8_payload_kernel
+
+    x = args.x if args.x.stride(1) == 1 else args.x.contiguous()
+    num_tokens, hidden = x.shape
+    num_scales = hidden // 128
+    scale_words = num_scales // 4 if args.use_ue8m0 else num_scales
+    payload = torch.empty(num_tokens, hidden // WORD + scale_words, dtype=torch.int32, device=x.device)
+    ll_fp8_payload_kernel[(num_tokens,)](
+        x,
+        payload.view(torch.uint8),
+        payload,
+        x.stride(0),
+        payload.stride(0),
+        quant._INV_FP8_MAX,
+        HIDDEN=hidden,
+        NUM_SCALES=num_scales,
+        BLOCK_SCALES=max(4, _pow2(num_scales)),
+        ROUND_SCALE=args.round_scale,
+        UE8M0=args.use_ue8m0,
+        num_warps=8,
+        enable_fp_fusion=False,
+    )
+    return payload
 
 
 def empty_outputs(args: LowLatencyDispatchArgs, fields: dict[str, torch.Tensor], layout: LowLatencyLayout) -> dict:
@@ -166,8 +204,8 @@ class LowLatencyKernels:
             deltas = []
             for peer in range(backend.comm.size):
                 distance = workspace.peer(peer).data_ptr() - base
-                if distance % WORD:
-                    raise RuntimeError(f"peer {peer}'s workspace is not 4-byte aligned relative to ours")
+                if distance % 16:  # the kernels promise the compiler 16-byte aligned rows
+                    raise RuntimeError(f"peer {peer}'s workspace is not 16-byte aligned relative to ours")
                 deltas.append(distance // WORD)
             self.peer_delta = torch.tensor(deltas, dtype=torch.int64, device=backend.device)
             self._mapping = mapping
@@ -200,21 +238,20 @@ class LowLatencyKernels:
             )
             topk = args.topk_idx.contiguous()
             if num_tokens:
-                kernels.ll_dispatch_push_kernel[(num_tokens,)](
+                kernels.ll_dispatch_push_kernel[(num_tokens, num_topk)](
                     payload,
                     topk,
                     words,
                     self.peer_delta,
                     self.dispatch_seq,
                     backend.comm.rank,
-                    layout.tokens_cap,
-                    experts,
-                    layout.slots,
-                    0,
-                    layout.msg_size,
-                    layout.flag_base,
-                    layout.flag_size,
                     payload.stride(0),
+                    TOKENS_CAP=layout.tokens_cap,
+                    EXPERTS_PER_RANK=experts,
+                    SLOTS=layout.slots,
+                    MSG_SIZE=layout.msg_size,
+                    FLAG_BASE=layout.flag_base,
+                    FLAG_SIZE=layout.flag_size,
                     PITCH=layout.pitch,
                     WORDS=payload.shape[1],
                     K=num_topk,

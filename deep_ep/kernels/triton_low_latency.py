@@ -27,42 +27,41 @@ def ll_dispatch_push_kernel(
     payload,  # int32 words [N, WORDS]: each token's message body (x bytes, then scale bytes)
     topk,  # int64 [N, K]
     ws,  # int32 words: this rank's workspace
-    peer_delta,  # int64 [R]
+    peer_delta,  # int64 [R], multiples of 4 words
     seq_ptr,  # int32 [1]: the dispatch call counter
     rank,
-    tokens_cap,  # T
-    experts_per_rank,  # L
-    slots,  # L * R * T
-    msg_base,
-    msg_size,  # words of one parity's messages
-    flag_base,
-    flag_size,  # words of one parity's flags + meta (2 * slots)
     payload_stride,
+    TOKENS_CAP: tl.constexpr,
+    EXPERTS_PER_RANK: tl.constexpr,
+    SLOTS: tl.constexpr,  # L * R * T
+    MSG_SIZE: tl.constexpr,  # words of one parity's messages (they start at word 0)
+    FLAG_BASE: tl.constexpr,
+    FLAG_SIZE: tl.constexpr,  # words of one parity's flags + meta
     PITCH: tl.constexpr,
     WORDS: tl.constexpr,
     K: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program per token: its message goes to every selected expert's slot on the expert's rank."""
+    """Program (t, k) writes token t's message into the slot of its k-th expert on that expert's rank."""
     token = tl.program_id(0).to(tl.int64)
-    seq = tl.load(seq_ptr)
-    parity = (seq & 1).to(tl.int64)
-    rows_per_expert = slots // experts_per_rank
-    messages = ws + msg_base + parity * msg_size
-    flags = ws + flag_base + parity * flag_size
-    for k in tl.static_range(K):
-        expert = tl.load(topk + token * K + k)
-        if expert >= 0:
-            slot = (expert % experts_per_rank) * rows_per_expert + rank * tokens_cap + token
-            delta = tl.load(peer_delta + expert // experts_per_rank)
-            target = messages + delta + slot * PITCH
-            for start in tl.static_range(0, WORDS, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                mask = cols < WORDS
-                words = tl.load(payload + token * payload_stride + cols, mask=mask)
-                tl.store(target + cols, words, mask=mask)
-            tl.store(flags + delta + slot, seq + 1)
-            tl.store(flags + delta + slots + slot, (token * K + k).to(tl.int32))
+    k = tl.program_id(1)
+    expert = tl.load(topk + token * K + k)
+    if expert >= 0:
+        seq = tl.load(seq_ptr)
+        parity = (seq & 1).to(tl.int64)
+        rows_per_expert: tl.constexpr = SLOTS // EXPERTS_PER_RANK
+        slot = (expert % EXPERTS_PER_RANK) * rows_per_expert + rank * TOKENS_CAP + token
+        delta = tl.load(peer_delta + expert // EXPERTS_PER_RANK)
+        # Every term is a multiple of 4 words, so each row starts 16-byte aligned: vector stores over NVLink.
+        target = tl.multiple_of(delta + parity * MSG_SIZE + slot * PITCH, 4)
+        source = tl.multiple_of(token * payload_stride, 4) if WORDS % 4 == 0 else token * payload_stride
+        for start in tl.static_range(0, WORDS, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < WORDS
+            tl.store(ws + target + cols, tl.load(payload + source + cols, mask=mask), mask=mask)
+        flags = FLAG_BASE + parity * FLAG_SIZE + delta
+        tl.store(ws + flags + slot, seq + 1)
+        tl.store(ws + flags + SLOTS + slot, (token * K + k).to(tl.int32))
 
 
 @triton.jit
@@ -166,7 +165,10 @@ def ll_combine_push_kernel(
     for row in range(part, count, parts):
         target = tl.load(route_target + expert * rows_per_expert + row).to(tl.int64)
         delta = tl.load(peer_delta + target // TK)
-        dest = ws + delta + rows_base + parity * rows_size + (target % TK) * H_WORDS
+        dest = delta + rows_base + parity * rows_size + (target % TK) * H_WORDS
+        if H_WORDS % 4 == 0:  # rows start 16-byte aligned on both sides: vector loads and stores
+            dest = tl.multiple_of(dest, 4)
+        dest = ws + dest
         source = y + expert * y_stride_expert + row * y_stride_row
         for start in tl.static_range(0, H_WORDS, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -212,3 +214,47 @@ def _bf16_bits(value):
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     rounded = tl.where(value != value, (bits >> 16) | 0x40, rounded)
     return rounded.to(tl.int16)
+
+
+@triton.jit
+def ll_fp8_payload_kernel(
+    x,  # bf16 [N, H]
+    payload_bytes,  # uint8 view of the payload [N, WORDS * 4]
+    payload_words,  # int32 view of the same payload
+    x_stride,
+    payload_stride,  # words
+    inv_fp8_max,  # float32: 1/448 as one float32 division (deep_ep.quant's constant)
+    HIDDEN: tl.constexpr,
+    NUM_SCALES: tl.constexpr,  # HIDDEN // 128
+    BLOCK_SCALES: tl.constexpr,  # NUM_SCALES rounded up to a power of two
+    ROUND_SCALE: tl.constexpr,
+    UE8M0: tl.constexpr,
+):
+    """One program per token: SPEC 6.1's fp8 cast of the row (as deep_ep.quant.per_block_cast_to_fp8, bit for
+    bit) written as the message body: H e4m3 bytes, then the float32 scales (or the UE8M0-packed int32s)."""
+    token = tl.program_id(0).to(tl.int64)
+    blocks = tl.arange(0, BLOCK_SCALES)
+    lanes = tl.arange(0, 128)
+    cols = blocks[:, None] * 128 + lanes[None, :]
+    mask = cols < HIDDEN
+    values = tl.load(x + token * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(values), axis=1), 1e-4)
+    if ROUND_SCALE:
+        bits = (amax * inv_fp8_max).to(tl.int32, bitcast=True)
+        exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        scale_inv = (exponent << 23).to(tl.float32, bitcast=True)
+        scale = tl.math.div_rn(tl.full([BLOCK_SCALES], 1.0, tl.float32), scale_inv)
+    else:
+        scale_inv = amax * inv_fp8_max
+        scale = tl.math.div_rn(tl.full([BLOCK_SCALES], 448.0, tl.float32), amax)
+    q = tl.clamp(values * scale[:, None], -448.0, 448.0).to(tl.float8e4nv)
+    row = payload_bytes + token * payload_stride * 4
+    tl.store(row + cols, q.to(tl.uint8, bitcast=True), mask=mask)
+    scale_row = payload_words + token * payload_stride + HIDDEN // 4
+    if UE8M0:
+        exponents = tl.reshape((scale_inv.to(tl.int32, bitcast=True) >> 23) & 0xFF, [BLOCK_SCALES // 4, 4])
+        packed = tl.sum(exponents << (tl.arange(0, 4) * 8)[None, :], axis=1)
+        words = tl.arange(0, BLOCK_SCALES // 4)
+        tl.store(scale_row + words, packed, mask=words < NUM_SCALES // 4)
+    else:
+        tl.store(scale_row + blocks, scale_inv.to(tl.int32, bitcast=True), mask=blocks < NUM_SCALES)
