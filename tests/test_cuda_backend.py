@@ -307,12 +307,10 @@ def test_low_latency_layout_regions_do_not_overlap_and_stay_aligned() -> None:
 @pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="Triton not installed (pip install -e '.[test]')"
 )
-def test_low_latency_kernels_match_reference_on_emulated_symmetric_memory(tmp_path, monkeypatch) -> None:
+def test_low_latency_kernels_match_reference_on_emulated_symmetric_memory(tmp_path) -> None:
     # EMULATION: torch symmetric memory is replaced by shared files + gloo barriers
     # (deep_ep.testing.symm_mem_emulation) and the Triton kernels run in Triton's CPU interpreter; the backend
     # code and the kernels themselves are the real ones. Every format and routing family, 3 ranks, bit for bit.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv(DIRECTORY_ENV, str(tmp_path))
     families = ["uniform", "skewed", "sparse", "idle_rank", "empty_rank", "max_tokens", "small_hidden"]
     cases = diff.make_cases(
         3,
@@ -325,7 +323,8 @@ def test_low_latency_kernels_match_reference_on_emulated_symmetric_memory(tmp_pa
         experts_per_rank=2,
     )
     plan = diff.Plan([diff.Participant.parse(p) for p in ("reference", "cuda_sim")], cases, comm_timeout=60)
-    report = diff.run_local(3, plan, setup="deep_ep.testing.symm_mem_emulation:register", timeout=600)
+    env = {"TRITON_INTERPRET": "1", DIRECTORY_ENV: str(tmp_path)}
+    report = diff.run_local(3, plan, setup="deep_ep.testing.symm_mem_emulation:register", timeout=600, env=env)
     assert report.ok, report.format()
     compared = {(c["case_index"], c["op"]) for c in report.checks if c["participant"].startswith("cuda_sim")}
     assert compared == {(i, op) for i in range(len(cases)) for op in ("low_latency_dispatch", "low_latency_combine")}

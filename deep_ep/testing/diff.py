@@ -853,12 +853,14 @@ def run_local(
     setup: Callable[[], Any] | str | None = None,
     dist_backend: str | None = None,
     timeout: float = 600.0,
+    env: dict[str, str] | None = None,
 ) -> Report:
-    """Run `plan` on a fresh local world of `world` ranks (`deep_ep.testing.run_ranks`); returns the report."""
+    """Run `plan` on a fresh local world of `world` ranks (`deep_ep.testing.run_ranks`, with extra environment
+    variables `env` in every rank); returns the report."""
     from .launcher import run_ranks
 
     backend = dist_backend or plan.world_backend
-    results = run_ranks(world, _rank_entry, plan, setup, timeout=timeout, backend=backend)
+    results = run_ranks(world, _rank_entry, plan, setup, timeout=timeout, backend=backend, env=env)
     return Report(plan, results)
 
 
