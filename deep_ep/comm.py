@@ -106,7 +106,13 @@ class Comm:
         """Every rank's `tensor` stacked: [R, *tensor.shape], on `tensor`'s device (blocking)."""
         wire = tensor.to(self.wire_device(tensor.device)).contiguous()
         out = torch.empty((self.size * wire.numel(),), dtype=wire.dtype, device=wire.device)
-        work = _all_gather_single(out, wire.reshape(-1), group=self.group, async_op=True)
+        if wire.device.type == "cpu" and self.size > 1:
+            # gloo's all-gather is a ring of R-1 dependent steps (64 ints: 4.5 ms at 4 ranks on 2 cores); an
+            # all-to-all of R copies is one step (0.7 ms) and gathers the same rows.
+            copies = wire.reshape(1, -1).expand(self.size, -1).reshape(-1)
+            work = dist.all_to_all_single(out, copies, group=self.group, async_op=True)
+        else:
+            work = _all_gather_single(out, wire.reshape(-1), group=self.group, async_op=True)
         self.wait(work, op, on_host=wire.device.type == "cpu")
         return out.view(self.size, *tensor.shape).to(tensor.device)
 
