@@ -90,3 +90,60 @@ def byte_rows(t: torch.Tensor, nbytes: int) -> torch.Tensor:
     if not t.is_contiguous() or (t.dim() > 0 and t.stride(-1) != 1):
         t = t.clone(memory_format=torch.contiguous_format)
     return t.view(torch.uint8).reshape(t.shape[0], nbytes)
+
+
+class HostBuffers:
+    """A small caching allocator for the large host tensors of one backend (CPU only; elsewhere torch.empty).
+
+    A tensor of `min_bytes` or more is placed on a storage that an earlier call used and that nothing references
+    any more. Fresh host memory that large comes straight from the kernel (above glibc's mmap threshold), and
+    every page of it faults on first touch: on a VM about 1 ms per MB, several times what writing it costs, so a
+    dispatch that received into fresh memory was mostly page faults. GPU memory has the caching allocator.
+
+    The tensors handed out are plain tensors (not views: autograd treats them like any other result) whose
+    storage may be up to twice their size. A storage counts as free when its use count says only this cache
+    holds it, so a tensor still in flight (held by a collective, a pending step, the caller) is never reused.
+    """
+
+    min_bytes = 1 << 17  # glibc's initial mmap threshold
+    limit = 16  # storages remembered, least recently used first out
+    idle_bytes = 1 << 30  # at most this much memory kept for reuse
+
+    def __init__(self) -> None:
+        self._storages: list[torch.UntypedStorage] = []  # least recently used first
+
+    def empty(self, size: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        device = torch.device(device)
+        numel = 1
+        for n in size:
+            numel *= n
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if device.type != "cpu" or nbytes < self.min_bytes or _storage_use_count is None:
+            return torch.empty(size, dtype=dtype, device=device)
+        best = None
+        for i, storage in enumerate(self._storages):
+            capacity = storage.nbytes()
+            if nbytes <= capacity <= 2 * nbytes and _storage_use_count(storage._cdata) == 1:
+                if best is None or capacity < self._storages[best].nbytes():
+                    best = i
+        if best is None:  # room to grow a little, so that a slightly larger call next time fits
+            storage = torch.UntypedStorage(nbytes + nbytes // 8, device=device)
+            self._trim(self.limit - 1, self.idle_bytes - storage.nbytes())
+        else:
+            storage = self._storages.pop(best)
+        self._storages.append(storage)
+        return torch.empty(0, dtype=dtype, device=device).set_(storage, 0, size)
+
+    def _trim(self, count: int, idle_bytes: int) -> None:
+        """Forget the least recently used storages until at most `count` remain and the idle ones hold at most
+        `idle_bytes` (a storage still in use is only forgotten, its holders keep it)."""
+        idle = [s for s in self._storages if _storage_use_count(s._cdata) == 1]
+        held = sum(s.nbytes() for s in idle)
+        while idle and (len(self._storages) > count or held > idle_bytes):
+            oldest = idle.pop(0)
+            held -= oldest.nbytes()
+            self._storages.remove(oldest)
+        del self._storages[: max(0, len(self._storages) - count)]
+
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)

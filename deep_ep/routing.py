@@ -9,11 +9,20 @@ Either way the rows arriving from source s form block s in ascending s, tokens a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from .comm import Comm, Pending
+
+# (size, dtype, device) -> an uninitialised tensor: torch.empty, or a backend's caching allocator.
+Empty = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+
+
+def _torch_empty(size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(size, dtype=dtype, device=device)
 
 
 def channel_of_tokens(num_tokens: int, num_channels: int, device: torch.device) -> torch.Tensor:
@@ -81,29 +90,57 @@ class Route:
         return Route(num_tokens, num_recv, send_tokens, splits, list(splits), recv_rows)
 
     def forward(
-        self, comm: Comm, rows: torch.Tensor, op: str, out: torch.Tensor | None = None
+        self, comm: Comm, rows: torch.Tensor, op: str, out: torch.Tensor | None = None, empty: Empty | None = None
     ) -> tuple[torch.Tensor, Pending]:
         """Send token rows [N, W] to their destinations; returns the received rows [num_recv, W], valid once
-        the Pending ran. `out`: an optional receive buffer (e.g. the byte view of the output tensor)."""
-        send = gather_rows(rows, self.send_tokens, self.num_tokens if self.padded else None)
+        the Pending ran. `out`: an optional receive buffer (e.g. the byte view of the output tensor); `empty`:
+        what allocates the send and receive buffers (torch.empty by default)."""
+        empty = empty or _torch_empty
+        width = rows.shape[1]
+        send = empty((self.send_tokens.shape[0], width), rows.dtype, rows.device)
+        gather_rows(rows, self.send_tokens, self.num_tokens if self.padded else None, out=send)
         if out is None:
-            out = rows.new_empty(self.num_recv, rows.shape[1])
+            out = empty((self.num_recv, width), rows.dtype, rows.device)
         if not self.padded:
             return out, comm.all_to_all(out, send, op, self.recv_splits, self.send_splits)
-        received = rows.new_empty(sum(self.recv_splits), rows.shape[1])
+        received = empty((sum(self.recv_splits), width), rows.dtype, rows.device)
         pending = comm.all_to_all(received, send, op, self.recv_splits, self.send_splits)
         return out, pending.then(lambda: gather_rows(received, self.recv_rows, received.shape[0], out=out))
 
-    def backward(self, comm: Comm, rows: torch.Tensor, op: str) -> tuple[torch.Tensor, Pending]:
-        """Send received rows [num_recv, W] back to their sources; returns rows aligned with `send_tokens`."""
+    def backward(
+        self, comm: Comm, rows: torch.Tensor, op: str, zero_row: bool = False, empty: Empty | None = None
+    ) -> tuple[torch.Tensor, Pending]:
+        """Send received rows [num_recv, W] back to their sources; returns rows aligned with `send_tokens`
+        (`zero_row`: plus one zero row at the end, which `token_rows` points absent pairs at)."""
+        empty = empty or _torch_empty
+        width = rows.shape[1]
         if self.padded:
-            slots = rows.new_zeros(sum(self.recv_splits) + 1, rows.shape[1])
-            slots.index_copy_(0, self.recv_rows, rows[: self.num_recv])
+            slots = empty((sum(self.recv_splits) + 1, width), rows.dtype, rows.device).zero_()
+            _words(slots).index_copy_(0, self.recv_rows, _words(rows[: self.num_recv].contiguous()))
             rows = slots[:-1]
         else:
             rows = rows[: self.num_recv]
-        returned = rows.new_empty(sum(self.send_splits), rows.shape[1])
-        return returned, comm.all_to_all(returned, rows.contiguous(), op, self.send_splits, self.recv_splits)
+        total = sum(self.send_splits)
+        returned = empty((total + int(zero_row), width), rows.dtype, rows.device)
+        if zero_row:
+            returned[total:].zero_()
+        pending = comm.all_to_all(returned[:total], rows.contiguous(), op, self.send_splits, self.recv_splits)
+        return returned, pending
+
+    @cached_property
+    def token_rows(self) -> torch.Tensor:
+        """int64 [R, N]: the row of `send_tokens` that token t sent to rank d, or `len(send_tokens)` (the zero
+        row `backward(..., zero_row=True)` appends) where it sent none. Built on the device, no host wait."""
+        num_ranks, total = len(self.send_splits), self.send_tokens.shape[0]
+        device = self.send_tokens.device
+        index = torch.full((num_ranks, self.num_tokens + 1), total, dtype=torch.long, device=device)
+        if total:
+            # The splits are host ints; a non-blocking copy keeps the host from waiting on the stream.
+            sizes = torch.tensor(self.send_splits, dtype=torch.long).to(device, non_blocking=True)
+            rank = torch.repeat_interleave(torch.arange(num_ranks, device=device), sizes, output_size=total)
+            # Each (d, t) pair occurs once; a padded route's unused slots all land in the dropped column N.
+            index[rank, self.send_tokens] = torch.arange(total, device=device)
+        return index[:, : self.num_tokens]
 
     def destination_blocks(self) -> list[tuple[int, int]]:
         """(begin, end) of the rows of each destination within `send_tokens`, ascending destination."""
@@ -148,6 +185,6 @@ def gather_rows(
             torch.index_select(words, 0, clamped, out=out_words)
         else:
             out.copy_(words.index_select(0, clamped).view(rows.dtype))
-    if trash is not None:
-        out.masked_fill_((index == trash).unsqueeze(1), 0)
+    if trash is not None:  # on whole words: a byte-wise masked fill is as slow as the byte-wise gather was
+        _words(out).masked_fill_((index == trash).unsqueeze(1), 0)
     return out

@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from ..comm import Pending, host_sync_allowed
 from ..kernels.ordered_sum import ordered_gather_sum, row_index_from_splits
-from ..packing import RowFormat, byte_rows
-from ..routing import Route, channel_of_tokens
+from ..packing import HostBuffers, RowFormat, byte_rows
+from ..routing import Empty, Route, _torch_empty, channel_of_tokens, gather_rows
 from .base import Backend, DispatchArgs
 from .reference_low_latency import LowLatencyMixin
 
@@ -110,19 +110,28 @@ class ReferenceBackend(LowLatencyMixin, Backend):
 
         topk_idx = args.topk_idx
         src = torch.arange(num_tokens, dtype=torch.int32, device=device)
-        fields = dict(x=args.x, scales=args.x_scales, topk_idx=topk_idx, topk_weights=args.topk_weights, src=src)
+        recv_x = self._empty((route.num_recv, *args.x.shape[1:]), args.x.dtype, device)
+        # The per-token fields travel packed in one small byte row; x travels apart, straight into recv_x
+        # (no pass to pack it beside them or to unpack it), unless a subclass moves the packed rows itself.
+        apart = self._x_travels_apart()
+        fields = dict(x=None if apart else args.x, scales=args.x_scales, topk_idx=topk_idx)
+        fields.update(topk_weights=args.topk_weights, src=src)
         fmt = RowFormat.of(**fields)
         if fmt.width % 8:  # whole 8-byte words per row, so the row gathers move words, not bytes
             fields["pad"] = torch.zeros(num_tokens, -fmt.width % 8, dtype=torch.uint8, device=device)
             fmt = RowFormat.of(**fields)
-        rows = fmt.pack(**fields)
-        received, pending = self._forward(route, rows, "dispatch")
+        pending = None
+        if apart:
+            x_fmt = RowFormat.of(x=args.x)
+            _, pending = self._forward(route, x_fmt.pack(x=args.x), "dispatch", out=byte_rows(recv_x, x_fmt.width))
+        received, meta_pending = self._forward(route, fmt.pack(**fields), "dispatch")
+        pending = meta_pending if pending is None else pending.then(meta_pending.wait)
 
         out = {
-            "recv_x": args.x.new_empty(route.num_recv, *args.x.shape[1:]),
+            "recv_x": recv_x,
             "recv_x_scales": None
             if args.x_scales is None
-            else args.x_scales.new_empty(route.num_recv, *args.x_scales.shape[1:]),
+            else self._empty((route.num_recv, *args.x_scales.shape[1:]), args.x_scales.dtype, device),
             "recv_topk_idx": None if topk_idx is None else topk_idx.new_empty(route.num_recv, topk_idx.shape[1]),
             "recv_topk_weights": None
             if args.topk_weights is None
@@ -158,15 +167,28 @@ class ReferenceBackend(LowLatencyMixin, Backend):
     def cached_dispatch(
         self, x: torch.Tensor, x_scales: torch.Tensor | None, route: Route
     ) -> tuple[torch.Tensor, torch.Tensor | None, Pending]:
+        recv_x = self._empty((route.num_recv, *x.shape[1:]), x.dtype, x.device)
+        recv_scales = None
+        if x_scales is not None:
+            recv_scales = self._empty((route.num_recv, *x_scales.shape[1:]), x_scales.dtype, x.device)
+        if recv_scales is None or self._x_travels_apart():
+            # Each tensor in its own all-to-all, received straight into the output's bytes: no unpacking pass.
+            x_fmt = RowFormat.of(x=x)
+            _, pending = self._forward(route, x_fmt.pack(x=x), "cached dispatch", out=byte_rows(recv_x, x_fmt.width))
+            if recv_scales is not None:
+                s_fmt = RowFormat.of(scales=x_scales)
+                scales_out = byte_rows(recv_scales, s_fmt.width)
+                _, scales_pending = self._forward(route, s_fmt.pack(scales=x_scales), "cached dispatch", out=scales_out)
+                pending.then(scales_pending.wait)
+            return recv_x, recv_scales, pending
         fmt = RowFormat.of(x=x, scales=x_scales)
-        recv_x = x.new_empty(route.num_recv, *x.shape[1:])
-        recv_scales = None if x_scales is None else x_scales.new_empty(route.num_recv, *x_scales.shape[1:])
-        rows = fmt.pack(x=x, scales=x_scales)  # a view of x when it travels alone
-        if recv_scales is None:  # receive straight into the output's bytes: no unpacking pass
-            _, pending = self._forward(route, rows, "cached dispatch", out=byte_rows(recv_x, fmt.width))
-            return recv_x, None, pending
-        received, pending = self._forward(route, rows, "cached dispatch")
+        received, pending = self._forward(route, fmt.pack(x=x, scales=x_scales), "cached dispatch")
         return recv_x, recv_scales, pending.then(lambda: fmt.unpack_into(received, x=recv_x, scales=recv_scales))
+
+    def _x_travels_apart(self) -> bool:
+        """Whether dispatch moves x in an all-to-all of its own (two collectives, one pass over x fewer on each
+        side). Only with this class's `_forward`: a subclass transport gets the one packed transfer it expects."""
+        return type(self)._forward is ReferenceBackend._forward
 
     def _forward(
         self, route: Route, rows: torch.Tensor, op: str, out: torch.Tensor | None = None
@@ -174,7 +196,11 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         """Move packed token rows [N, W] (uint8) to their destinations: the transport of dispatch and cached
         dispatch. Returns the received rows [num_recv, W] (in `out` if given), valid once the Pending ran;
         kernel backends override it to move the same bytes another way."""
-        return route.forward(self.comm, rows, op, out=out)
+        return route.forward(self.comm, rows, op, out=out, empty=self._empty)
+
+    def _empty(self, size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """torch.empty, through this backend's host cache (`HostBuffers`: fresh host memory page-faults)."""
+        return self.__dict__.setdefault("_host_buffers", HostBuffers()).empty(size, dtype, device)
 
     # ---- SPEC section 5 ------------------------------------------------------------------------------
     def combine(
@@ -185,18 +211,24 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         bias: tuple[torch.Tensor, ...],
     ) -> tuple[torch.Tensor, torch.Tensor | None, Pending]:
         num_tokens = route.num_tokens
-        fmt = RowFormat.of(x=x, topk_weights=topk_weights)
-        rows = fmt.pack(x=x, topk_weights=topk_weights)
-        returned, pending = route.backward(self.comm, rows, "combine")
-        combined_x = x.new_empty(num_tokens, *x.shape[1:])
+        # x and the weights return in separate all-to-alls (no packing pass), each with a zero row appended
+        # for the tokens that sent nothing to some rank.
+        x_fmt = RowFormat.of(x=x)
+        returned, pending = route.backward(self.comm, x_fmt.pack(x=x), "combine", True, self._empty)
+        combined_x = self._empty((num_tokens, *x.shape[1:]), x.dtype, x.device)
         combined_weights = None
         if topk_weights is not None:
+            w_fmt = RowFormat.of(topk_weights=topk_weights)
+            w_rows = w_fmt.pack(topk_weights=topk_weights)
+            returned_w, w_pending = route.backward(self.comm, w_rows, "combine", True, self._empty)
+            pending.then(w_pending.wait)
             combined_weights = topk_weights.new_empty(num_tokens, topk_weights.shape[1])
 
         def reduce() -> None:
-            _ordered_sum(route, fmt.field_view(returned, "x"), bias, num_tokens, combined_x)
+            _sum_returned(route, x_fmt.field_view(returned, "x"), bias, combined_x, self._empty)
             if combined_weights is not None:
-                _ordered_sum(route, fmt.field_view(returned, "topk_weights"), (), num_tokens, combined_weights)
+                w_view = w_fmt.field_view(returned_w, "topk_weights")
+                _sum_returned(route, w_view, (), combined_weights, self._empty)
 
         return combined_x, combined_weights, pending.then(reduce)
 
@@ -231,22 +263,81 @@ def _ordered_sum(
 ) -> None:
     """fp32 sum per token from +0.0: the biases, then returned rows by destination ascending (SPEC 5).
 
-    float64 rows (beyond SPEC, for gradcheck) are summed in float64, in the same order. On CUDA an exact
-    route takes the one-pass ordered gather-sum kernel (same additions, same order, same bits).
+    rows: [sum(send_splits), H], aligned with `route.send_tokens`. float64 rows (beyond SPEC, for gradcheck) are
+    summed in float64, in the same order. combine calls `_sum_returned` on rows that already end in a zero row.
     """
+    assert num_tokens == route.num_tokens
+    _sum_returned(route, torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])]), bias, out)
+
+
+def _sum_returned(
+    route: Route, rows: torch.Tensor, bias: tuple[torch.Tensor, ...], out: torch.Tensor, empty: Empty | None = None
+) -> None:
+    """`_ordered_sum` of rows [sum(send_splits) + 1, H] whose last row is zeros, into out [N, H].
+
+    On CUDA an exact route takes the one-pass ordered gather-sum kernel (same additions, same order, same bits).
+    Elsewhere the terms are the biases, then each destination's rows gathered into token order (the zero row
+    standing in for a token that sent nothing there: adding +0.0 to a sum that started from +0.0 changes no bit).
+    """
+    num_tokens = route.num_tokens
     if rows.is_cuda and not route.padded:
         row_index = row_index_from_splits(route.send_tokens, route.send_splits, num_tokens)
-        out.copy_(ordered_gather_sum(rows, row_index, bias))
+        out.copy_(ordered_gather_sum(rows[:-1], row_index, bias))
         return
-    acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    acc = torch.zeros(num_tokens + 1, *rows.shape[1:], dtype=acc_dtype, device=rows.device)
-    for b in bias:
-        acc[:num_tokens] += b.to(acc_dtype)
-    # Chunks of about 1 MiB of accumulator rows keep the widened copy in cache (twice as fast on a CPU).
-    step = max(1, (1 << 20) // max(1, acc[0].numel() * acc.element_size()))
-    for begin, end in route.destination_blocks():
-        for first in range(begin, end, step):
-            last = min(first + step, end)
-            # One row per token per destination: each element gets exactly one rounded addition.
-            acc.index_add_(0, route.send_tokens[first:last], rows[first:last].to(acc_dtype))
-    out.copy_(acc[:num_tokens])  # the one rounding, straight into the output
+    terms: list[tuple[torch.Tensor, torch.Tensor | None]] = [(b, None) for b in bias]
+    for d, (begin, end) in enumerate(route.destination_blocks()):
+        if not route.padded and end - begin == num_tokens:  # every token went to d: the block is in token order
+            terms.append((rows[begin:end], None))
+        else:
+            terms.append((rows, route.token_rows[d]))
+    _sum_in_order(terms, out, empty or _torch_empty)
+
+
+def _sum_in_order(terms: list[tuple[torch.Tensor, torch.Tensor | None]], out: torch.Tensor, empty: Empty) -> None:
+    """out [N, H] = one rounding to out.dtype of the float32 sum (float64 for float64) that starts from +0.0 and
+    adds the terms in order, every addition a separate rounding. A term (rows, index) is rows[index[t]] for token
+    t (rows[t] without an index); rows are of out.dtype.
+
+    The sum starts from the first term instead of +0.0 and gets `+ 0.0` at the end: +0.0 + a == a for every
+    finite a except -0.0, so the two orders differ at most in the sign of a zero, which the final `+ 0.0` makes
+    +0.0 as the SPEC's order does. (Rounding to bf16/fp16 maps zero to zero and nonzero to nonzero here: every
+    partial sum of such values is a multiple of their smallest subnormal, so the fix-up may follow the
+    rounding.) Two terms of a 16-bit type are one torch add: it widens both to float32, adds once and rounds
+    once, exactly the two steps of the SPEC. More terms are widened and summed a cache-sized block of tokens at a
+    time, gathered as they are needed.
+    """
+    num_tokens, hidden = out.shape
+    acc_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+
+    def gathered(term: tuple[torch.Tensor, torch.Tensor | None], begin: int, end: int, into: torch.Tensor):
+        rows, index = term
+        if index is None:
+            return rows[begin:end]
+        return gather_rows(rows, index[begin:end], out=into)
+
+    if not terms:
+        out.zero_()
+        return
+    if out.dtype == acc_dtype or len(terms) <= 2:
+        first = gathered(terms[0], 0, num_tokens, empty(out.shape, out.dtype, out.device))
+        if len(terms) == 1:
+            out.copy_(first)
+        else:
+            torch.add(first, gathered(terms[1], 0, num_tokens, empty(out.shape, out.dtype, out.device)), out=out)
+        scratch = empty(out.shape, out.dtype, out.device) if len(terms) > 2 else None
+        for term in terms[2:]:
+            out.add_(gathered(term, 0, num_tokens, scratch))
+    else:
+        block = max(1, (1 << 21) // max(1, hidden * 4))  # tokens whose float32 rows fill about 2 MB (an L2)
+        acc = empty((min(block, num_tokens), hidden), acc_dtype, out.device)
+        widened = torch.empty_like(acc)
+        narrow = empty(acc.shape, out.dtype, out.device)
+        for begin in range(0, num_tokens, block):
+            end = min(begin + block, num_tokens)
+            size = end - begin
+            acc[:size].copy_(gathered(terms[0], begin, end, narrow[:size]))
+            for term in terms[1:]:
+                widened[:size].copy_(gathered(term, begin, end, narrow[:size]))
+                acc[:size].add_(widened[:size])
+            out[begin:end].copy_(acc[:size])
+    out.add_(0.0)
