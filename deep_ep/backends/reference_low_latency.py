@@ -1,10 +1,17 @@
-"""Low-latency mode of the reference backend (SPEC section 6): fixed-size exchanges, no host round trip.
+"""Low-latency mode of the reference backend (SPEC section 6).
 
 Dispatch sends every token once to each rank that holds one of its experts, in a [R, T] grid of slots
 (slot t = token t), with the token's local expert ids for that rank attached; the receiver expands the
-messages into per-expert rows in SPEC order (source, token, k). Combine sends each expert row back to a
-[R, T, min(K, L)] grid; the source weights and sums them in k order. Every size depends only on T, H, K,
-L and R, so both calls are CUDA-graph capturable on GPUs.
+messages into per-expert rows in SPEC order (source, token, k). Combine sends each expert row back to its
+token's rank, which weights and sums them in k order.
+
+Two forms, same bits. Off the CPU every size depends only on T, H, K, L and R, so both calls are free of host
+round trips and CUDA-graph capturable: the receiver scatters the messages into the grid with `index_copy_`, and
+combine sends a [R, T, min(K, L)] grid of rows whatever the routing. On the CPU a host read costs no more than
+the op that produced the value, so the work follows the messages instead of the grid: the receiver gathers each
+expert's rows with one `index_select` (the CPU `index_copy_` moves one element at a time), combine sends one
+row per message (both sides know the split sizes from the dispatch), and receive grids are reused once nothing
+holds them any more (a fresh grid is above glibc's mmap threshold, so every page written would fault).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch
 from .. import quant
 from ..comm import Pending
 from ..packing import RowFormat
-from ..routing import gather_rows
+from ..routing import Empty, _words, gather_rows
 from .base import LowLatencyDispatchArgs
 
 
@@ -28,6 +35,10 @@ class LowLatencyRoute:
     num_topk: int
     slots_per_token: int  # Kc = min(K, L): a token meets at most that many distinct experts on one rank
     slot_rows: torch.Tensor  # int64 [R*T*Kc]: flat row of [L*R*T] (L*R*T = none)
+    # CPU form only (None elsewhere), about this rank's own tokens: the rows each rank returns in combine (its
+    # selections there, in (t, k) order) and where the row of (t, k) lands among them (their total: none).
+    recv_splits: list[int] | None = None
+    token_slot: torch.Tensor | None = None  # int64 [N, K]
 
 
 def _rank_or_unique(valid: torch.Tensor, dest_rank: torch.Tensor) -> torch.Tensor:
@@ -54,6 +65,7 @@ class LowLatencyMixin:
         tokens_cap = args.num_max_dispatch_tokens_per_rank
         experts_per_rank = args.num_experts // num_ranks
         device = x.device
+        exact = device.type == "cpu"  # sizes may follow tensor values (module docstring)
 
         if not args.use_fp8:
             fields = {"x": x}
@@ -73,15 +85,17 @@ class LowLatencyMixin:
         fields = {name: _dense(t) for name, t in fields.items()}
         fmt = RowFormat.of(**fields)
         payload = fmt.pack(**fields)
-        send = torch.zeros(num_ranks, tokens_cap, fmt.width + 4 * num_topk, dtype=torch.uint8, device=device)
+        send = self._empty((num_ranks, tokens_cap, fmt.width + 4 * num_topk), torch.uint8, device)
         send[:, :num_tokens, : fmt.width] = payload.unsqueeze(0)
-        send[:, :, fmt.width :] = 255  # int32 -1 in every id byte: empty slots select nothing
         send[:, :num_tokens, fmt.width :] = _dense(ids).view(torch.uint8).view(num_ranks, num_tokens, 4 * num_topk)
-        received = torch.empty_like(send)
+        if num_tokens < tokens_cap:
+            send[:, num_tokens:, : fmt.width] = 0  # no uninitialised bytes leave the process
+            send[:, num_tokens:, fmt.width :] = 255  # int32 -1 in every id byte: empty slots select nothing
+        received = self._empty(send.shape, torch.uint8, device)
         pending = comm.all_to_all(received.view(-1), send.view(-1), "low_latency_dispatch")
 
         rows = num_ranks * tokens_cap
-        out = _empty_ll_outputs(fields, args, experts_per_rank, rows, device)
+        out = _ll_outputs(self._empty, fields, args, experts_per_rank, rows, device)
         slots_per_token = min(num_topk, experts_per_rank)
         route = LowLatencyRoute(
             tokens_cap,
@@ -89,10 +103,20 @@ class LowLatencyMixin:
             slots_per_token,
             torch.empty(rows * slots_per_token, dtype=torch.long, device=device),
         )
+        if exact:
+            # Combine returns this rank's selections grouped by rank, (t, k) ascending within a rank.
+            flat_dest = torch.where(valid, dest, num_ranks).reshape(-1)
+            per_rank = torch.zeros(num_ranks + 1, dtype=torch.long, device=device)
+            per_rank.scatter_add_(0, flat_dest, torch.ones_like(flat_dest))
+            route.recv_splits = per_rank[:num_ranks].tolist()
+            order = torch.sort(flat_dest, stable=True).indices
+            slot = torch.empty_like(order)
+            slot[order] = torch.arange(order.numel(), device=device)
+            route.token_slot = torch.where(valid, slot.view(num_tokens, num_topk), sum(route.recv_splits))
 
         def unpack() -> None:
-            got = fmt.unpack(received.view(rows, -1)[:, : fmt.width])
-            recv_ids = received.view(rows, -1)[:, fmt.width :].contiguous().view(torch.int32).view(rows, num_topk)
+            recv = received.view(rows, -1)
+            recv_ids = recv[:, fmt.width :].contiguous().view(torch.int32).view(rows, num_topk)
             # Messages in (source, token, k) order; a stable sort by expert keeps that order inside each expert.
             expert = torch.where(recv_ids >= 0, recv_ids, experts_per_rank).reshape(-1).long()
             order = torch.sort(expert, stable=True).indices
@@ -104,10 +128,26 @@ class LowLatencyMixin:
             position = torch.arange(order.numel(), device=device) - start[sorted_expert]
             flat_row = torch.where(is_real, sorted_expert * rows + position, experts_per_rank * rows)
             message_row = order // num_topk  # (source, token) of each sorted message
-            _scatter_rows(out, "recv_x", flat_row, got["x"].index_select(0, message_row))
-            if "scales" in got:
-                _scatter_rows(out, "recv_scales", flat_row, got["scales"].index_select(0, message_row))
-            _scatter_rows(out, "src_info", flat_row, (message_row % tokens_cap).int())
+            x_bytes = recv[:, : fmt.fields[0].nbytes]
+            if exact:
+                # One gather per expert, straight into its rows; the real messages sort first, the rest is dropped.
+                counts = count[:experts_per_rank].tolist()
+                num_messages = sum(counts)
+                flat_row, message_row = flat_row[:num_messages], message_row[:num_messages]
+                sorted_expert, is_real = sorted_expert[:num_messages], is_real[:num_messages]
+                grid = out["recv_x"].view(torch.uint8)
+                begin = 0
+                for e, c in enumerate(counts):
+                    if c:
+                        torch.index_select(x_bytes, 0, message_row[begin : begin + c], out=grid[e, :c])
+                        begin += c
+            else:  # a scatter of whole words (index_copy_ has no float8 kernel on the CPU anyway)
+                gathered = x_bytes.index_select(0, message_row)
+                _words(out["flat"]["recv_x"].view(torch.uint8)).index_copy_(0, flat_row, _words(gathered))
+            if "scales" in fields:
+                values = fmt.field_view(recv, "scales").index_select(0, message_row)
+                _put(out["flat"]["recv_scales"], flat_row, values, rows, experts_per_rank)
+            _put(out["flat"]["src_info"], flat_row, (message_row % tokens_cap).int(), rows, experts_per_rank)
             out["recv_count"].copy_(count[:experts_per_rank])
             source = message_row // tokens_cap
             per_source = torch.zeros(experts_per_rank + 1, num_ranks, dtype=torch.long, device=device)
@@ -117,6 +157,7 @@ class LowLatencyMixin:
             out["layout_range"].copy_((begin << 32) | per_source)
             # Combine slot of each message: (source, token, j) with j = rank of k among the token's k on us.
             j = _slot_in_rank(_rank_or_unique(recv_ids >= 0, torch.zeros_like(recv_ids))).reshape(-1)[order]
+            j = j[: message_row.numel()]
             slot = torch.where(is_real, message_row * slots_per_token + j, rows * slots_per_token)
             slot_rows = torch.full(
                 (rows * slots_per_token + 1,), experts_per_rank * rows, dtype=torch.long, device=device
@@ -138,60 +179,107 @@ class LowLatencyMixin:
         num_experts_local, rows, hidden = x.shape
         tokens_cap = route.num_max_dispatch_tokens_per_rank
         slots = route.slots_per_token
-        # [R*T*Kc, H]: rows back to their sources, in the (t, j) grid; empty slots (the trash index) get zeros.
-        send = gather_rows(x.reshape(-1, hidden), route.slot_rows, trash=num_experts_local * rows)
-        received = torch.empty_like(send)
-        pending = comm.all_to_all(received, send, "low_latency_combine")
-        num_tokens = topk_idx.shape[0]
-
-        def reduce() -> None:
-            valid = topk_idx >= 0
+        none = num_experts_local * rows  # the "no row" entry of slot_rows
+        flat_x = x.reshape(-1, hidden)
+        valid = topk_idx >= 0
+        if route.token_slot is not None:
+            # One row per message each way: what each source sent us, in its (t, k) order.
+            used = route.slot_rows < none
+            index = route.slot_rows[used]
+            send = gather_rows(flat_x, index, out=self._empty((index.shape[0], hidden), x.dtype, x.device))
+            send_splits = used.view(comm.size, -1).sum(1).tolist()
+            total = sum(route.recv_splits)
+            received = self._empty((total + 1, hidden), x.dtype, x.device)
+            pending = comm.all_to_all(received[:total], send, "low_latency_combine", route.recv_splits, send_splits)
+            slot = route.token_slot
+        else:
+            # [R*T*Kc, H]: rows back to their sources, in the (t, j) grid; empty slots (the none entry) get zeros.
+            total = route.slot_rows.shape[0]
+            send = gather_rows(flat_x, route.slot_rows, none, out=self._empty((total, hidden), x.dtype, x.device))
+            received = self._empty((total + 1, hidden), x.dtype, x.device)
+            pending = comm.all_to_all(received[:total], send, "low_latency_combine")
             dest = torch.where(valid, topk_idx // num_experts_local, 0)
             j = _slot_in_rank(_rank_or_unique(valid, dest))
-            tokens = torch.arange(num_tokens, device=x.device)
-            acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
-            for k in range(topk_idx.shape[1]):
-                slot = (dest[:, k] * tokens_cap + tokens) * slots + j[:, k].clamp(max=slots - 1)
-                row = received.index_select(0, slot).float()
-                product = topk_weights[:, k : k + 1].float() * row  # rounded product, then a separate add
-                acc = acc + torch.where(valid[:, k : k + 1], product, torch.zeros_like(product))
-            out.copy_(acc.to(out.dtype))
-
-        return pending.then(reduce)
+            tokens = torch.arange(topk_idx.shape[0], device=x.device).unsqueeze(1)
+            slot = torch.where(valid, (dest * tokens_cap + tokens) * slots + j.clamp(max=slots - 1), total)
+        received[total:].zero_()  # the row that invalid (t, k) read
+        return pending.then(lambda: _weighted_sum(received, slot, valid, topk_weights, out, self._empty))
 
 
-def _empty_ll_outputs(fields: dict, args: LowLatencyDispatchArgs, experts: int, rows: int, device) -> dict:
+def _weighted_sum(
+    received: torch.Tensor,
+    slot: torch.Tensor,
+    valid: torch.Tensor,
+    weights: torch.Tensor,
+    out: torch.Tensor,
+    empty: Empty,
+) -> None:
+    """SPEC 6.3: out[t] = bf16 of the fp32 sum from +0.0 over k of fp32(w[t, k]) * fp32(received[slot[t, k]]),
+    each product rounded before its addition; invalid k read the zero row with weight +0.0 (adds +0.0: no bit
+    changes, as the running sum is never -0.0)."""
+    num_tokens, num_topk = slot.shape
+    if num_tokens == 0:
+        return
+    if num_topk == 0:
+        out.zero_()
+        return
+    hidden = received.shape[1]
+    rows = gather_rows(
+        received, slot.reshape(-1), out=empty((num_tokens * num_topk, hidden), received.dtype, out.device)
+    )
+    products = empty((num_tokens, num_topk, hidden), torch.float32, out.device)
+    products.copy_(rows.view(num_tokens, num_topk, hidden))
+    products.mul_(torch.where(valid, weights, torch.zeros_like(weights)).unsqueeze(-1))
+    acc = products[:, 0] + 0.0  # == +0.0 + the first product
+    for k in range(1, num_topk):
+        acc.add_(products[:, k])
+    out.copy_(acc)
+
+
+def _ll_outputs(empty: Empty, fields: dict, args: LowLatencyDispatchArgs, experts: int, rows: int, device) -> dict:
     """SPEC 6 receive tensors: [L, R*T, ...]; fp8 scales column-major ([L, S, R*T] transposed).
 
-    Rows at or past recv_count are left uninitialised, as DeepEP leaves them: zeroing the whole [L, R*T, H]
-    grid (hundreds of MB at DeepSeek sizes) would cost more than the exchange itself.
-
-    Row-major outputs are the first L*R*T rows of a flat buffer with one more (trash) row, kept under
-    "flat" so the scatter writes them in place; the column-major scales are scattered through a staging copy.
+    Rows at or past recv_count are left uninitialised (on the CPU: as the previous user left them), as DeepEP
+    leaves them: zeroing the whole [L, R*T, H] grid (hundreds of MB at DeepSeek sizes) would cost more than the
+    exchange itself. Each grid is a view of a flat buffer with one more (trash) element per row element, kept
+    under "flat", where `_put` and `index_copy_` send what belongs nowhere.
     """
     hidden = args.x.shape[1]
-    flat: dict[str, torch.Tensor] = {}
-
-    def with_trash(name: str, dtype: torch.dtype, *row_shape: int) -> torch.Tensor:
-        flat[name] = torch.empty(experts * rows + 1, *row_shape, dtype=dtype, device=device)
-        return flat[name][:-1].view(experts, rows, *row_shape)
-
+    x = fields["x"]
+    flat = {"recv_x": empty((experts * rows + 1, hidden), x.dtype, device)}
     out = {
-        "recv_x": with_trash("recv_x", fields["x"].dtype, hidden),
+        "recv_x": flat["recv_x"][:-1].view(experts, rows, hidden),
         "recv_count": torch.zeros(experts, dtype=torch.int32, device=device),
-        "src_info": with_trash("src_info", torch.int32),
         "layout_range": torch.zeros(experts, args.num_experts // experts, dtype=torch.int64, device=device),
         "flat": flat,
     }
+    flat["src_info"] = torch.empty(experts * rows + 1, dtype=torch.int32, device=device)
+    out["src_info"] = flat["src_info"][:-1].view(experts, rows)
     if "scales" in fields:
         scales = fields["scales"]
-        if scales.dim() == 1:  # int8: one scale per row
-            out["recv_scales"] = with_trash("recv_scales", scales.dtype)
+        per_row = 1 if scales.dim() == 1 else scales.shape[1]  # int8: one scale per row, row-major
+        flat["recv_scales"] = empty((experts * rows * per_row + per_row,), scales.dtype, device)
+        grid = flat["recv_scales"][: experts * rows * per_row]
+        if scales.dim() == 1:
+            out["recv_scales"] = grid.view(experts, rows)
         else:
-            out["recv_scales"] = torch.empty(
-                experts, scales.shape[1], rows, dtype=scales.dtype, device=device
-            ).transpose(1, 2)
+            out["recv_scales"] = grid.view(experts, per_row, rows).transpose(1, 2)
     return out
+
+
+def _put(flat: torch.Tensor, flat_row: torch.Tensor, values: torch.Tensor, rows: int, experts: int) -> None:
+    """Write per-message values [M] or [M, S] into a grid [L, R*T] or column-major [L, R*T, S] held flat with
+    S trash elements at the end: message i goes to row flat_row[i] = l * rows + p (l = experts: the trash)."""
+    per_row = 1 if values.dim() == 1 else values.shape[1]
+    expert, position = flat_row // rows, flat_row % rows
+    column = torch.arange(per_row, device=flat.device)
+    index = (expert * rows * per_row + position).unsqueeze(1) + column * rows  # [M, S]: l*S*rows + s*rows + p
+    index = torch.where((expert < experts).unsqueeze(1), index, experts * rows * per_row + column)
+    target = flat.view(torch.uint8).view(torch.int8) if flat.dtype in _FLOAT8_DTYPES else flat
+    source = values.reshape(-1)
+    if target is not flat:
+        source = source.view(torch.uint8).view(torch.int8)
+    target.index_copy_(0, index.reshape(-1), source)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -205,22 +293,3 @@ _FLOAT8_DTYPES = tuple(
     for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
     if hasattr(torch, name)
 )
-
-
-def _scatter_rows(out: dict, name: str, flat_row: torch.Tensor, values: torch.Tensor) -> None:
-    """out[name][l, p] = values[i] where flat_row[i] = l * rows + p; the trash index L * rows is dropped.
-
-    Row-major outputs are written in place through their flat buffer; column-major scales go through a
-    staging buffer. No host round trips either way.
-    """
-    target = out["flat"].get(name)
-    staging = None
-    if target is None:
-        shape = out[name].shape
-        target = staging = out[name].new_empty(shape[0] * shape[1] + 1, *shape[2:])
-    if target.dtype in _FLOAT8_DTYPES:  # index_copy_ has no float8 kernel on the CPU; bytes move the same
-        target.view(torch.uint8).index_copy_(0, flat_row, values.view(torch.uint8))
-    else:
-        target.index_copy_(0, flat_row, values)
-    if staging is not None:
-        out[name].copy_(staging[:-1].view(out[name].shape))
