@@ -97,15 +97,39 @@ class Route:
         what allocates the send and receive buffers (torch.empty by default)."""
         empty = empty or _torch_empty
         width = rows.shape[1]
-        send = empty((self.send_tokens.shape[0], width), rows.dtype, rows.device)
-        gather_rows(rows, self.send_tokens, self.num_tokens if self.padded else None, out=send)
         if out is None:
             out = empty((self.num_recv, width), rows.dtype, rows.device)
+        if not self.padded and comm.rank in (0, comm.size - 1):
+            return out, self._forward_around_own_block(comm, rows, op, out, empty)
+        send = empty((self.send_tokens.shape[0], width), rows.dtype, rows.device)
+        gather_rows(rows, self.send_tokens, self.num_tokens if self.padded else None, out=send)
         if not self.padded:
             return out, comm.all_to_all(out, send, op, self.recv_splits, self.send_splits)
         received = empty((sum(self.recv_splits), width), rows.dtype, rows.device)
         pending = comm.all_to_all(received, send, op, self.recv_splits, self.send_splits)
         return out, pending.then(lambda: gather_rows(received, self.recv_rows, received.shape[0], out=out))
+
+    def _forward_around_own_block(
+        self, comm: Comm, rows: torch.Tensor, op: str, out: torch.Tensor, empty: Empty
+    ) -> Pending:
+        """forward() of an exact route on the first or last rank, whose own rows are the first or last block of
+        both `send_tokens` and `out`: the other blocks travel, and while they do this rank gathers its own rows
+        straight into `out` (one pass, where the all-to-all would gather them and then copy them)."""
+        rank = comm.rank
+        own = self.send_splits[rank]
+        sent = self.send_tokens[own:] if rank == 0 else self.send_tokens[: self.send_tokens.shape[0] - own]
+        send = empty((sent.shape[0], rows.shape[1]), rows.dtype, rows.device)
+        gather_rows(rows, sent, out=send)
+        splits = [0 if d == rank else n for d, n in enumerate(self.send_splits)]
+        recv_splits = [0 if s == rank else n for s, n in enumerate(self.recv_splits)]
+        if rank == 0:
+            own_tokens, own_rows, others = self.send_tokens[:own], out[:own], out[own:]
+        else:
+            begin = self.num_recv - own
+            own_tokens, own_rows, others = self.send_tokens[sent.shape[0] :], out[begin:], out[:begin]
+        pending = comm.all_to_all(others, send, op, recv_splits, splits) if comm.size > 1 else None
+        gather_rows(rows, own_tokens, out=own_rows)
+        return pending or Pending(comm, op, [], [], on_host=rows.device.type == "cpu")
 
     def backward(
         self, comm: Comm, rows: torch.Tensor, op: str, zero_row: bool = False, empty: Empty | None = None
