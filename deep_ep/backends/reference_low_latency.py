@@ -119,8 +119,7 @@ class LowLatencyMixin:
             recv_ids = recv[:, fmt.width :].contiguous().view(torch.int32).view(rows, num_topk)
             # Messages in (source, token, k) order; a stable sort by expert keeps that order inside each expert.
             expert = torch.where(recv_ids >= 0, recv_ids, experts_per_rank).reshape(-1).long()
-            order = torch.sort(expert, stable=True).indices
-            sorted_expert = expert[order]
+            sorted_expert, order = torch.sort(expert, stable=True)
             count = torch.zeros(experts_per_rank + 1, dtype=torch.long, device=device)
             count.scatter_add_(0, expert, torch.ones_like(expert))
             start = count.cumsum(0) - count
@@ -135,12 +134,13 @@ class LowLatencyMixin:
                 num_messages = sum(counts)
                 flat_row, message_row = flat_row[:num_messages], message_row[:num_messages]
                 sorted_expert, is_real = sorted_expert[:num_messages], is_real[:num_messages]
-                grid = out["recv_x"].view(torch.uint8)
-                begin = 0
-                for e, c in enumerate(counts):
-                    if c:
-                        torch.index_select(x_bytes, 0, message_row[begin : begin + c], out=grid[e, :c])
-                        begin += c
+                # Expert e's rows: [e * rows, e * rows + c_e) of the flat grid; one split makes all the views.
+                sizes = [n for c in counts for n in (c, rows - c)]
+                grid = out["recv_x"].view(torch.uint8).view(experts_per_rank * rows, -1)
+                targets = torch.split(grid, sizes)[::2]
+                for target, index in zip(targets, torch.split(message_row, counts)):
+                    if index.numel():
+                        torch.index_select(x_bytes, 0, index, out=target)
             else:  # a scatter of whole words (index_copy_ has no float8 kernel on the CPU anyway)
                 gathered = x_bytes.index_select(0, message_row)
                 _words(out["flat"]["recv_x"].view(torch.uint8)).index_copy_(0, flat_row, _words(gathered))
@@ -224,16 +224,23 @@ def _weighted_sum(
         out.zero_()
         return
     hidden = received.shape[1]
-    rows = gather_rows(
-        received, slot.reshape(-1), out=empty((num_tokens * num_topk, hidden), received.dtype, out.device)
-    )
-    products = empty((num_tokens, num_topk, hidden), torch.float32, out.device)
-    products.copy_(rows.view(num_tokens, num_topk, hidden))
-    products.mul_(torch.where(valid, weights, torch.zeros_like(weights)).unsqueeze(-1))
-    acc = products[:, 0] + 0.0  # == +0.0 + the first product
-    for k in range(1, num_topk):
-        acc.add_(products[:, k])
-    out.copy_(acc)
+    weights = torch.where(valid, weights, torch.zeros_like(weights)).unsqueeze(-1)
+    # A block of tokens whose float32 products fill about 2 MB (an L2), so the products are summed from cache.
+    block = min(num_tokens, max(1, (1 << 21) // (num_topk * hidden * 4)))
+    rows = empty((block * num_topk, hidden), received.dtype, out.device)
+    products = empty((block, num_topk, hidden), torch.float32, out.device)
+    acc = empty((block, hidden), torch.float32, out.device)
+    for begin in range(0, num_tokens, block):
+        end = min(begin + block, num_tokens)
+        size = end - begin
+        gather_rows(received, slot[begin:end].reshape(-1), out=rows[: size * num_topk])
+        part = products[:size]
+        part.copy_(rows[: size * num_topk].view(size, num_topk, hidden))
+        part.mul_(weights[begin:end])
+        total = torch.add(part[:, 0], 0.0, out=acc[:size])  # == +0.0 + the first product
+        for k in range(1, num_topk):
+            total.add_(part[:, k])
+        out[begin:end].copy_(total)
 
 
 def _ll_outputs(empty: Empty, fields: dict, args: LowLatencyDispatchArgs, experts: int, rows: int, device) -> dict:
@@ -270,15 +277,18 @@ def _ll_outputs(empty: Empty, fields: dict, args: LowLatencyDispatchArgs, expert
 def _put(flat: torch.Tensor, flat_row: torch.Tensor, values: torch.Tensor, rows: int, experts: int) -> None:
     """Write per-message values [M] or [M, S] into a grid [L, R*T] or column-major [L, R*T, S] held flat with
     S trash elements at the end: message i goes to row flat_row[i] = l * rows + p (l = experts: the trash)."""
-    per_row = 1 if values.dim() == 1 else values.shape[1]
-    expert, position = flat_row // rows, flat_row % rows
-    column = torch.arange(per_row, device=flat.device)
-    index = (expert * rows * per_row + position).unsqueeze(1) + column * rows  # [M, S]: l*S*rows + s*rows + p
-    index = torch.where((expert < experts).unsqueeze(1), index, experts * rows * per_row + column)
     target = flat.view(torch.uint8).view(torch.int8) if flat.dtype in _FLOAT8_DTYPES else flat
     source = values.reshape(-1)
     if target is not flat:
         source = source.view(torch.uint8).view(torch.int8)
+    if values.dim() == 1:  # one value per row: the flat row is the index (and L * rows the trash element)
+        target.index_copy_(0, flat_row, source)
+        return
+    per_row = values.shape[1]
+    expert, position = flat_row // rows, flat_row % rows
+    column = torch.arange(per_row, device=flat.device)
+    index = (expert * rows * per_row + position).unsqueeze(1) + column * rows  # [M, S]: l*S*rows + s*rows + p
+    index = torch.where((expert < experts).unsqueeze(1), index, experts * rows * per_row + column)
     target.index_copy_(0, index.reshape(-1), source)
 
 
