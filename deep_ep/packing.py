@@ -6,6 +6,7 @@ reference backend bit-exact by construction.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -111,15 +112,20 @@ class HostBuffers:
 
     def __init__(self) -> None:
         self._storages: list[torch.UntypedStorage] = []  # least recently used first
+        self._lock = threading.Lock()  # two threads must never be handed one storage
 
     def empty(self, size: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
         device = torch.device(device)
         numel = 1
         for n in size:
             numel *= n
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if device.type != "cpu" or nbytes < self.min_bytes or _storage_use_count is None:
             return torch.empty(size, dtype=dtype, device=device)
+        with self._lock:
+            return self._take(size, dtype, device, nbytes)
+
+    def _take(self, size: tuple[int, ...], dtype: torch.dtype, device: torch.device, nbytes: int) -> torch.Tensor:
         best = None
         for i, storage in enumerate(self._storages):
             capacity = storage.nbytes()

@@ -54,6 +54,12 @@ def _slot_in_rank(dest_rank: torch.Tensor) -> torch.Tensor:
     return (same & earlier).sum(-1)
 
 
+def _sizes_follow_values(device: torch.device) -> bool:
+    """Whether a low-latency call may size its transfers from tensor values: a host read, free on the CPU only
+    (module docstring). Tests turn it off to run the fixed-size exchange of the GPUs on the CPU."""
+    return device.type == "cpu"
+
+
 class LowLatencyMixin:
     """Adds low_latency_dispatch / low_latency_combine to the reference backend."""
 
@@ -65,7 +71,7 @@ class LowLatencyMixin:
         tokens_cap = args.num_max_dispatch_tokens_per_rank
         experts_per_rank = args.num_experts // num_ranks
         device = x.device
-        exact = device.type == "cpu"  # sizes may follow tensor values (module docstring)
+        exact = _sizes_follow_values(device)
 
         if not args.use_fp8:
             fields = {"x": x}
