@@ -132,10 +132,18 @@ class Route:
         return pending or Pending(comm, op, [], [], on_host=rows.device.type == "cpu")
 
     def backward(
-        self, comm: Comm, rows: torch.Tensor, op: str, zero_row: bool = False, empty: Empty | None = None
+        self,
+        comm: Comm,
+        rows: torch.Tensor,
+        op: str,
+        zero_row: bool = False,
+        empty: Empty | None = None,
+        keep_own: bool = False,
     ) -> tuple[torch.Tensor, Pending]:
         """Send received rows [num_recv, W] back to their sources; returns rows aligned with `send_tokens`
-        (`zero_row`: plus one zero row at the end, which `token_rows` points absent pairs at)."""
+        (`zero_row`: plus one zero row at the end, which `token_rows` points absent pairs at). `keep_own`: where
+        `own_block` is not None, this rank's rows to itself do not travel and that block of the result is left
+        unwritten (the caller reads them from `rows`)."""
         empty = empty or _torch_empty
         width = rows.shape[1]
         if self.padded:
@@ -148,8 +156,42 @@ class Route:
         returned = empty((total + int(zero_row), width), rows.dtype, rows.device)
         if zero_row:
             returned[total:].zero_()
-        pending = comm.all_to_all(returned[:total], rows.contiguous(), op, self.send_splits, self.recv_splits)
-        return returned, pending
+        own = self.own_block(comm) if keep_own else None
+        if own is None:
+            pending = comm.all_to_all(returned[:total], rows.contiguous(), op, self.send_splits, self.recv_splits)
+            return returned, pending
+        begin, recv_begin, count = own
+        rank = comm.rank
+        if rank == 0:  # the own block is the first one of both, else the last one
+            travel, into = rows[count:], returned[count:total]
+        else:
+            travel, into = rows[:recv_begin], returned[:begin]
+        send_splits = [0 if d == rank else n for d, n in enumerate(self.send_splits)]
+        recv_splits = [0 if d == rank else n for d, n in enumerate(self.recv_splits)]
+        if comm.size == 1:
+            return returned, Pending(comm, op, [], [], on_host=rows.device.type == "cpu")
+        return returned, comm.all_to_all(into, travel.contiguous(), op, send_splits, recv_splits)
+
+    def own_block(self, comm: Comm) -> tuple[int, int, int] | None:
+        """(first row in `send_tokens` order, first received row, count) of this rank's rows to itself when they
+        are the first or last block on both sides (exact routes, first and last rank), else None."""
+        rank = comm.rank
+        if self.padded or rank not in (0, comm.size - 1):
+            return None
+        count = self.send_splits[rank]
+        return sum(self.send_splits[:rank]), sum(self.recv_splits[:rank]), count
+
+    @cached_property
+    def token_runs(self) -> list[tuple[int, int, list[int]]]:
+        """Exact routes: the tokens as maximal runs [begin, end) in which every destination got either all of
+        them, as consecutive rows of its block, or none; per run the row (in `send_tokens` order) of its first
+        token at each destination, -1 where absent. Read on the host."""
+        index = self.token_rows
+        present = index < self.send_tokens.shape[0]
+        breaks = ((present[:, 1:] != present[:, :-1]).any(0).nonzero()[:, 0] + 1).tolist()
+        bounds = [0, *breaks, self.num_tokens]
+        starts = torch.where(present, index, -1)[:, bounds[:-1]].t().tolist() if self.num_tokens else []
+        return [(b, e, first) for b, e, first in zip(bounds[:-1], bounds[1:], starts) if e > b]
 
     @cached_property
     def token_rows(self) -> torch.Tensor:

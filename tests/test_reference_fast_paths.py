@@ -16,8 +16,10 @@ import deep_ep
 import reference
 from deep_ep import Buffer
 from deep_ep.backends import reference_low_latency
-from deep_ep.backends.reference import ReferenceBackend, _sum_in_order
+from deep_ep.backends.reference import ReferenceBackend, _few_runs, _sum_in_order, _sum_returned
+from deep_ep.kernels.ordered_sum import row_index_from_splits, torch_ordered_gather_sum
 from deep_ep.packing import HostBuffers
+from deep_ep.routing import Route
 from deep_ep.testing import run_ranks
 from deep_ep.testing.compare import assert_bit_equal
 from deep_ep.testing.workloads import make_workload
@@ -88,6 +90,52 @@ def test_sum_in_order_is_the_sequential_sum_from_plus_zero(dtype: torch.dtype) -
             _sum_in_order(terms, out, lambda size, dt, device: torch.empty(size, dtype=dt, device=device))
             want = _sequential(values, dtype) if values else torch.zeros(num_tokens, hidden, dtype=dtype)
             assert_bit_equal(f"sum of {num_terms} {dtype} terms, {num_tokens}x{hidden}", out, want)
+
+
+def _dense_route(num_tokens: int, num_ranks: int, absent: int, gen: torch.Generator) -> Route:
+    """An exact route (rank 0's view) where every token goes everywhere but `absent` random (token, rank) pairs."""
+    in_rank = torch.ones(num_tokens, num_ranks, dtype=torch.bool)
+    for _ in range(absent):
+        in_rank[
+            int(torch.randint(num_tokens, (1,), generator=gen)), int(torch.randint(num_ranks, (1,), generator=gen))
+        ] = False
+    counts = torch.zeros(num_ranks, num_ranks, dtype=torch.long)
+    counts[0] = in_rank.sum(0)
+    return Route.exact(in_rank, counts, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sum_returned_by_runs_and_by_gathers_give_the_same_bits(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(21)
+    paths = set()
+    for num_tokens, num_ranks, absent, hidden in [
+        (40, 1, 0, 9),
+        (64, 2, 3, 16),
+        (64, 3, 5, 8),
+        (80, 4, 2, 33),
+        (30, 3, 40, 8),
+    ]:
+        route = _dense_route(num_tokens, num_ranks, absent, gen)
+        total = route.send_tokens.shape[0]
+        rows = (torch.randn(total + 1, hidden, generator=gen) * 1e3).to(dtype)
+        rows[rows.abs() < 300] = -0.0
+        rows[-1] = 0
+        biases = tuple((torch.randn(num_tokens, hidden, generator=gen) * 1e3).to(dtype) for _ in range(2))
+        paths.add(_few_runs(route))
+        for nb in range(3):
+            want = torch_ordered_gather_sum(
+                rows[:-1], row_index_from_splits(route.send_tokens, route.send_splits, num_tokens), biases[:nb]
+            )
+            got = torch.empty_like(want)
+            _sum_returned(route, rows.clone(), biases[:nb], got)
+            assert_bit_equal(f"R={num_ranks} absent={absent} biases={nb}", got, want)
+            for d, (begin, end) in enumerate(route.destination_blocks()):  # block d read from elsewhere
+                holed = rows.clone()
+                holed[begin:end] = float("nan")
+                got = torch.empty_like(want)
+                _sum_returned(route, holed, biases[:nb], got, own=(d, rows[begin:end]))
+                assert_bit_equal(f"R={num_ranks} absent={absent} biases={nb} own block {d}", got, want)
+    assert paths == {True, False}  # runs of slices, and gathers
 
 
 # ---- normal mode with rows large enough for the host buffers, every buffer reused -------------------------

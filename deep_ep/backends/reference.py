@@ -212,23 +212,29 @@ class ReferenceBackend(LowLatencyMixin, Backend):
     ) -> tuple[torch.Tensor, torch.Tensor | None, Pending]:
         num_tokens = route.num_tokens
         # x and the weights return in separate all-to-alls (no packing pass), each with a zero row appended
-        # for the tokens that sent nothing to some rank.
+        # for the tokens that sent nothing to some rank; on the first and last rank the rows a rank returns to
+        # itself do not travel at all (read from x in the sum).
+        own = route.own_block(self.comm)
         x_fmt = RowFormat.of(x=x)
-        returned, pending = route.backward(self.comm, x_fmt.pack(x=x), "combine", True, self._empty)
+        returned, pending = route.backward(self.comm, x_fmt.pack(x=x), "combine", True, self._empty, keep_own=True)
         combined_x = self._empty((num_tokens, *x.shape[1:]), x.dtype, x.device)
         combined_weights = None
         if topk_weights is not None:
             w_fmt = RowFormat.of(topk_weights=topk_weights)
             w_rows = w_fmt.pack(topk_weights=topk_weights)
-            returned_w, w_pending = route.backward(self.comm, w_rows, "combine", True, self._empty)
+            returned_w, w_pending = route.backward(self.comm, w_rows, "combine", True, self._empty, keep_own=True)
             pending.then(w_pending.wait)
             combined_weights = topk_weights.new_empty(num_tokens, topk_weights.shape[1])
 
+        def own_rows(rows: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+            return None if own is None else (self.comm.rank, rows[own[1] : own[1] + own[2]])
+
         def reduce() -> None:
-            _sum_returned(route, x_fmt.field_view(returned, "x"), bias, combined_x, self._empty)
+            rows = x_fmt.field_view(returned, "x")
+            _sum_returned(route, rows, bias, combined_x, self._empty, own_rows(x))
             if combined_weights is not None:
-                w_view = w_fmt.field_view(returned_w, "topk_weights")
-                _sum_returned(route, w_view, (), combined_weights, self._empty)
+                rows = w_fmt.field_view(returned_w, "topk_weights")
+                _sum_returned(route, rows, (), combined_weights, self._empty, own_rows(topk_weights))
 
         return combined_x, combined_weights, pending.then(reduce)
 
@@ -271,26 +277,61 @@ def _ordered_sum(
 
 
 def _sum_returned(
-    route: Route, rows: torch.Tensor, bias: tuple[torch.Tensor, ...], out: torch.Tensor, empty: Empty | None = None
+    route: Route,
+    rows: torch.Tensor,
+    bias: tuple[torch.Tensor, ...],
+    out: torch.Tensor,
+    empty: Empty | None = None,
+    own: tuple[int, torch.Tensor] | None = None,
 ) -> None:
-    """`_ordered_sum` of rows [sum(send_splits) + 1, H] whose last row is zeros, into out [N, H].
+    """`_ordered_sum` of rows [sum(send_splits) + 1, H] whose last row is zeros, into out [N, H]. `own`:
+    (rank d, its rows): destination d's block of `rows` was not written; these rows stand for it.
 
     On CUDA an exact route takes the one-pass ordered gather-sum kernel (same additions, same order, same bits).
-    Elsewhere the terms are the biases, then each destination's rows gathered into token order (the zero row
-    standing in for a token that sent nothing there: adding +0.0 to a sum that started from +0.0 changes no bit).
+    On the host, when the tokens form few runs that each destination got whole or not at all (`token_runs`),
+    each run adds contiguous slices of the blocks, nothing gathered. Otherwise the terms are the biases, then each
+    destination's rows gathered into token order (the zero row standing in for a token that sent nothing there:
+    adding +0.0 to a sum that started from +0.0 changes no bit).
     """
+    empty = empty or _torch_empty
     num_tokens = route.num_tokens
+    blocks = route.destination_blocks()
+    if own is not None and (rows.is_cuda or route.padded or not _few_runs(route)):
+        d, own_rows = own
+        rows[blocks[d][0] : blocks[d][1]].copy_(own_rows)  # what the all-to-all would have copied
+        own = None
     if rows.is_cuda and not route.padded:
         row_index = row_index_from_splits(route.send_tokens, route.send_splits, num_tokens)
         out.copy_(ordered_gather_sum(rows[:-1], row_index, bias))
         return
+    if not route.padded and _few_runs(route):
+        sources = [rows[begin:end] for begin, end in blocks]
+        if own is not None:
+            sources[own[0]] = own[1]
+        for begin, end, firsts in route.token_runs:
+            terms = [(b[begin:end], None) for b in bias]
+            for source, (block_begin, _), first in zip(sources, blocks, firsts):
+                if first >= 0:  # absent destinations add +0.0: nothing (see _sum_in_order)
+                    first -= block_begin
+                    terms.append((source[first : first + end - begin], None))
+            _sum_in_order(terms, out[begin:end], empty)
+        return
     terms: list[tuple[torch.Tensor, torch.Tensor | None]] = [(b, None) for b in bias]
-    for d, (begin, end) in enumerate(route.destination_blocks()):
+    for d, (begin, end) in enumerate(blocks):
         if not route.padded and end - begin == num_tokens:  # every token went to d: the block is in token order
             terms.append((rows[begin:end], None))
         else:
             terms.append((rows, route.token_rows[d]))
-    _sum_in_order(terms, out, empty or _torch_empty)
+    _sum_in_order(terms, out, empty)
+
+
+def _few_runs(route: Route) -> bool:
+    """Whether the runs of `token_runs` are long enough (4 tokens on average, at most 64 of them) that adding
+    slices run by run beats gathering every term (host tensors of exact routes only)."""
+    if route.send_tokens.is_cuda:
+        return False
+    runs = len(route.token_runs)
+    return runs <= 64 and runs * 4 <= max(route.num_tokens, 4)
 
 
 def _sum_in_order(terms: list[tuple[torch.Tensor, torch.Tensor | None]], out: torch.Tensor, empty: Empty) -> None:
