@@ -1,8 +1,11 @@
 """The reference backend: SPEC semantics with plain torch.distributed collectives (gloo, NCCL, HCCL).
 
-Normal mode is one count exchange (all-gather of the layout counts) plus one packed byte all-to-all per
-dispatch; combine and cached dispatch are one all-to-all each. It has no preallocated buffers, so
-`num_nvl_bytes`/`num_rdma_bytes` only get recorded.
+Normal mode is one count exchange (all-gather of the layout counts) per fresh dispatch, then the rows travel as
+bytes: x in an all-to-all of its own, straight into recv_x, beside one of the small per-token fields packed into
+a byte row (a subclass with its own `_forward` transport gets everything in one packed row); cached dispatch and
+combine move each tensor the same way. It has no preallocated communication buffers, so
+`num_nvl_bytes`/`num_rdma_bytes` only get recorded; large host tensors come from a per-backend cache
+(`packing.HostBuffers`), since fresh host memory page-faults on first touch.
 """
 
 from __future__ import annotations
