@@ -302,6 +302,7 @@ class Buffer:
                 raise ValueError(f"x_scales has {x_scales.shape[0]} rows but x has {num_tokens}")
         checks.integer("num_worst_tokens", num_worst_tokens, minimum=0)
         config = self._config(config, self.get_dispatch_config)
+        self.runtime.num_sms = config.num_sms
         row_bytes = x_data[0].numel() * x_data.element_size() if num_tokens else hidden * x_data.element_size()
         scales_row_bytes = -1 if x_scales is None else max(x_scales[0:1].numel(), 1) * x_scales.element_size()
         if x_scales is not None and x_scales.dim() == 2:
@@ -442,7 +443,7 @@ class Buffer:
         self._begin(previous_event, async_finish, allocate_on_comm_stream)
         handle = self._own_handle(handle, DispatchHandle)
         route = handle.route
-        self._config(config, self.get_combine_config)
+        self.runtime.num_sms = self._config(config, self.get_combine_config).num_sms
         checks.tensor("x", x, dtypes=self.runtime_combine_dtypes(), dim=2)
         device = x.device
         if x.shape[0] != route.num_recv:

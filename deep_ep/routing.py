@@ -10,7 +10,7 @@ Either way the rows arriving from source s form block s in ascending s, tokens a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -42,6 +42,7 @@ class Route:
         (`sum(recv_splits)` marks a padding row).
     all_counts: exact form only, host [R][R]: tokens sent from rank s to rank d for every pair, so a
         backend that writes into its peers' memory can compute every offset without another exchange.
+    cache: what a backend derives from the route once and reuses for every call with its handle.
     """
 
     num_tokens: int
@@ -51,6 +52,7 @@ class Route:
     recv_splits: list[int]
     recv_rows: torch.Tensor | None = None
     all_counts: list[list[int]] | None = None
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def padded(self) -> bool:

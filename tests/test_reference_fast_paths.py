@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import pytest
 import test_low_latency
-import test_normal_mode
 import torch
 import torch.distributed as dist
 
-import deep_ep
 import reference
 from deep_ep import Buffer
 from deep_ep.backends import reference_low_latency
-from deep_ep.backends.reference import ReferenceBackend, _few_runs, _sum_in_order, _sum_returned
+from deep_ep.backends.reference import _few_runs, _sum_in_order, _sum_returned
 from deep_ep.kernels.ordered_sum import row_index_from_splits, torch_ordered_gather_sum
 from deep_ep.packing import HostBuffers
 from deep_ep.routing import Route
@@ -193,28 +191,6 @@ def _large_rounds(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_normal_mode_with_large_rows_reuses_buffers_safely(world: int) -> None:
     run_ranks(world, _large_rounds)
-
-
-# ---- the packed transfer of subclasses with their own transport --------------------------------------------
-class PackedTransport(ReferenceBackend):
-    """A subclass with its own `_forward` (here the same one): dispatch hands it one packed row per token."""
-
-    name = "reference_packed"
-
-    def _forward(self, route, rows, op, out=None):
-        return super()._forward(route, rows, op, out=out)
-
-
-def _packed_round(rank: int, world: int, case: dict) -> dict:
-    deep_ep.register_backend(PackedTransport.name, PackedTransport)
-    buffer = Buffer(dist.group.WORLD, backend=PackedTransport.name)
-    assert not buffer.runtime._x_travels_apart()
-    return test_normal_mode._check_round(rank, world, case)
-
-
-@pytest.mark.parametrize("name", ["uniform", "worst", "fp8_tuple", "idle_rank"])
-def test_packed_transport_matches_executable_spec(name: str) -> None:
-    run_ranks(3, _packed_round, test_normal_mode.CASES[name], env={"DEEP_EP_BACKEND": PackedTransport.name})
 
 
 # ---- low-latency mode: the fixed-size exchange (what GPUs run) and large grids on the CPU ------------------

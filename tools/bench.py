@@ -246,6 +246,7 @@ class BenchConfig:
     profile_calls: int = 1
     progress: bool = True
     ll_graph: bool = False  # also time the low-latency pair captured in one CUDA graph (replays)
+    num_sms: int | None = None  # normal mode: Buffer.set_num_sms(num_sms) first (None: the library's default)
 
     @property
     def modes(self) -> list[str]:
@@ -445,8 +446,10 @@ class RankBench:
     def run(self) -> dict:
         cfg = self.cfg
         if "normal" in cfg.modes:
+            if cfg.num_sms is not None:  # DeepEP's knob: the default Config's SM budget
+                self.impl.module().Buffer.set_num_sms(cfg.num_sms)
             buffer = self.impl.normal_buffer(self.group, cfg.hidden, self.world)
-            self.label = self.impl.label(buffer)
+            self.label = self.impl.label(buffer) + ("" if cfg.num_sms is None else f" num_sms={cfg.num_sms}")
             for n in cfg.tokens:
                 self.normal(buffer, n, profile=cfg.profile and n == max(cfg.tokens))
             del buffer
@@ -1018,6 +1021,12 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     )
     parser.add_argument("--mode", choices=["normal", "ll", "all"], default="all")
     parser.add_argument(
+        "--num-sms",
+        type=int,
+        default=None,
+        help="normal mode: Buffer.set_num_sms(N) before the runs (DeepEP's SM budget; default: the library's, 20)",
+    )
+    parser.add_argument(
         "--ll-graph",
         action="store_true",
         help="GPUs: also time the low-latency dispatch+combine pair captured in one CUDA graph (op 'graph ...')",
@@ -1076,6 +1085,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         profile_calls=max(1, args.profile_calls),
         progress=not args.quiet,
         ll_graph=args.ll_graph,
+        num_sms=args.num_sms,
     )
 
 

@@ -61,6 +61,9 @@ class Backend:
         self.comm = comm
         self.device = device
         self.low_latency_quant = low_latency_quant
+        # `Config.num_sms` of the normal-mode call in progress (the Buffer sets it): the SM budget of a
+        # backend's kernels, where it has any.
+        self.num_sms = 20
 
     @classmethod
     def unavailable_reason(cls, group: dist.ProcessGroup, device: torch.device) -> str | None:

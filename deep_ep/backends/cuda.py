@@ -1,21 +1,25 @@
 """The CUDA backend: normal-mode dispatch and combine as direct writes into peer GPU memory over NVLink.
 
-First version (docs/CUDA.md has the design, the memory-ordering argument and what is not done yet):
-- Peer memory is torch symmetric memory: one workspace per Buffer, allocated by every rank with the same
-  size and mapped into every peer (`get_buffer`). NVLink multicast stays off: this module never touches
-  multicast and sets `TORCH_SYMM_MEM_DISABLE_MULTICAST=1` (unless already set) before it allocates.
-- Normal dispatch and cached dispatch reuse the reference algorithm for everything but the transport:
-  rank s writes its packed rows for rank d straight into d's workspace, at d's SPEC row offset (sources
-  ascending, tokens ascending), then a device-side barrier, then d unpacks its own workspace into fresh
-  tensors. Same bytes in the same order as the reference backend, so bit-identical by construction.
-- Combine writes each returned row block back into its source rank's workspace, barrier, and the source
-  reduces in SPEC order with a Triton kernel (`deep_ep.kernels.ordered_sum`), reading each row once.
-- `num_worst_tokens`, one-rank groups and low-latency mode run the reference algorithm over the same NCCL
-  group (identical results by definition; logged once each). No kernel of ours is written for them yet.
+docs/CUDA.md has the design, the memory-ordering argument and the results. In short:
+- Peer memory is torch symmetric memory (deep_ep/backends/peer_memory.py): one workspace per Buffer, equal in
+  size on every rank and mapped into every peer. NVLink multicast stays off.
+- Dispatch and cached dispatch reuse the reference algorithm for everything but the transport: for each tensor
+  that travels (x; in a fresh dispatch also one packed row of the small per-token fields) one launch of
+  `push_rows_kernel` reads each row once and stores it into every destination's workspace at its SPEC row
+  (sources ascending, tokens ascending); then one device barrier, and each rank copies its rows out. The same
+  bytes land in the same rows as in the reference backend: bit-identical by construction.
+- Combine pushes each received row back into its source's workspace (x, and the weights), one barrier, and the
+  source sums in SPEC order with the ordered-sum kernel (`deep_ep.kernels.ordered_sum`), reading each row once.
+- Alternate calls use alternate halves of the workspace, so one barrier per call suffices: a rank writes into
+  a half again only after a barrier that every peer reached after reading that half.
+- The push kernel runs on `Config.num_sms` SMs (a persistent grid). The copy-out is a device memcpy; the
+  combine's sum is one kernel over the whole GPU.
+- `num_worst_tokens`, one-rank groups and tensors on another GPU run the reference algorithm over the same NCCL
+  group (identical results by definition; logged once each). Low-latency mode has its own kernels
+  (cuda_low_latency.py).
 
-No C++ or CUDA C++ is involved: the copies are torch kernels (index_select into the peer's memory,
-copy-engine memcpy for contiguous blocks) and the reduction is Triton. Nothing here imports Triton or
-symmetric memory at module level, so `import deep_ep` keeps working on a CPU-only install.
+No C++ or CUDA C++ is involved: the kernels are Triton. Nothing here imports Triton or symmetric memory at
+module level, so `import deep_ep` keeps working on a CPU-only install.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,25 +39,22 @@ from ..packing import RowFormat
 from ..routing import Route
 from .base import LowLatencyDispatchArgs
 from .cuda_low_latency import CudaLowLatencyRoute, LowLatencyKernels, kernel_refusal
+from .peer_memory import WORD, SymmetricWorkspace, word_deltas
 from .reference import ReferenceBackend
 
 log = logging.getLogger("deep_ep.cuda")
 
-ROW_ALIGN = 16  # bytes: workspace rows start 16-byte aligned, so copies move whole words and Triton vectorises
-MIN_WORKSPACE_BYTES = 32 << 20  # regrowth costs a device sync and a collective rendezvous: start generous
-SIDE_STREAMS_ENV = "DEEP_EP_CUDA_SIDE_STREAMS"  # "0": issue the per-peer copies on the current stream only
-PUSH_ENV = "DEEP_EP_CUDA_PUSH"  # "select" (default): SM gather straight into peers; "copy": gather locally, memcpy
-_MULTICAST_ENV = "TORCH_SYMM_MEM_DISABLE_MULTICAST"
+ROW_ALIGN = 16  # bytes: workspace rows start 16-byte aligned, so the kernel stores 16-byte vectors
 
 
 # ---- the plan: which rows go where (pure host arithmetic, tested on the CPU) ----------------------------
 @dataclass(frozen=True)
 class PushCopy:
-    """One contiguous block written into a peer's workspace.
+    """One contiguous block written into a peer's workspace region.
 
-    dispatch: rows `send_tokens[src_begin : src_begin + count]` of the packed token rows;
+    dispatch: rows `send_tokens[src_begin : src_begin + count]` of the token rows;
     combine: rows `[src_begin, src_begin + count)` of the rows being returned.
-    They land at rows `[dst_row, dst_row + count)` of `peer`'s workspace.
+    They land at rows `[dst_row, dst_row + count)` of `peer`'s region.
     """
 
     peer: int
@@ -64,40 +64,37 @@ class PushCopy:
 
 
 def dispatch_plan(counts: list[list[int]], rank: int) -> list[PushCopy]:
-    """The copies rank `rank` issues in a dispatch; counts[s][d] = tokens rank s sends to rank d.
+    """The blocks rank `rank` writes in a dispatch, ascending peer; counts[s][d] = tokens rank s sends to d.
 
     Rank d receives the rows of source s at rows [sum_{s'<s} counts[s'][d], +counts[s][d]) (SPEC 4 order);
-    the rows for d sit in `send_tokens` after those of lower destinations. Peers are visited starting
-    after this rank so that the ranks do not all write to the same peer first.
+    the rows for d sit in `send_tokens` after those of lower destinations.
     """
-    num_ranks = len(counts)
-    copies, begin = {}, 0
-    for dest in range(num_ranks):
+    copies, begin = [], 0
+    for dest in range(len(counts)):
         count = counts[rank][dest]
         if count:
-            copies[dest] = PushCopy(dest, begin, count, sum(counts[s][dest] for s in range(rank)))
+            copies.append(PushCopy(dest, begin, count, sum(counts[s][dest] for s in range(rank))))
         begin += count
-    return [copies[p] for p in _rotation(rank, num_ranks) if p in copies]
+    return copies
 
 
 def combine_plan(counts: list[list[int]], rank: int) -> list[PushCopy]:
-    """The copies rank `rank` issues in a combine: each source's block of received rows goes home.
+    """The blocks rank `rank` writes in a combine, ascending peer: each source's received rows go home.
 
     Rank `rank` holds source s's rows at [sum_{s'<s} counts[s'][rank], +counts[s][rank]); source s keeps
     them where its dispatch sent them, after the rows of lower destinations: row sum_{d<rank} counts[s][d].
     """
-    num_ranks = len(counts)
-    copies, begin = {}, 0
-    for source in range(num_ranks):
+    copies, begin = [], 0
+    for source in range(len(counts)):
         count = counts[source][rank]
         if count:
-            copies[source] = PushCopy(source, begin, count, sum(counts[source][:rank]))
+            copies.append(PushCopy(source, begin, count, sum(counts[source][:rank])))
         begin += count
-    return [copies[p] for p in _rotation(rank, num_ranks) if p in copies]
+    return copies
 
 
 def rows_received(counts: list[list[int]], rank: int, dispatch: bool) -> int:
-    """Rows that land in `rank`'s workspace: a dispatch's receive size, or a combine's send size."""
+    """Rows that land in `rank`'s region: a dispatch's receive size, or a combine's send size."""
     return sum(row[rank] for row in counts) if dispatch else sum(counts[rank])
 
 
@@ -106,120 +103,45 @@ def workspace_rows(counts: list[list[int]], dispatch: bool) -> int:
     return max((rows_received(counts, r, dispatch) for r in range(len(counts))), default=0)
 
 
-def _rotation(rank: int, num_ranks: int) -> list[int]:
-    return [(rank + step) % num_ranks for step in range(1, num_ranks + 1)]
-
-
 def align_up(value: int, to: int) -> int:
     return (value + to - 1) // to * to
 
 
-def workspace_size(nbytes: int, minimum: int = MIN_WORKSPACE_BYTES) -> int:
-    """Bytes to allocate for a need of `nbytes`: the next power of two, at least `minimum`, so that a slowly
-    growing need regrows rarely (each regrowth is a device sync plus a collective rendezvous)."""
-    return max(minimum, 1 << max(nbytes - 1, 0).bit_length())
+@dataclass(frozen=True)
+class PushPlan:
+    """One direction of a route as the push kernel takes it (built once per handle and direction).
 
-
-# ---- peer memory ------------------------------------------------------------------------------------------
-def _torch_version() -> tuple[int, int]:
-    parts = torch.__version__.split("+")[0].split(".")
-    try:
-        return int(parts[0]), int(parts[1])
-    except (IndexError, ValueError):
-        return (0, 0)
-
-
-class SymmetricWorkspace:
-    """One byte buffer per rank, equal in size on every rank, each mapped into every peer (torch symmetric
-    memory). Growing it is collective: every rank must call `ensure` with the same size in the same call.
-
-    The backend uses only `ensure`, `peer`, `local` and `barrier`; the CPU tests substitute a stand-in
-    with the same four members (shared files and a gloo barrier) to run the backend's logic end to end.
+    dest: int32 [num_rows, R], the row that row i takes in rank d's region, or -1 (rows: the tokens for a
+    dispatch, the received rows for a combine); capacity: the largest region's rows on any rank (the same on
+    every rank); received: the rows that land in this rank's region.
     """
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
-        self.group = group
-        self.device = device
-        self.rank = dist.get_rank(group)
-        self.size = dist.get_world_size(group)
-        self.nbytes = 0
-        self.local: torch.Tensor | None = None
-        self._handle: Any = None
-        self._peers: list[torch.Tensor] = []
-
-    def ensure(self, nbytes: int) -> None:
-        """Grow to at least `nbytes` (a power of two, at least MIN_WORKSPACE_BYTES); collective when it grows."""
-        if nbytes <= self.nbytes:
-            return
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"the cuda backend needs a {nbytes}-byte workspace but has {self.nbytes} bytes, and it cannot grow "
-                "during CUDA-graph capture; run the same call once before capturing"
-            )
-        size = workspace_size(nbytes)
-        # Multicast must stay off; the variable is read when memory is allocated and rendezvoused.
-        os.environ.setdefault(_MULTICAST_ENV, "1")
-        import torch.distributed._symmetric_memory as symm_mem
-
-        # Our queued kernels may still read the old buffer, and the barrier that ends the peers' writes into
-        # it may still be queued: let all of that finish before the old buffer is released.
-        torch.cuda.synchronize(self.device)
-        self._peers, self._handle, self.local, self.nbytes = [], None, None, 0
-        local = symm_mem.empty(size, dtype=torch.uint8, device=self.device)
-        handle = _rendezvous(symm_mem, local, self.group)
-        if handle.rank != self.rank or handle.world_size != self.size:
-            raise RuntimeError(
-                f"symmetric memory rendezvous gave rank {handle.rank} of {handle.world_size}, expected group rank "
-                f"{self.rank} of {self.size}"
-            )
-        if _multicast_in_use(handle):
-            raise RuntimeError(
-                "torch symmetric memory set up NVLink multicast, which the cuda backend must not use (its barrier "
-                f"would then use multimem instructions); set {_MULTICAST_ENV}=1 in every rank's environment "
-                "before the first symmetric-memory allocation"
-            )
-        self._peers = [
-            local if peer == self.rank else handle.get_buffer(peer, (size,), torch.uint8, 0)
-            for peer in range(self.size)
-        ]
-        self.local, self._handle, self.nbytes = local, handle, size
-        log.info("deep_ep cuda: workspace of %d bytes per rank (rank %d of %d)", size, self.rank, self.size)
-
-    def peer(self, rank: int) -> torch.Tensor:
-        """uint8 [nbytes] aliasing `rank`'s buffer (this rank's own buffer for itself)."""
-        return self._peers[rank]
-
-    def barrier(self, timeout_s: float) -> None:
-        """Device-side barrier of all ranks on the current stream (symmetric memory signal pads).
-
-        Each rank's barrier kernel starts after the work queued before it on this stream has finished, and
-        publishes that with a system-scope release; it returns once every peer's release has been acquired.
-        A peer that never arrives traps the kernel after `timeout_s` (a CUDA error) instead of hanging.
-        """
-        timeout_ms = max(int(timeout_s * 1000), 1)
-        try:
-            self._handle.barrier(channel=0, timeout_ms=timeout_ms)
-        except TypeError:  # a torch whose binding takes no timeout
-            self._handle.barrier(channel=0)
+    dest: torch.Tensor
+    capacity: int
+    received: int
 
 
-def _multicast_in_use(handle: Any) -> bool:
-    """Whether rendezvous mapped a multicast object (only read here, to refuse it: its barrier would use it)."""
-    try:
-        return bool(handle.multicast_ptr)
-    except Exception:  # a symmetric-memory backend without the attribute has no multicast either
-        return False
-
-
-def _rendezvous(symm_mem: Any, tensor: torch.Tensor, group: dist.ProcessGroup) -> Any:
-    name = group.group_name
-    # Before torch 2.11 a group had to be enabled for symmetric memory first; 2.11 deprecated that (it
-    # resolves the group's store itself), so newer versions are left alone.
-    if _torch_version() < (2, 11):
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:
-            enable(name)
-    return symm_mem.rendezvous(tensor, name)
+def push_plan(
+    counts: list[list[int]], rank: int, dispatch: bool, send_tokens: torch.Tensor, num_rows: int
+) -> PushPlan:
+    """The `PushPlan` of a dispatch (rows: the `num_rows` tokens, placed per `dispatch_plan`) or a combine (rows:
+    the `num_rows` received rows, placed per `combine_plan`). `send_tokens`: the route's token of each sent row
+    (int64, on the device the plan is built on; read by dispatch only)."""
+    num_ranks = len(counts)
+    splits, shifts = [0] * num_ranks, [0] * num_ranks
+    for copy in dispatch_plan(counts, rank) if dispatch else combine_plan(counts, rank):
+        splits[copy.peer], shifts[copy.peer] = copy.count, copy.dst_row - copy.src_begin
+    total = sum(splits)
+    device = send_tokens.device
+    dest = torch.full((num_rows, num_ranks), -1, dtype=torch.int32, device=device)
+    if total:
+        # Both plans list their blocks in ascending peer order, so entry e of peer p lands at e + shifts[p].
+        splits_shifts = torch.tensor([splits, shifts], dtype=torch.long).to(device, non_blocking=True)
+        peer = torch.repeat_interleave(torch.arange(num_ranks, device=device), splits_shifts[0], output_size=total)
+        entry = torch.arange(total, device=device)
+        rows = send_tokens[:total] if dispatch else entry
+        dest[rows, peer] = (entry + splits_shifts[1][peer]).int()
+    return PushPlan(dest, workspace_rows(counts, dispatch), rows_received(counts, rank, dispatch))
 
 
 # ---- byte-row helpers --------------------------------------------------------------------------------------
@@ -232,18 +154,19 @@ def pad_columns(rows: torch.Tensor, pitch: int) -> torch.Tensor:
     return out
 
 
-def word_view(rows: torch.Tensor) -> torch.Tensor:
-    """`rows` (contiguous uint8 [N, pitch]) viewed as the widest of int64/int32/uint8 its alignment allows,
-    so the copy kernels move 8 bytes per element instead of 1."""
-    for dtype, size in ((torch.int64, 8), (torch.int32, 4)):
-        if rows.shape[1] % size == 0 and rows.storage_offset() % size == 0 and rows.data_ptr() % size == 0:
-            return rows.view(dtype)
-    return rows
+def source_words(rows: torch.Tensor, pitch: int) -> tuple[torch.Tensor, bool]:
+    """Byte rows [N, W] as the int32 words [N, ceil(W / 4)] the push kernel reads (a view where the layout
+    allows, else a copy padded to `pitch` bytes), and whether every row starts 16-byte aligned."""
+    whole = rows.shape[1] % WORD == 0 and rows.stride(1) == 1 and rows.stride(0) % WORD == 0
+    if not (whole and rows.data_ptr() % WORD == 0):
+        rows = pad_columns(rows, pitch)
+    words = rows.view(torch.int32)
+    return words, words.stride(0) % 4 == 0 and words.data_ptr() % 16 == 0
 
 
 # ---- the backend -------------------------------------------------------------------------------------------
 class CudaBackend(ReferenceBackend):
-    """NVLink peer-memory transport for normal mode; the reference algorithm for what it does not serve yet."""
+    """NVLink peer-memory transport and Triton kernels; the reference algorithm for what they do not serve."""
 
     name = "cuda"
     device_types = ("cuda",)
@@ -252,8 +175,9 @@ class CudaBackend(ReferenceBackend):
 
     def __init__(self, comm: Comm, device: torch.device, low_latency_quant: str) -> None:
         super().__init__(comm, device, low_latency_quant)
-        self._workspace: SymmetricWorkspace | None = None
-        self._side_streams: list[torch.cuda.Stream] = []
+        self._workspace: Any = None
+        self._deltas: tuple[tuple[int, int], torch.Tensor] | None = None  # ((pointer, size), word deltas)
+        self._calls = 0  # normal-mode pushes so far: its parity picks the workspace half (equal on every rank)
         self._last_stream: torch.cuda.Stream | None = None
         self._logged: set[str] = set()
         self._low_latency = LowLatencyKernels(self)
@@ -334,17 +258,16 @@ class CudaBackend(ReferenceBackend):
 
     # ---- transport: dispatch and cached dispatch -------------------------------------------------------
     def _forward(
-        self, route: Route, rows: torch.Tensor, op: str, out: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, Pending]:
-        reason = self._refusal(route, rows)
+        self, route: Route, transfers: list[tuple[torch.Tensor, torch.Tensor | None]], op: str
+    ) -> tuple[list[torch.Tensor], Pending]:
+        reason = self._refusal(route, transfers[0][0])
         if reason is not None:
             self._log_once(reason, logging.INFO if self.comm.size == 1 else logging.WARNING)
-            return super()._forward(route, rows, op, out=out)
-        received = self._push(route.all_counts, rows, dispatch=True, send_tokens=route.send_tokens)
-        if out is not None:  # the caller wants the rows in its own tensor (it never aliases the workspace)
-            received = out.copy_(received)
-        # The caller's unpack copies out of the workspace on this stream, before the next call's barrier.
-        return received, Pending(self.comm, op, [], [], on_host=False)
+            return super()._forward(route, transfers, op)
+        received = self._push(self._plan(route, dispatch=True), [rows for rows, _ in transfers])
+        # Copies out of the workspace run on this stream, before the next call's barrier (see _push).
+        results = [got if out is None else out.copy_(got) for got, (_, out) in zip(received, transfers)]
+        return results, Pending(self.comm, op, [], [], on_host=False)
 
     # ---- combine ---------------------------------------------------------------------------------------
     def combine(
@@ -358,77 +281,94 @@ class CudaBackend(ReferenceBackend):
         if reason is not None:
             self._log_once(reason, logging.INFO if self.comm.size == 1 else logging.WARNING)
             return super().combine(x, route, topk_weights, bias)
-        fmt = RowFormat.of(x=x, topk_weights=topk_weights)
-        rows = fmt.pack(x=x, topk_weights=topk_weights)
-        returned = self._push(route.all_counts, rows, dispatch=False)
+        tensors = [RowFormat.of(x=x).pack(x=x)]
+        if topk_weights is not None:
+            tensors.append(RowFormat.of(topk_weights=topk_weights).pack(topk_weights=topk_weights))
+        returned = self._push(self._plan(route, dispatch=False), tensors)
         # Rows came back where `send_tokens` lists them: destination blocks ascending, tokens ascending.
-        row_index = row_index_from_splits(route.send_tokens, route.send_splits, route.num_tokens)
-        combined_x = ordered_gather_sum(fmt.field_view(returned, "x"), row_index, bias)
+        row_index = route.cache.get("cuda_row_index")
+        if row_index is None:
+            row_index = row_index_from_splits(route.send_tokens, route.send_splits, route.num_tokens)
+            route.cache["cuda_row_index"] = row_index
+        combined_x = ordered_gather_sum(returned[0].view(x.dtype), row_index, bias)
         combined_weights = None
         if topk_weights is not None:
-            combined_weights = ordered_gather_sum(fmt.field_view(returned, "topk_weights"), row_index)
+            combined_weights = ordered_gather_sum(returned[1].view(topk_weights.dtype), row_index)
         return combined_x, combined_weights, Pending(self.comm, "combine", [], [], on_host=False)
 
     # ---- the push ----------------------------------------------------------------------------------------
-    def _push(
-        self,
-        counts: list[list[int]],
-        rows: torch.Tensor,
-        *,
-        dispatch: bool,
-        send_tokens: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Write byte rows into the peers' workspaces per `dispatch_plan`/`combine_plan`; return this rank's
-        received rows [M, W] as a view of its workspace, valid on the current stream (until the next call)."""
-        rank = self.comm.rank
-        width = rows.shape[1]
-        pitch = max(align_up(width, ROW_ALIGN), ROW_ALIGN)
-        plan = dispatch_plan(counts, rank) if dispatch else combine_plan(counts, rank)
+    def _plan(self, route: Route, dispatch: bool) -> PushPlan:
+        """The route's `PushPlan` for one direction, built on first use and kept with the route (its handle)."""
+        key = "cuda_dispatch_plan" if dispatch else "cuda_combine_plan"
+        plan = route.cache.get(key)
+        if plan is None:
+            num_rows = route.num_tokens if dispatch else route.num_recv
+            plan = push_plan(route.all_counts, self.comm.rank, dispatch, route.send_tokens, num_rows)
+            route.cache[key] = plan
+        return plan
+
+    def _push(self, plan: PushPlan, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Write the byte rows [num_rows, W] of each tensor into the ranks' workspaces per `plan` (one region per
+        tensor), then one barrier. Returns this rank's received rows of each, [plan.received, W] views of its
+        workspace, valid on the current stream until its call after next starts."""
+        from ..kernels.triton_normal import push_rows_kernel, tile_shape
+
+        pitches = [max(align_up(rows.shape[1], ROW_ALIGN), ROW_ALIGN) for rows in tensors]
+        half = plan.capacity * sum(pitches)
         on_gpu = self.device.type == "cuda"
         with torch.cuda.device(self.device) if on_gpu else contextlib.nullcontext():
             if self._workspace is None:
                 self._workspace = self._new_workspace()
             workspace = self._workspace
-            # Same counts and row width on every rank, so every rank asks for the same size (collective).
-            workspace.ensure(workspace_rows(counts, dispatch) * pitch)
-            words = word_view(pad_columns(rows, pitch))
-            gather_first = dispatch and os.environ.get(PUSH_ENV, "select") == "copy"
-            if gather_first and plan:  # one local gather, then plain block copies (copy engines)
-                words = words.index_select(0, send_tokens)
+            # Same counts and row widths on every rank, so every rank asks for the same size (collective).
+            workspace.ensure(2 * half)
+            deltas = self._word_deltas(workspace)
+            # Alternate halves: this call's writes into a peer's half p come after our barrier of the previous
+            # call, which that peer reached only after reading (on its stream) what the call before left in p.
+            region = workspace.nbytes // 2 * (self._calls % 2)
+            self._calls += 1
             current = torch.cuda.current_stream(self.device) if on_gpu else None
             if self._last_stream is not None and self._last_stream != current:
-                # The previous call read this workspace on another stream: finish that before peers overwrite it.
+                # The previous call read this workspace on another stream: order that before our barrier.
                 current.wait_stream(self._last_stream)
-            # Barrier 1: every peer has finished reading what the previous call left in its workspace.
-            workspace.barrier(self.comm.timeout_s)
-            streams = self._streams_for(len(plan)) if on_gpu else []
-            for copy, stream in zip(plan, streams or [current] * len(plan)):
-                target = workspace.peer(copy.peer)[copy.dst_row * pitch : (copy.dst_row + copy.count) * pitch]
-                target = target.view(copy.count, pitch).view(words.dtype)
-                if stream is not current:
-                    stream.wait_stream(current)
-                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    if dispatch and not gather_first:
-                        tokens = send_tokens[copy.src_begin : copy.src_begin + copy.count]
-                        torch.index_select(words, 0, tokens, out=target)
-                    else:
-                        target.copy_(words[copy.src_begin : copy.src_begin + copy.count])
-            for stream in streams:
-                current.wait_stream(stream)
-            # Barrier 2: every peer's rows for this rank have landed.
+            words = workspace.local.view(torch.int32)
+            received = []
+            for rows, pitch in zip(tensors, pitches):
+                src, aligned = source_words(rows, pitch)
+                if rows.shape[0] and src.shape[1]:
+                    tile_rows, block = tile_shape(src.shape[1])
+                    programs = max(1, min(self.num_sms, -(-rows.shape[0] // tile_rows)))
+                    push_rows_kernel[(programs,)](
+                        src,
+                        plan.dest,
+                        words,
+                        deltas,
+                        region // WORD,
+                        rows.shape[0],
+                        src.stride(0),
+                        pitch // WORD,
+                        R=self.comm.size,
+                        WORDS=src.shape[1],
+                        ROWS=tile_rows,
+                        BLOCK=block,
+                        SRC_ALIGNED=aligned,
+                        num_warps=8 if tile_rows * block >= 4096 else 4,
+                    )
+                area = workspace.local[region : region + plan.received * pitch]
+                received.append(area.view(plan.received, pitch)[:, : rows.shape[1]])
+                region += plan.capacity * pitch
+            # Every peer's rows for this rank have landed once every rank has passed this point.
             workspace.barrier(self.comm.timeout_s)
             self._last_stream = current
-        count = rows_received(counts, rank, dispatch)
-        return workspace.local[: count * pitch].view(count, pitch)[:, :width]
+        return received
+
+    def _word_deltas(self, workspace: Any) -> torch.Tensor:
+        """`peer_memory.word_deltas` of the current mapping (recomputed after the workspace regrew)."""
+        mapping = (workspace.local.data_ptr(), workspace.nbytes)
+        if self._deltas is None or self._deltas[0] != mapping:
+            self._deltas = (mapping, word_deltas(workspace, self.device))
+        return self._deltas[1]
 
     def _new_workspace(self, purpose: str = "normal") -> SymmetricWorkspace:
         """A workspace for normal mode or ("low_latency") the low-latency kernels; each Buffer owns one of each."""
         return SymmetricWorkspace(self.comm.group, self.device)
-
-    def _streams_for(self, num_copies: int) -> list[torch.cuda.Stream]:
-        """Side streams for the per-peer copies, so copies to different peers overlap ([] = current stream)."""
-        if num_copies <= 1 or os.environ.get(SIDE_STREAMS_ENV, "1") == "0":
-            return []
-        while len(self._side_streams) < num_copies:
-            self._side_streams.append(torch.cuda.Stream(device=self.device))
-        return self._side_streams[:num_copies]

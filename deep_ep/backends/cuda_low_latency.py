@@ -22,9 +22,9 @@ import torch
 from .. import quant
 from ..comm import Pending
 from .base import LowLatencyDispatchArgs
+from .peer_memory import WORD, word_deltas
 from .reference_low_latency import _dense
 
-WORD = 4  # the kernels move int32 words
 BLOCK_WORDS = 1024  # words per vector copy step
 FUSED_CAST_ENV = "DEEP_EP_CUDA_FUSED_CAST"  # "0": make fp8 messages with deep_ep.quant's torch ops instead
 
@@ -200,14 +200,7 @@ class LowLatencyKernels:
             # finish zeroing before anyone writes into a peer.
             workspace.local.zero_()
             workspace.barrier(backend.comm.timeout_s)
-            base = workspace.local.data_ptr()
-            deltas = []
-            for peer in range(backend.comm.size):
-                distance = workspace.peer(peer).data_ptr() - base
-                if distance % 16:  # the kernels promise the compiler 16-byte aligned rows
-                    raise RuntimeError(f"peer {peer}'s workspace is not 16-byte aligned relative to ours")
-                deltas.append(distance // WORD)
-            self.peer_delta = torch.tensor(deltas, dtype=torch.int64, device=backend.device)
+            self.peer_delta = word_deltas(workspace, backend.device)
             self._mapping = mapping
         return workspace
 

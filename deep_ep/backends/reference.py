@@ -2,10 +2,10 @@
 
 Normal mode is one count exchange (all-gather of the layout counts) per fresh dispatch, then the rows travel as
 bytes: x in an all-to-all of its own, straight into recv_x, beside one of the small per-token fields packed into
-a byte row (a subclass with its own `_forward` transport gets everything in one packed row); cached dispatch and
-combine move each tensor the same way. It has no preallocated communication buffers, so
-`num_nvl_bytes`/`num_rdma_bytes` only get recorded; large host tensors come from a per-backend cache
-(`packing.HostBuffers`), since fresh host memory page-faults on first touch.
+a byte row; cached dispatch and combine move each tensor the same way. `_forward` is the transport of dispatch
+and cached dispatch (a kernel backend overrides it to move the same bytes another way). It has no preallocated
+communication buffers, so `num_nvl_bytes`/`num_rdma_bytes` only get recorded; large host tensors come from a
+per-backend cache (`packing.HostBuffers`), since fresh host memory page-faults on first touch.
 """
 
 from __future__ import annotations
@@ -114,21 +114,16 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         topk_idx = args.topk_idx
         src = torch.arange(num_tokens, dtype=torch.int32, device=device)
         recv_x = self._empty((route.num_recv, *args.x.shape[1:]), args.x.dtype, device)
-        # The per-token fields travel packed in one small byte row; x travels apart, straight into recv_x
-        # (no pass to pack it beside them or to unpack it), unless a subclass moves the packed rows itself.
-        apart = self._x_travels_apart()
-        fields = dict(x=None if apart else args.x, scales=args.x_scales, topk_idx=topk_idx)
-        fields.update(topk_weights=args.topk_weights, src=src)
+        # x travels apart, straight into recv_x (no pass to pack it or to unpack it); the small per-token
+        # fields travel packed in one byte row.
+        fields = dict(scales=args.x_scales, topk_idx=topk_idx, topk_weights=args.topk_weights, src=src)
         fmt = RowFormat.of(**fields)
         if fmt.width % 8:  # whole 8-byte words per row, so the row gathers move words, not bytes
             fields["pad"] = torch.zeros(num_tokens, -fmt.width % 8, dtype=torch.uint8, device=device)
             fmt = RowFormat.of(**fields)
-        pending = None
-        if apart:
-            x_fmt = RowFormat.of(x=args.x)
-            _, pending = self._forward(route, x_fmt.pack(x=args.x), "dispatch", out=byte_rows(recv_x, x_fmt.width))
-        received, meta_pending = self._forward(route, fmt.pack(**fields), "dispatch")
-        pending = meta_pending if pending is None else pending.then(meta_pending.wait)
+        x_fmt = RowFormat.of(x=args.x)
+        transfers = [(x_fmt.pack(x=args.x), byte_rows(recv_x, x_fmt.width)), (fmt.pack(**fields), None)]
+        (_, received), pending = self._forward(route, transfers, "dispatch")
 
         out = {
             "recv_x": recv_x,
@@ -171,35 +166,28 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         self, x: torch.Tensor, x_scales: torch.Tensor | None, route: Route
     ) -> tuple[torch.Tensor, torch.Tensor | None, Pending]:
         recv_x = self._empty((route.num_recv, *x.shape[1:]), x.dtype, x.device)
+        # Each tensor travels on its own, received straight into the output's bytes: no unpacking pass.
+        x_fmt = RowFormat.of(x=x)
+        transfers = [(x_fmt.pack(x=x), byte_rows(recv_x, x_fmt.width))]
         recv_scales = None
         if x_scales is not None:
             recv_scales = self._empty((route.num_recv, *x_scales.shape[1:]), x_scales.dtype, x.device)
-        if recv_scales is None or self._x_travels_apart():
-            # Each tensor in its own all-to-all, received straight into the output's bytes: no unpacking pass.
-            x_fmt = RowFormat.of(x=x)
-            _, pending = self._forward(route, x_fmt.pack(x=x), "cached dispatch", out=byte_rows(recv_x, x_fmt.width))
-            if recv_scales is not None:
-                s_fmt = RowFormat.of(scales=x_scales)
-                scales_out = byte_rows(recv_scales, s_fmt.width)
-                _, scales_pending = self._forward(route, s_fmt.pack(scales=x_scales), "cached dispatch", out=scales_out)
-                pending.then(scales_pending.wait)
-            return recv_x, recv_scales, pending
-        fmt = RowFormat.of(x=x, scales=x_scales)
-        received, pending = self._forward(route, fmt.pack(x=x, scales=x_scales), "cached dispatch")
-        return recv_x, recv_scales, pending.then(lambda: fmt.unpack_into(received, x=recv_x, scales=recv_scales))
-
-    def _x_travels_apart(self) -> bool:
-        """Whether dispatch moves x in an all-to-all of its own (two collectives, one pass over x fewer on each
-        side). Only with this class's `_forward`: a subclass transport gets the one packed transfer it expects."""
-        return type(self)._forward is ReferenceBackend._forward
+            s_fmt = RowFormat.of(scales=x_scales)
+            transfers.append((s_fmt.pack(scales=x_scales), byte_rows(recv_scales, s_fmt.width)))
+        _, pending = self._forward(route, transfers, "cached dispatch")
+        return recv_x, recv_scales, pending
 
     def _forward(
-        self, route: Route, rows: torch.Tensor, op: str, out: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, Pending]:
-        """Move packed token rows [N, W] (uint8) to their destinations: the transport of dispatch and cached
-        dispatch. Returns the received rows [num_recv, W] (in `out` if given), valid once the Pending ran;
-        kernel backends override it to move the same bytes another way."""
-        return route.forward(self.comm, rows, op, out=out, empty=self._empty)
+        self, route: Route, transfers: list[tuple[torch.Tensor, torch.Tensor | None]], op: str
+    ) -> tuple[list[torch.Tensor], Pending]:
+        """Move token rows to their destinations, one transfer per (rows [N, W] uint8, out [num_recv, W] or
+        None). Returns each transfer's received rows (in its `out` if given), valid once the Pending ran."""
+        received, pending = [], None
+        for rows, out in transfers:
+            got, moved = route.forward(self.comm, rows, op, out=out, empty=self._empty)
+            received.append(got)
+            pending = moved if pending is None else pending.then(moved.wait)
+        return received, pending
 
     def _empty(self, size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """torch.empty, through this backend's host cache (`HostBuffers`: fresh host memory page-faults)."""

@@ -1,6 +1,6 @@
 """EMULATION of torch symmetric memory on the CPU, for testing the cuda backend's logic without GPUs.
 
-`HostSharedWorkspace` stands in for `deep_ep.backends.cuda.SymmetricWorkspace` (the vendor API it wraps:
+`HostSharedWorkspace` stands in for `deep_ep.backends.peer_memory.SymmetricWorkspace` (the vendor API it wraps:
 `torch.distributed._symmetric_memory`): rank r's buffer is a shared file that every rank maps, and the
 device barrier is gloo's `dist.barrier`. CPU ops finish before the barrier, as GPU stream order makes them.
 `SimCudaBackend` is the real `CudaBackend` (push plans, unpacking, the Triton kernels run by Triton's CPU
@@ -16,13 +16,14 @@ import torch
 import torch.distributed as dist
 
 from ..backends import register_backend
-from ..backends.cuda import CudaBackend, workspace_size
+from ..backends.cuda import CudaBackend
+from ..backends.peer_memory import workspace_size
 
 DIRECTORY_ENV = "DEEP_EP_SIM_DIR"  # where the shared files live (one directory per run)
 
 
 class HostSharedWorkspace:
-    """Same members as `SymmetricWorkspace` (`ensure`, `peer`, `local`, `nbytes`, `barrier`)."""
+    """Same members as `SymmetricWorkspace` (`ensure`, `peer`, `local`, `nbytes`, `size`, `barrier`)."""
 
     def __init__(self, group: dist.ProcessGroup, directory: str, minimum: int, purpose: str) -> None:
         self.group, self.directory, self.minimum, self.purpose = group, directory, minimum, purpose

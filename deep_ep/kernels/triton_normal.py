@@ -1,0 +1,59 @@
+"""Triton kernel of the cuda backend's normal mode: rows pushed straight into peer workspaces over NVLink.
+
+One kernel serves dispatch, cached dispatch and combine. Every rank's workspace is addressed as int32 words
+from this rank's (`ws`); rank d's lies at `ws + peer_delta[d]` (deep_ep/backends/peer_memory.py). A launch
+moves one tensor's rows: row i goes, for every rank d with `dest[i, d] >= 0`, to row `dest[i, d]` of the
+region that starts at word `region` of rank d's workspace. A dispatch row may go to several ranks (it is
+read once and stored to each); a combine row goes home to one.
+
+The grid is persistent: `num_sms` programs (one per SM, the `Config.num_sms` budget) stride over tiles of
+ROWS rows. Workspace rows start 16-byte aligned (region and pitch are multiples of 4 words, the deltas are
+checked), so the stores are 16-byte vectors when the source rows are aligned too.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def push_rows_kernel(
+    src,  # int32 words: the rows being sent, [num_rows, WORDS] with row stride `src_stride`
+    dest,  # int32 [num_rows, R]: the row each source row takes in rank d's region, or -1
+    ws,  # int32 words: this rank's workspace
+    peer_delta,  # int64 [R]: words from `ws` to rank d's workspace, multiples of 4
+    region,  # word offset of the region in every rank's workspace, a multiple of 4
+    num_rows,
+    src_stride,  # words
+    pitch,  # words per workspace row, a multiple of 4
+    R: tl.constexpr,
+    WORDS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SRC_ALIGNED: tl.constexpr,  # source rows start 16-byte aligned
+):
+    step = tl.num_programs(0) * ROWS
+    lanes = tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    for first in range(tl.program_id(0) * ROWS, num_rows, step):
+        rows = (first + lanes).to(tl.int64)
+        live = rows < num_rows
+        source = rows * src_stride
+        if SRC_ALIGNED:
+            source = tl.multiple_of(source, 4)
+        for start in tl.static_range(0, WORDS, BLOCK):
+            col = start + cols
+            mask = live[:, None] & (col < WORDS)[None, :]
+            values = tl.load(src + source[:, None] + col[None, :], mask=mask)
+            for d in tl.static_range(R):
+                row = tl.load(dest + rows * R + d, mask=live, other=-1).to(tl.int64)
+                target = tl.multiple_of(tl.load(peer_delta + d) + region + row * pitch, 4)
+                tl.store(ws + target[:, None] + col[None, :], values, mask=mask & (row >= 0)[:, None])
+
+
+def tile_shape(words: int) -> tuple[int, int]:
+    """(ROWS, BLOCK) of a tile: up to 4096 words of a row per step and about 8192 words in all (32 registers
+    per thread at 8 warps), so wide rows go one or two at a time and narrow ones many at once."""
+    block = min(4096, triton.next_power_of_2(max(words, 1)))
+    return max(1, min(64, 8192 // block)), block
