@@ -121,9 +121,7 @@ class PushPlan:
     received: int
 
 
-def push_plan(
-    counts: list[list[int]], rank: int, dispatch: bool, send_tokens: torch.Tensor, num_rows: int
-) -> PushPlan:
+def push_plan(counts: list[list[int]], rank: int, dispatch: bool, send_tokens: torch.Tensor, num_rows: int) -> PushPlan:
     """The `PushPlan` of a dispatch (rows: the `num_rows` tokens, placed per `dispatch_plan`) or a combine (rows:
     the `num_rows` received rows, placed per `combine_plan`). `send_tokens`: the route's token of each sent row
     (int64, on the device the plan is built on; read by dispatch only)."""
