@@ -365,3 +365,36 @@ def test_low_latency_kernels_match_reference_on_emulated_symmetric_memory(tmp_pa
     compared = {(c["case_index"], c["op"]) for c in report.checks if c["participant"].startswith("cuda_sim")}
     assert compared == {(i, op) for i in range(len(cases)) for op in ("low_latency_dispatch", "low_latency_combine")}
     assert any(name.startswith("low_latency-gen") for name in os.listdir(tmp_path))  # the kernels' workspace
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed (an extra check)")
+def test_push_kernel_places_rows_in_the_interpreter() -> None:
+    # The push kernel alone in Triton's CPU interpreter: three "ranks" are three areas of one tensor (the
+    # deltas between them), rows go to random destination rows or nowhere; whole-row tiles with the prefetch,
+    # and rows wider than a tile (the chunked path), against a torch oracle.
+    code = (
+        "import torch\n"
+        "from deep_ep.kernels.triton_normal import push_rows_kernel\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "R, N, AREA = 3, 13, 4096\n"
+        "for words, rows, block, pitch, region in ((24, 4, 32, 28, 8), (40, 2, 16, 40, 0), (7, 8, 8, 8, 4)):\n"
+        "    src = torch.randint(-2**31, 2**31 - 1, (N, words + 5), generator=g, dtype=torch.int32)\n"
+        "    dest = torch.full((N, R), -1, dtype=torch.int32)\n"
+        "    for d in range(R):\n"
+        "        chosen = torch.rand(N, generator=g) < 0.6\n"
+        "        dest[chosen, d] = torch.randperm(N, generator=g)[: int(chosen.sum())].int()\n"
+        "    ws = torch.zeros(R * AREA, dtype=torch.int32)\n"
+        "    deltas = torch.arange(R, dtype=torch.int64) * AREA\n"
+        "    push_rows_kernel[(3,)](src, dest, ws, deltas, region, N, src.stride(0), pitch, R=R, WORDS=words,\n"
+        "                           ROWS=rows, BLOCK=block, SRC_ALIGNED=False)\n"
+        "    want = torch.zeros_like(ws)\n"
+        "    for i in range(N):\n"
+        "        for d in range(R):\n"
+        "            if dest[i, d] >= 0:\n"
+        "                at = d * AREA + region + int(dest[i, d]) * pitch\n"
+        "                want[at : at + words] = src[i, :words]\n"
+        "    assert torch.equal(ws, want), (words, rows, block)\n"
+    )
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)

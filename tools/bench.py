@@ -13,8 +13,9 @@ split sizes (uint8 rows, preallocated), timed the same way in the same process.
 Timing: `--warmup` untimed rounds, then `--iters` timed rounds, each after a barrier (a one-element
 all_reduce, plus a device synchronisation on GPUs); an op and its raw baseline alternate round by round.
 CPU: time.perf_counter around the call. GPU: a pair of torch.cuda.Event around the call (the host part of
-the call counts too: the device is idle at the start event). A figure is the max over ranks of each rank's
-median.
+the call counts too: the device is idle at the start event); the host's own time to issue each call is kept
+as well ("host_times" in the JSON, "(host X ms)" on rank 0's progress lines). A figure is the max over ranks
+of each rank's median.
 
 Byte accounting follows DeepEP's tests (see BYTE_ACCOUNTING, written into the JSON); "cross" counts only
 what moves between two different ranks. Per-rank byte figures are means over ranks; GB/s = 1e9 bytes/s.
@@ -274,6 +275,8 @@ class RankBench:
         self.profiles: list[str] = []
         self.step = 0
         self.label = "?"
+        # GPU: id(timed list) -> (that list, seconds the host spent issuing each round)
+        self.host_times: dict[int, tuple[list[float], list[float]]] = {}
 
     # -- timing --
     def _sync(self) -> None:
@@ -297,6 +300,7 @@ class RankBench:
                     phase()
         self._sync()
         samples: list[list[list[float]]] = [[[] for _ in phases] for phases in candidates]
+        host: list[list[float]] = [[] for _ in candidates]  # GPU: seconds the host spent issuing each round
         pending = []
         for _ in range(self.cfg.iters):
             for c, phases in enumerate(candidates):
@@ -304,9 +308,11 @@ class RankBench:
                 if self.device.type == "cuda":
                     events = [torch.cuda.Event(enable_timing=True) for _ in range(len(phases) + 1)]
                     events[0].record()
+                    start = time.perf_counter()
                     for phase, event in zip(phases, events[1:]):
                         phase()
                         event.record()
+                    host[c].append(time.perf_counter() - start)
                     pending.append((c, events))
                     continue
                 stamps = [time.perf_counter()]
@@ -320,6 +326,9 @@ class RankBench:
             for c, events in pending:
                 for i in range(len(events) - 1):
                     samples[c][i].append(events[i].elapsed_time(events[i + 1]) / 1e3)
+            for c, phases in enumerate(candidates):  # single-phase rounds: record() reports their host time
+                if len(phases) == 1:
+                    self.host_times[id(samples[c][0])] = (samples[c][0], host[c])
         return samples
 
     def record(
@@ -347,6 +356,7 @@ class RankBench:
                 "bytes": None if acct is None else acct[0],
                 "cross_bytes": None if acct is None else acct[1],
                 "wire_bytes": wire,
+                "host_times": self.host_seconds(times),
             }
         )
         if not announce:
@@ -356,10 +366,17 @@ class RankBench:
             total = self.cfg.num_steps()
             print(
                 f"[{self.step:>3}/{total}] {impl:<24} {mode:<6} {op:<16} {dtype:<8} tokens={tokens:<6} "
-                f"rank-0 median {statistics.median(times) * 1e3:9.3f} ms",
+                f"rank-0 median {statistics.median(times) * 1e3:9.3f} ms"
+                + (f" (host {statistics.median(host) * 1e3:.3f} ms)" if (host := self.host_seconds(times)) else ""),
                 file=sys.stderr,
                 flush=True,
             )
+
+    def host_seconds(self, times: list[float]) -> list[float] | None:
+        """GPU: the host's seconds per round of the measurement that produced `times` (issuing the calls; the
+        device time is `times`), or None."""
+        entry = self.host_times.get(id(times))
+        return entry[1] if entry is not None and entry[0] is times else None
 
     def wire_bytes(self, fn: Callable[[], Any]) -> int | None:
         """Bytes that one call of fn sends to other ranks through torch.distributed.all_to_all_single (every

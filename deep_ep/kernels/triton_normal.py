@@ -7,14 +7,34 @@ region that starts at word `region` of rank d's workspace. A dispatch row may go
 read once and stored to each); a combine row goes home to one.
 
 The grid is persistent: `num_sms` programs (one per SM, the `Config.num_sms` budget) stride over tiles of
-ROWS rows. Workspace rows start 16-byte aligned (region and pitch are multiples of 4 words, the deltas are
-checked), so the stores are 16-byte vectors when the source rows are aligned too.
+ROWS rows, each loading its next tile before it stores the current one. Workspace rows start 16-byte aligned
+(region and pitch are multiples of 4 words, the deltas are checked), so the stores are 16-byte vectors when
+the source rows are aligned too.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _load_rows(src, rows, num_rows, src_stride, col, WORDS: tl.constexpr, SRC_ALIGNED: tl.constexpr):
+    source = rows * src_stride
+    if SRC_ALIGNED:
+        source = tl.multiple_of(source, 4)
+    mask = (rows < num_rows)[:, None] & (col < WORDS)[None, :]
+    return tl.load(src + source[:, None] + col[None, :], mask=mask)
+
+
+@triton.jit
+def _store_rows(values, rows, num_rows, col, dest, ws, peer_delta, region, pitch, R: tl.constexpr, WORDS: tl.constexpr):
+    live = rows < num_rows
+    mask = live[:, None] & (col < WORDS)[None, :]
+    for d in tl.static_range(R):
+        row = tl.load(dest + rows * R + d, mask=live, other=-1).to(tl.int64)
+        target = tl.multiple_of(tl.load(peer_delta + d) + region + row * pitch, 4)
+        tl.store(ws + target[:, None] + col[None, :], values, mask=mask & (row >= 0)[:, None])
 
 
 @triton.jit
@@ -34,26 +54,28 @@ def push_rows_kernel(
     SRC_ALIGNED: tl.constexpr,  # source rows start 16-byte aligned
 ):
     step = tl.num_programs(0) * ROWS
-    lanes = tl.arange(0, ROWS)
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    for first in range(tl.program_id(0) * ROWS, num_rows, step):
-        rows = (first + lanes).to(tl.int64)
-        live = rows < num_rows
-        source = rows * src_stride
-        if SRC_ALIGNED:
-            source = tl.multiple_of(source, 4)
-        for start in tl.static_range(0, WORDS, BLOCK):
-            col = start + cols
-            mask = live[:, None] & (col < WORDS)[None, :]
-            values = tl.load(src + source[:, None] + col[None, :], mask=mask)
-            for d in tl.static_range(R):
-                row = tl.load(dest + rows * R + d, mask=live, other=-1).to(tl.int64)
-                target = tl.multiple_of(tl.load(peer_delta + d) + region + row * pitch, 4)
-                tl.store(ws + target[:, None] + col[None, :], values, mask=mask & (row >= 0)[:, None])
+    if WORDS <= BLOCK:
+        # Whole rows per tile, and the next tile is loaded before this one is stored: each program keeps two
+        # tiles in flight, so its NVLink stores do not wait for one load after another.
+        values = _load_rows(src, rows, num_rows, src_stride, cols, WORDS, SRC_ALIGNED)
+        for _ in range(tl.program_id(0) * ROWS, num_rows, step):
+            upcoming = _load_rows(src, rows + step, num_rows, src_stride, cols, WORDS, SRC_ALIGNED)
+            _store_rows(values, rows, num_rows, cols, dest, ws, peer_delta, region, pitch, R, WORDS)
+            values = upcoming
+            rows += step
+    else:
+        for _ in range(tl.program_id(0) * ROWS, num_rows, step):
+            for start in tl.static_range(0, WORDS, BLOCK):
+                values = _load_rows(src, rows, num_rows, src_stride, start + cols, WORDS, SRC_ALIGNED)
+                _store_rows(values, rows, num_rows, start + cols, dest, ws, peer_delta, region, pitch, R, WORDS)
+            rows += step
 
 
 def tile_shape(words: int) -> tuple[int, int]:
-    """(ROWS, BLOCK) of a tile: up to 4096 words of a row per step and about 8192 words in all (32 registers
-    per thread at 8 warps), so wide rows go one or two at a time and narrow ones many at once."""
-    block = min(4096, triton.next_power_of_2(max(words, 1)))
+    """(ROWS, BLOCK) of a tile: up to 8192 words of a row per step (whole rows up to 32 KB) and about 8192 words
+    in all (32 registers per thread at 8 warps, twice that with the prefetched tile), so wide rows go one or two
+    at a time and narrow ones many at once."""
+    block = min(8192, triton.next_power_of_2(max(words, 1)))
     return max(1, min(64, 8192 // block)), block
