@@ -330,7 +330,10 @@ def summarize(reports: list[RankReport], world: int, candidate: str) -> int:
             times = [rep.timing[key] for rep in reports]
             rates = [rep.timing["recv_bytes"] / 1e9 / (rep.timing[key] / 1e3) for rep in reports]
             print(f"{key:<26} {statistics.median(times):>10.3f} {max(times):>10.3f} {min(rates):>18.1f}")
-        print("SMs: not limited in this version (torch copy kernels and a Triton reduction use any free SM)")
+        print(
+            f"SMs: the cuda push kernels run on Config.num_sms = {Buffer.num_sms} SMs; the copy-out is a device memcpy "
+            "and the combine's sum one kernel over the whole GPU"
+        )
     print(f"combine reduction on rank 0: {reports[0].reduction}")
     total = sum(len(rep.checks) for rep in reports)
     failed = sum(1 for rep in reports for _, why in rep.checks if why is not None)
