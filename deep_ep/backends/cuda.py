@@ -334,7 +334,7 @@ class CudaBackend(ReferenceBackend):
             for rows, pitch in zip(tensors, pitches):
                 src, aligned = source_words(rows, pitch)
                 if rows.shape[0] and src.shape[1]:
-                    tile_rows, block, warps = tile_shape(src.shape[1])
+                    tile_rows, block = tile_shape(src.shape[1])
                     programs = max(1, min(self.num_sms, -(-rows.shape[0] // tile_rows)))
                     push_rows_kernel[(programs,)](
                         src,
@@ -350,7 +350,7 @@ class CudaBackend(ReferenceBackend):
                         ROWS=tile_rows,
                         BLOCK=block,
                         SRC_ALIGNED=aligned,
-                        num_warps=warps,
+                        num_warps=8 if tile_rows * block >= 4096 else 4,
                     )
                 area = workspace.local[region : region + plan.received * pitch]
                 received.append(area.view(plan.received, pitch)[:, : rows.shape[1]])

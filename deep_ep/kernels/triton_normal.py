@@ -73,11 +73,9 @@ def push_rows_kernel(
             rows += step
 
 
-def tile_shape(words: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK, num_warps) of a tile: up to 8192 words of a row per step (whole rows up to 32 KB) and about
-    16384 words in all at 16 warps (32 registers per thread, twice that with the prefetched tile): a program
-    then keeps about 128 KB of loads in flight, which is what one SM needs to keep NVLink busy; narrow rows go
-    many at once."""
+def tile_shape(words: int) -> tuple[int, int]:
+    """(ROWS, BLOCK) of a tile: up to 8192 words of a row per step (whole rows up to 32 KB) and about 8192 words
+    in all (32 registers per thread at 8 warps, twice that with the prefetched tile), so wide rows go one or two
+    at a time and narrow ones many at once."""
     block = min(8192, triton.next_power_of_2(max(words, 1)))
-    rows = max(1, min(64, 16384 // block))
-    return rows, block, 16 if rows * block >= 8192 else 4
+    return max(1, min(64, 8192 // block)), block
