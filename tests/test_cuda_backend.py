@@ -237,6 +237,13 @@ def test_row_index_from_splits() -> None:
     assert row_index_from_splits(route.send_tokens[:0], [0, 0], 3).eq(-1).all()
 
 
+def _run_in_interpreter(code: str) -> None:
+    """Run `code` in a fresh interpreter with TRITON_INTERPRET=1 (set before Triton is imported)."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed (an extra check)")
 def test_triton_kernel_logic_in_the_interpreter() -> None:
     # Runs the real kernel body in Triton's CPU interpreter (float16/float32: the interpreter truncates
@@ -256,9 +263,7 @@ def test_triton_kernel_logic_in_the_interpreter() -> None:
         "        a, e = k.ordered_gather_sum(rows, idx, b), torch_ordered_gather_sum(rows, idx, b)\n"
         "        assert torch.equal(a.view(torch.uint8), e.view(torch.uint8)), (dtype, h, nb)\n"
     )
-    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    _run_in_interpreter(code)
 
 
 # ---- the whole backend on a CPU stand-in for symmetric memory ----------------------------------------------
@@ -395,6 +400,4 @@ def test_push_kernel_places_rows_in_the_interpreter() -> None:
         "                want[at : at + words] = src[i, :words]\n"
         "    assert torch.equal(ws, want), (words, rows, block)\n"
     )
-    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    _run_in_interpreter(code)
