@@ -368,19 +368,6 @@ class Buffer:
         num_channels = config.num_sms // 2
         if num_channels < 1:
             raise ValueError(f"config.num_sms={config.num_sms} gives no channel; it must be >= 2")
-        if host_sync_allowed(device):  # data-dependent checks, with one host round trip for both
-            sent = is_token_in_rank.sum(0)
-            # The layout must describe this routing, or the ranks' sizes would not match.
-            layout_bad = (sent.to(num_tokens_per_rank.dtype) != num_tokens_per_rank).any()
-            ids_bad = layout_bad.new_zeros(()) if topk_idx is None else checks.invalid_expert_ids(topk_idx, num_experts)
-            ids_flag, layout_flag = torch.stack([ids_bad, layout_bad]).tolist()
-            if ids_flag:
-                checks.expert_ids("topk_idx", topk_idx, num_experts)  # raises, naming the first bad entry
-            if layout_flag:
-                raise ValueError(
-                    f"num_tokens_per_rank={num_tokens_per_rank.tolist()} does not match is_token_in_rank, which "
-                    f"sends {sent.tolist()} tokens per rank"
-                )
         self._agree(
             "dispatch",
             hidden=hidden,

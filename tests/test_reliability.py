@@ -527,6 +527,28 @@ def test_collective_mismatch_raises_on_every_rank(what: str, fragment: str) -> N
     assert all(fragment in m for m in messages), messages
 
 
+def _one_rank_bad(rank: int, world: int, what: str) -> str:
+    """Only the last rank passes bad data; every rank must raise (nobody left waiting) and stay usable."""
+    c = Ctx(rank, world)
+    over = {}
+    if rank == world - 1:
+        if what == "expert_id":
+            over["topk_idx"] = _bad_idx(c, c.experts)
+        else:
+            over["num_tokens_per_rank"] = c.per_rank + 1
+    with pytest.raises(ValueError) as info:
+        c.dispatch(**over)
+    _still_correct(c)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("what,fragment", [("expert_id", "is not an expert id"), ("layout", "does not match")])
+def test_bad_data_on_one_rank_raises_on_every_rank(what: str, fragment: str) -> None:
+    messages = run_ranks(3, _one_rank_bad, what, timeout=120)
+    assert fragment in messages[2], messages
+    assert all("rank(s) [2] passed" in m for m in messages[:2]), messages
+
+
 def _dead_peer(rank: int, world: int, op: str, how: str) -> str | None:
     c = Ctx(rank, world)
     c.buffer.comm_timeout = 3.0

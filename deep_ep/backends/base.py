@@ -1,7 +1,9 @@
 """The interface between the `Buffer` façade and a backend.
 
 The façade validates arguments, checks that ranks agree, and turns a backend's `Pending` into an
-`EventOverlap`; a backend only moves data. Inputs reaching a backend are already validated.
+`EventOverlap`; a backend only moves data. Inputs reaching a backend are already validated, except the checks
+that read device data: a dispatch's count exchange carries them (`DispatchArgs.input_flags`), so they cost no
+host round trip of their own and every rank raises together.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
-from ..comm import Comm, Pending
+from .. import checks
+from ..comm import Comm, Pending, host_sync_allowed
 
 
 @dataclass
@@ -29,6 +32,38 @@ class DispatchArgs:
     expert_alignment: int
     num_worst_tokens: int
     num_channels: int
+
+    def input_flags(self) -> torch.Tensor | None:
+        """int32 [2] on the device, (topk_idx holds an invalid expert id, the layout does not describe
+        is_token_in_rank), computed without a host round trip; None where the host may not read device data
+        (CUDA-graph capture), where these checks are skipped. A backend appends them to its count exchange and
+        calls `raise_on_bad_input` with every rank's flags before any row moves."""
+        if not host_sync_allowed(self.x.device):
+            return None
+        sent = self.is_token_in_rank.sum(0)
+        layout_bad = (sent.to(self.num_tokens_per_rank.dtype) != self.num_tokens_per_rank).any()
+        ids_bad = torch.zeros_like(layout_bad)
+        if self.topk_idx is not None:
+            ids_bad = checks.invalid_expert_ids(self.topk_idx, self.num_tokens_per_expert.numel())
+        return torch.stack([ids_bad, layout_bad]).int()
+
+    def raise_on_bad_input(self, flags: list[list[int]], rank: int) -> None:
+        """Raise, on every rank, if any rank's `input_flags` (row r of `flags`: rank r's) were set: the rank at
+        fault names its argument, the others name that rank. Nothing has moved yet, so the Buffer stays usable."""
+        ids_bad, layout_bad = flags[rank]
+        if ids_bad:
+            checks.expert_ids("topk_idx", self.topk_idx, self.num_tokens_per_expert.numel())  # names the entry
+        if layout_bad:
+            raise ValueError(
+                f"num_tokens_per_rank={self.num_tokens_per_rank.tolist()} does not match is_token_in_rank, which "
+                f"sends {self.is_token_in_rank.sum(0).tolist()} tokens per rank"
+            )
+        at_fault = [r for r, row in enumerate(flags) if any(row)]
+        if at_fault:
+            raise ValueError(
+                f"dispatch: rank(s) {at_fault} passed an invalid topk_idx or a layout that does not match "
+                "is_token_in_rank (their errors say which); every rank raises, so none waits in a collective"
+            )
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..comm import Pending, host_sync_allowed
+from ..comm import Pending
 from ..kernels.ordered_sum import ordered_gather_sum, row_index_from_splits
 from ..packing import HostBuffers, RowFormat, byte_rows
 from ..routing import Empty, Route, _torch_empty, channel_of_tokens, gather_rows
@@ -73,10 +73,19 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         channel = channel_of_tokens(num_tokens, args.num_channels, device)
         per_channel = torch.zeros(args.num_channels, num_ranks, dtype=torch.int32, device=device)
         per_channel.index_add_(0, channel, in_rank.int())
+        # The input checks that read device data ride along (two flags), so they need no round trip of their own.
+        flags = args.input_flags()
+        extra = [] if flags is None else [flags]
         local = torch.cat(
-            [args.num_tokens_per_rank.int(), per_channel.t().reshape(-1), args.num_tokens_per_expert.int()]
+            [args.num_tokens_per_rank.int(), per_channel.t().reshape(-1), args.num_tokens_per_expert.int(), *extra]
         )
         gathered = comm.all_gather(local, "dispatch")
+        host = None
+        if flags is not None:  # a host read is allowed: the one DeepEP makes, now also checking the inputs
+            width = local.numel() - flags.numel()
+            host = gathered.cpu()
+            args.raise_on_bad_input(host[:, width:].tolist(), rank)
+            gathered, host = gathered[:, :width], host[:, :width]
         counts = gathered[:, :num_ranks]  # [source, destination]
         channel_counts = gathered[:, num_ranks : num_ranks * (1 + args.num_channels)]
         channel_counts = channel_counts.reshape(num_ranks, num_ranks, args.num_channels)[:, rank]  # [source, channel]
@@ -92,8 +101,8 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         send_head = _send_head(in_rank, channel, args.num_channels)
 
         if args.num_worst_tokens:
-            if host_sync_allowed(device):  # every rank sees every total, so all ranks raise together
-                totals = counts.sum(0).tolist()
+            if host is not None:  # every rank sees every total, so all ranks raise together
+                totals = host[:, :num_ranks].sum(0).tolist()
                 if max(totals) > args.num_worst_tokens:
                     raise ValueError(
                         f"num_worst_tokens={args.num_worst_tokens} is smaller than the tokens received: "
@@ -103,7 +112,7 @@ class ReferenceBackend(LowLatencyMixin, Backend):
             count_list: list[int] = []
         else:
             # DeepEP's host synchronisation, once: the receive sizes and the per-expert counts are needed here.
-            host = gathered.cpu()
+            host = gathered.cpu() if host is None else host
             host_counts = host[:, :num_ranks]
             route = Route.exact(in_rank, host_counts, rank)
             host_experts = host[:, num_ranks * (1 + args.num_channels) :]
