@@ -149,3 +149,25 @@ def test_plot_is_optional(report: dict, tmp_path, monkeypatch: pytest.MonkeyPatc
     path = tmp_path / "plot.png"
     assert "matplotlib is not installed" in bench.plot(report, str(path))
     assert not path.exists()
+
+
+def test_timeline_of_a_trace() -> None:
+    """Two calls: the first with two overlapping kernels after a 100 us launch gap, the second with none."""
+    trace = {
+        "traceEvents": [
+            {"name": bench.CALL_MARK, "cat": "user_annotation", "ts": 1000, "dur": 300},
+            {"name": "push", "cat": "kernel", "ts": 1100, "dur": 400},
+            {"name": "Memcpy DtoD", "cat": "gpu_memcpy", "ts": 1450, "dur": 100},
+            {"name": "aten::copy_", "cat": "cpu_op", "ts": 1010, "dur": 5},
+            {"name": bench.CALL_MARK, "cat": "user_annotation", "ts": 2000, "dur": 50},
+        ]
+    }
+    lines = bench.timeline(trace).splitlines()
+    assert lines[1] == (
+        "call 0: host 300 us; first GPU op at +100; GPU span 450 us, busy 450 us (idle 0); done at +550"
+    )
+    assert lines[2].split() == ["+100", "400.0", "push"] and lines[3].split()[:2] == ["+450", "100.0"]
+    assert lines[4] == "call 1: host 50 us, no GPU operation"
+    gap = {"name": "late", "cat": "kernel", "ts": 1700, "dur": 50}
+    trace["traceEvents"].append(gap)
+    assert "busy 500 us (idle 150)" in bench.timeline(trace).splitlines()[1]

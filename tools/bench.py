@@ -49,6 +49,8 @@ import torch.distributed as dist
 SCHEMA = "deep_ep-bench/1"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAW = "raw all_to_all_single"
+CALL_MARK = "deep_ep_bench.call"  # the profiler range around each profiled call (see `timeline`)
+GPU_TRACE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 DTYPES = ("bfloat16", "fp8")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8", "float8_e4m3fn": "fp8"}
 
@@ -447,12 +449,17 @@ class RankBench:
         with torch.profiler.profile(activities=activities) as prof:
             start = time.perf_counter()
             for _ in range(calls):
-                fn()
+                with torch.profiler.record_function(CALL_MARK):
+                    fn()
             self._sync()
             wall = (time.perf_counter() - start) * 1e3 / calls
         averages = prof.key_averages()
         parts = [f"== {label} (rank 0, {calls} call(s), {wall:.3f} ms wall per call under the profiler) =="]
         if self.device.type == "cuda":
+            with tempfile.TemporaryDirectory() as tmp:
+                prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+                with open(os.path.join(tmp, "trace.json")) as f:
+                    parts.append(timeline(json.load(f)))
             parts.append("-- top ops by device (CUDA) time --")
             parts.append(averages.table(sort_by="device_time_total", row_limit=25, max_name_column_width=70))
         parts.append("-- top ops by self CPU time --")
@@ -722,6 +729,36 @@ def run_torchrun(fn: Callable, args: tuple, backend: str) -> list | None:
 
 
 # ---- aggregation and reports -------------------------------------------------------------------------
+def timeline(trace: dict) -> str:
+    """Per profiled call (a CALL_MARK range in a torch.profiler Chrome trace): how long the host took to issue
+    it, when its first GPU operation started relative to the call's start, how long its GPU operations span
+    and how much of that span the GPU was busy, and each operation's start and duration in order."""
+    events = trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
+    marks = sorted(
+        (e for e in events if e.get("name") == CALL_MARK and e.get("cat") == "user_annotation"), key=lambda e: e["ts"]
+    )
+    ops = sorted((e for e in events if e.get("cat") in GPU_TRACE_CATEGORIES), key=lambda e: e["ts"])
+    lines = ["-- timeline per call (us from the call's start; the profiler adds its own host overhead) --"]
+    for i, mark in enumerate(marks):
+        begin = mark["ts"]
+        end = marks[i + 1]["ts"] if i + 1 < len(marks) else float("inf")
+        mine = [e for e in ops if begin <= e["ts"] < end]
+        if not mine:
+            lines.append(f"call {i}: host {mark['dur']:.0f} us, no GPU operation")
+            continue
+        busy, reach = 0.0, mine[0]["ts"]
+        for e in mine:  # union of the operations' intervals
+            busy += max(0.0, e["ts"] + e["dur"] - max(reach, e["ts"]))
+            reach = max(reach, e["ts"] + e["dur"])
+        span = reach - mine[0]["ts"]
+        lines.append(
+            f"call {i}: host {mark['dur']:.0f} us; first GPU op at +{mine[0]['ts'] - begin:.0f}; GPU span "
+            f"{span:.0f} us, busy {busy:.0f} us (idle {span - busy:.0f}); done at +{reach - begin:.0f}"
+        )
+        lines.extend(f"    {e['ts'] - begin:+9.0f} {e['dur']:8.1f}  {e['name'][:90]}" for e in mine)
+    return "\n".join(lines)
+
+
 def aggregate(per_rank: list[dict]) -> list[dict]:
     """Per-rank samples -> one record per (impl, mode, op, dtype, tokens), with ratios to the raw a2a."""
     grouped: dict[tuple, list[dict]] = {}
