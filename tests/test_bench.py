@@ -156,7 +156,8 @@ def test_timeline_of_a_trace() -> None:
     trace = {
         "traceEvents": [
             {"name": bench.CALL_MARK, "cat": "user_annotation", "ts": 1000, "dur": 300},
-            {"name": "push", "cat": "kernel", "ts": 1100, "dur": 400},
+            {"name": "push", "cat": "kernel", "ts": 1100, "dur": 400, "args": {"correlation": 7}},
+            {"name": "cuLaunchKernelEx", "cat": "cuda_driver", "ts": 1090, "dur": 9, "args": {"correlation": 7}},
             {"name": "Memcpy DtoD", "cat": "gpu_memcpy", "ts": 1450, "dur": 100},
             {"name": "aten::copy_", "cat": "cpu_op", "ts": 1010, "dur": 5},
             {"name": bench.CALL_MARK, "cat": "user_annotation", "ts": 2000, "dur": 50},
@@ -166,7 +167,7 @@ def test_timeline_of_a_trace() -> None:
     assert lines[1] == (
         "call 0: host 300 us; first GPU op at +100; GPU span 450 us, busy 450 us (idle 0); done at +550"
     )
-    assert lines[2].split() == ["+100", "400.0", "push"] and lines[3].split()[:2] == ["+450", "100.0"]
+    assert lines[2].split() == ["+90", "+100", "400.0", "push"] and lines[3].split()[:2] == ["+450", "100.0"]
     assert lines[4] == "call 1: host 50 us, no GPU operation"
     gap = {"name": "late", "cat": "kernel", "ts": 1700, "dur": 50}
     trace["traceEvents"].append(gap)

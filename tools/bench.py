@@ -27,12 +27,15 @@ repository's `deep_ep` package (nothing here imports it at module level).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import io
 import json
 import multiprocessing
 import multiprocessing.connection
 import os
 import platform
+import pstats
 import shutil
 import statistics
 import sys
@@ -437,9 +440,10 @@ class RankBench:
         """`profile_calls` calls of fn on every rank; rank 0 records them with torch.profiler and keeps the
         summary tables (top ops by device time on GPUs, by self CPU time everywhere)."""
         calls = self.cfg.profile_calls
+        host_calls = 20  # then under cProfile: where the host's issuing time goes, by Python function
         self.barrier()
         if self.rank != 0:
-            for _ in range(calls):
+            for _ in range(calls + host_calls):
                 fn()
             self._sync()
             return
@@ -464,6 +468,16 @@ class RankBench:
             parts.append(averages.table(sort_by="device_time_total", row_limit=25, max_name_column_width=70))
         parts.append("-- top ops by self CPU time --")
         parts.append(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+        host = cProfile.Profile()
+        host.enable()
+        for _ in range(host_calls):
+            fn()
+        host.disable()
+        self._sync()
+        listing = io.StringIO()
+        pstats.Stats(host, stream=listing).sort_stats("tottime").print_stats(30)
+        parts.append(f"-- host Python profile (cProfile, {host_calls} calls, by own time) --")
+        parts.append(listing.getvalue().strip())
         self.profiles.append("\n".join(parts))
 
     # -- the runs --
@@ -738,7 +752,16 @@ def timeline(trace: dict) -> str:
         (e for e in events if e.get("name") == CALL_MARK and e.get("cat") == "user_annotation"), key=lambda e: e["ts"]
     )
     ops = sorted((e for e in events if e.get("cat") in GPU_TRACE_CATEGORIES), key=lambda e: e["ts"])
-    lines = ["-- timeline per call (us from the call's start; the profiler adds its own host overhead) --"]
+    # The host call (cudaLaunchKernel, cudaMemcpyAsync, ...) that issued each GPU op, by correlation id.
+    issued = {
+        e["args"]["correlation"]: e["ts"]
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    }
+    lines = [
+        "-- timeline per call (us from the call's start: issued by the host, started on the GPU, duration; "
+        "the profiler adds its own host overhead) --"
+    ]
     for i, mark in enumerate(marks):
         begin = mark["ts"]
         end = marks[i + 1]["ts"] if i + 1 < len(marks) else float("inf")
@@ -755,7 +778,10 @@ def timeline(trace: dict) -> str:
             f"call {i}: host {mark['dur']:.0f} us; first GPU op at +{mine[0]['ts'] - begin:.0f}; GPU span "
             f"{span:.0f} us, busy {busy:.0f} us (idle {span - busy:.0f}); done at +{reach - begin:.0f}"
         )
-        lines.extend(f"    {e['ts'] - begin:+9.0f} {e['dur']:8.1f}  {e['name'][:90]}" for e in mine)
+        for e in mine:
+            at = issued.get(e.get("args", {}).get("correlation"))
+            host = "" if at is None else f"{at - begin:+.0f}"
+            lines.append(f"    {host:>9} {e['ts'] - begin:+9.0f} {e['dur']:8.1f}  {e['name'][:90]}")
     return "\n".join(lines)
 
 
@@ -1096,7 +1122,13 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--plot", help="write a PNG here (needs matplotlib)")
     parser.add_argument("--markdown", help="write the results table as Markdown here")
-    parser.add_argument("--profile", help="write a torch.profiler summary of each op at the largest size here")
+    parser.add_argument(
+        "--profile",
+        help=(
+            "write, for each op at the largest size: a torch.profiler summary (GPU: with a per-call timeline) "
+            "and a cProfile listing of 20 calls"
+        ),
+    )
     parser.add_argument("--profile-calls", type=int, default=1, help="calls per profiled op (totals over them)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="no run: merge these reports and print/write them")
