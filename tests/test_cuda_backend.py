@@ -164,6 +164,11 @@ def test_push_plans_send_every_row_home(num_ranks: int) -> None:
         for row, (s, t) in enumerate(expected):
             home = int(back.dest[row, s])
             assert send_tokens[s][home] == t and home - sum(counts[s][:d]) in range(counts[s][d])
+        # The combine takes the rows round-robin over the sources they return to: the first row of each
+        # source's block, sources ascending, then the second, ...
+        within = [[s for s, _ in expected[: row + 1]].count(expected[row][0]) - 1 for row in range(len(expected))]
+        round_robin = sorted(range(len(expected)), key=lambda row: (within[row], expected[row][0]))
+        assert back.order is None if not expected else back.order.tolist() == round_robin
 
 
 # ---- byte-row helpers --------------------------------------------------------------------------------------
@@ -382,7 +387,8 @@ def test_push_kernel_places_rows_in_the_interpreter() -> None:
         "from deep_ep.kernels.triton_normal import push_rows_kernel\n"
         "g = torch.Generator().manual_seed(0)\n"
         "R, N, AREA = 3, 13, 4096\n"
-        "for words, rows, block, pitch, region in ((24, 4, 32, 28, 8), (40, 2, 16, 40, 0), (7, 8, 8, 8, 4)):\n"
+        "cases = ((24, 4, 32, 28, 8, 0), (40, 2, 16, 40, 0, 0), (7, 8, 8, 8, 4, 1), (40, 2, 16, 40, 0, 1))\n"
+        "for words, rows, block, pitch, region, has_order in cases:\n"
         "    src = torch.randint(-2**31, 2**31 - 1, (N, words + 5), generator=g, dtype=torch.int32)\n"
         "    dest = torch.full((N, R), -1, dtype=torch.int32)\n"
         "    for d in range(R):\n"
@@ -390,8 +396,9 @@ def test_push_kernel_places_rows_in_the_interpreter() -> None:
         "        dest[chosen, d] = torch.randperm(N, generator=g)[: int(chosen.sum())].int()\n"
         "    ws = torch.zeros(R * AREA, dtype=torch.int32)\n"
         "    deltas = torch.arange(R, dtype=torch.int64) * AREA\n"
-        "    push_rows_kernel[(3,)](src, dest, ws, deltas, region, N, src.stride(0), pitch, R=R, WORDS=words,\n"
-        "                           ROWS=rows, BLOCK=block, SRC_ALIGNED=False)\n"
+        "    order = torch.randperm(N, generator=g).int()\n"
+        "    push_rows_kernel[(3,)](src, dest, order, ws, deltas, region, N, src.stride(0), pitch, R=R, WORDS=words,\n"
+        "                           ROWS=rows, BLOCK=block, SRC_ALIGNED=False, HAS_ORDER=bool(has_order))\n"
         "    want = torch.zeros_like(ws)\n"
         "    for i in range(N):\n"
         "        for d in range(R):\n"

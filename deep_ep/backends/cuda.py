@@ -113,18 +113,24 @@ class PushPlan:
 
     dest: int32 [num_rows, R], the row that row i takes in rank d's region, or -1 (rows: the tokens for a
     dispatch, the received rows for a combine); capacity: the largest region's rows on any rank (the same on
-    every rank); received: the rows that land in this rank's region.
+    every rank); received: the rows that land in this rank's region; order: int32 [num_rows], the order the
+    kernel takes the rows in, or None for ascending.
     """
 
     dest: torch.Tensor
     capacity: int
     received: int
+    order: torch.Tensor | None = None
 
 
 def push_plan(counts: list[list[int]], rank: int, dispatch: bool, send_tokens: torch.Tensor, num_rows: int) -> PushPlan:
     """The `PushPlan` of a dispatch (rows: the `num_rows` tokens, placed per `dispatch_plan`) or a combine (rows:
     the `num_rows` received rows, placed per `combine_plan`). `send_tokens`: the route's token of each sent row
-    (int64, on the device the plan is built on; read by dispatch only)."""
+    (int64, on the device the plan is built on; read by dispatch only).
+
+    A combine's rows are grouped by destination; its order takes them round-robin over the destinations (the
+    first row of each block, then the second, ...), so the kernel's programs, on every rank, write to all
+    destinations at once instead of all ranks to one GPU at a time."""
     num_ranks = len(counts)
     splits, shifts = [0] * num_ranks, [0] * num_ranks
     for copy in dispatch_plan(counts, rank) if dispatch else combine_plan(counts, rank):
@@ -139,7 +145,11 @@ def push_plan(counts: list[list[int]], rank: int, dispatch: bool, send_tokens: t
         entry = torch.arange(total, device=device)
         rows = send_tokens[:total] if dispatch else entry
         dest[rows, peer] = (entry + splits_shifts[1][peer]).int()
-    return PushPlan(dest, workspace_rows(counts, dispatch), rows_received(counts, rank, dispatch))
+    order = None
+    if not dispatch and total:
+        block_start = torch.cumsum(splits_shifts[0], 0) - splits_shifts[0]
+        order = torch.argsort((entry - block_start[peer]) * num_ranks + peer).int()
+    return PushPlan(dest, workspace_rows(counts, dispatch), rows_received(counts, rank, dispatch), order)
 
 
 # ---- byte-row helpers --------------------------------------------------------------------------------------
@@ -339,6 +349,7 @@ class CudaBackend(ReferenceBackend):
                     push_rows_kernel[(programs,)](
                         src,
                         plan.dest,
+                        plan.dest if plan.order is None else plan.order,
                         words,
                         deltas,
                         region // WORD,
@@ -350,6 +361,7 @@ class CudaBackend(ReferenceBackend):
                         ROWS=tile_rows,
                         BLOCK=block,
                         SRC_ALIGNED=aligned,
+                        HAS_ORDER=plan.order is not None,
                         num_warps=8 if tile_rows * block >= 4096 else 4,
                     )
                 area = workspace.local[region : region + plan.received * pitch]

@@ -7,7 +7,10 @@ region that starts at word `region` of rank d's workspace. A dispatch row may go
 read once and stored to each); a combine row goes home to one.
 
 The grid is persistent: `num_sms` programs (one per SM, the `Config.num_sms` budget) stride over tiles of
-ROWS rows, each loading its next tile before it stores the current one. Workspace rows start 16-byte aligned
+ROWS rows, each loading its next tile before it stores the current one. Rows are taken in `order` where one is
+given: a combine's rows come grouped by destination, and taken in that order every rank would write to the same
+destination at the same time (all ranks' NVLink traffic into one GPU); the combine's order interleaves the
+destinations instead. Workspace rows start 16-byte aligned
 (region and pitch are multiples of 4 words, the deltas are checked), so the stores are 16-byte vectors when
 the source rows are aligned too.
 """
@@ -19,17 +22,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_rows(src, rows, num_rows, src_stride, col, WORDS: tl.constexpr, SRC_ALIGNED: tl.constexpr):
+def _tile_rows(order, positions, num_rows, HAS_ORDER: tl.constexpr):
+    """The source rows a tile of processing `positions` covers (`order[position]`, or the position itself)."""
+    if HAS_ORDER:
+        return tl.load(order + positions, mask=positions < num_rows, other=0).to(tl.int64)
+    return positions
+
+
+@triton.jit
+def _load_rows(src, rows, live, src_stride, col, WORDS: tl.constexpr, SRC_ALIGNED: tl.constexpr):
     source = rows * src_stride
     if SRC_ALIGNED:
         source = tl.multiple_of(source, 4)
-    mask = (rows < num_rows)[:, None] & (col < WORDS)[None, :]
+    mask = live[:, None] & (col < WORDS)[None, :]
     return tl.load(src + source[:, None] + col[None, :], mask=mask)
 
 
 @triton.jit
-def _store_rows(values, rows, num_rows, col, dest, ws, peer_delta, region, pitch, R: tl.constexpr, WORDS: tl.constexpr):
-    live = rows < num_rows
+def _store_rows(values, rows, live, col, dest, ws, peer_delta, region, pitch, R: tl.constexpr, WORDS: tl.constexpr):
     mask = live[:, None] & (col < WORDS)[None, :]
     for d in tl.static_range(R):
         row = tl.load(dest + rows * R + d, mask=live, other=-1).to(tl.int64)
@@ -41,6 +51,7 @@ def _store_rows(values, rows, num_rows, col, dest, ws, peer_delta, region, pitch
 def push_rows_kernel(
     src,  # int32 words: the rows being sent, [num_rows, WORDS] with row stride `src_stride`
     dest,  # int32 [num_rows, R]: the row each source row takes in rank d's region, or -1
+    order,  # int32 [num_rows]: the source row at each processing position (read when HAS_ORDER)
     ws,  # int32 words: this rank's workspace
     peer_delta,  # int64 [R]: words from `ws` to rank d's workspace, multiples of 4
     region,  # word offset of the region in every rank's workspace, a multiple of 4
@@ -52,25 +63,31 @@ def push_rows_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     SRC_ALIGNED: tl.constexpr,  # source rows start 16-byte aligned
+    HAS_ORDER: tl.constexpr,
 ):
     step = tl.num_programs(0) * ROWS
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    positions = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     if WORDS <= BLOCK:
         # Whole rows per tile, and the next tile is loaded before this one is stored: each program keeps two
         # tiles in flight, so its NVLink stores do not wait for one load after another.
-        values = _load_rows(src, rows, num_rows, src_stride, cols, WORDS, SRC_ALIGNED)
+        rows = _tile_rows(order, positions, num_rows, HAS_ORDER)
+        values = _load_rows(src, rows, positions < num_rows, src_stride, cols, WORDS, SRC_ALIGNED)
         for _ in range(tl.program_id(0) * ROWS, num_rows, step):
-            upcoming = _load_rows(src, rows + step, num_rows, src_stride, cols, WORDS, SRC_ALIGNED)
-            _store_rows(values, rows, num_rows, cols, dest, ws, peer_delta, region, pitch, R, WORDS)
+            upcoming_rows = _tile_rows(order, positions + step, num_rows, HAS_ORDER)
+            upcoming = _load_rows(src, upcoming_rows, positions + step < num_rows, src_stride, cols, WORDS, SRC_ALIGNED)
+            _store_rows(values, rows, positions < num_rows, cols, dest, ws, peer_delta, region, pitch, R, WORDS)
             values = upcoming
-            rows += step
+            rows = upcoming_rows
+            positions += step
     else:
         for _ in range(tl.program_id(0) * ROWS, num_rows, step):
+            rows = _tile_rows(order, positions, num_rows, HAS_ORDER)
+            live = positions < num_rows
             for start in tl.static_range(0, WORDS, BLOCK):
-                values = _load_rows(src, rows, num_rows, src_stride, start + cols, WORDS, SRC_ALIGNED)
-                _store_rows(values, rows, num_rows, start + cols, dest, ws, peer_delta, region, pitch, R, WORDS)
-            rows += step
+                values = _load_rows(src, rows, live, src_stride, start + cols, WORDS, SRC_ALIGNED)
+                _store_rows(values, rows, live, start + cols, dest, ws, peer_delta, region, pitch, R, WORDS)
+            positions += step
 
 
 def tile_shape(words: int) -> tuple[int, int]:
