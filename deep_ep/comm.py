@@ -4,15 +4,12 @@ Everything the reference algorithm sends goes through `Comm`, so three concerns 
 - which device a tensor must be on for the group's backend (gloo wants CPU tensors, NCCL CUDA, HCCL NPU;
   vLLM hands a gloo group CUDA tensors, which we stage through host memory);
 - a timeout per wait, turned into `CommTimeoutError` naming the operation (a dead peer must not hang us);
-- small host exchanges (the agreement check) over gloo, on a companion group where the group itself is
-  device-only (NCCL, HCCL): reading them back then neither waits for nor stalls the device's queued work;
 - `Pending`: an issued collective plus the steps that finish the operation, run by `wait()`.
 """
 
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 from collections.abc import Callable
 
@@ -24,7 +21,6 @@ from .errors import CommTimeoutError
 # torch >= 2.13 renamed all_gather_into_tensor; the GPU hosts run 2.11.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _BACKEND_DEVICE = {"gloo": "cpu", "mpi": "cpu", "nccl": "cuda", "hccl": "npu", "xccl": "xpu"}
-log = logging.getLogger("deep_ep")
 DEFAULT_TIMEOUT_S = float(os.environ.get("DEEP_EP_COMM_TIMEOUT", "300"))
 
 
@@ -44,27 +40,6 @@ def group_device_types(group: dist.ProcessGroup) -> set[str]:
 def host_sync_allowed(device: torch.device) -> bool:
     """False while a CUDA graph is being captured: checks that read device values must then be skipped."""
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-
-
-_HOST_COMPANIONS: dict[str, dist.ProcessGroup | None] = {}
-
-
-def _host_companion(group: dist.ProcessGroup, timeout_s: float) -> dist.ProcessGroup | None:
-    """A gloo group of `group`'s ranks for small host exchanges, one per group (made collectively on first use by
-    the group's ranks alone), or None where gloo cannot make one (logged once)."""
-    name = group.group_name
-    if name not in _HOST_COMPANIONS:
-        try:
-            _HOST_COMPANIONS[name] = dist.new_group(
-                dist.get_process_group_ranks(group),
-                backend="gloo",
-                timeout=datetime.timedelta(seconds=timeout_s),
-                use_local_synchronization=True,
-            )
-        except Exception as error:  # e.g. a torch built without gloo: the device path still works
-            log.warning("deep_ep: no gloo group for host-side checks (%s); they travel on the device", error)
-            _HOST_COMPANIONS[name] = None
-    return _HOST_COMPANIONS[name]
 
 
 class Pending:
@@ -140,23 +115,6 @@ class Comm:
             work = _all_gather_single(out, wire.reshape(-1), group=self.group, async_op=True)
         self.wait(work, op, on_host=wire.device.type == "cpu")
         return out.view(self.size, *tensor.shape).to(tensor.device)
-
-    def host_all_gather(self, values: list[int], op: str) -> list[list[int]]:
-        """Every rank's `values` (small host ints), without touching a device: over the group itself where it
-        moves host tensors (gloo), else over a gloo group of the same ranks made on first use (collective then),
-        so a check of host values neither waits for the device's queued work nor stalls it. Where no such group
-        can be made, the values travel on the group's device as before."""
-        if self.size == 1:
-            return [list(values)]
-        row = torch.tensor(values, dtype=torch.int64)
-        group = self.group if "cpu" in self.device_types else _host_companion(self.group, self.timeout_s)
-        if group is None:
-            return self.all_gather(row, op).tolist()
-        out = torch.empty(self.size * row.numel(), dtype=row.dtype)
-        # One all-to-all of R copies rather than gloo's all-gather ring (see all_gather).
-        copies = row.reshape(1, -1).expand(self.size, -1).reshape(-1)
-        self.wait(dist.all_to_all_single(out, copies, group=group, async_op=True), op)
-        return out.view(self.size, -1).tolist()
 
     def all_to_all(
         self,
