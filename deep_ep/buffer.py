@@ -303,10 +303,10 @@ class Buffer:
         checks.integer("num_worst_tokens", num_worst_tokens, minimum=0)
         config = self._config(config, self.get_dispatch_config)
         self.runtime.num_sms = config.num_sms
-        row_bytes = x_data[0].numel() * x_data.element_size() if num_tokens else hidden * x_data.element_size()
-        scales_row_bytes = -1 if x_scales is None else max(x_scales[0:1].numel(), 1) * x_scales.element_size()
-        if x_scales is not None and x_scales.dim() == 2:
-            scales_row_bytes = x_scales.shape[1] * x_scales.element_size()
+        row_bytes = hidden * x_data.element_size()  # x is 2-D (checked)
+        scales_row_bytes = -1
+        if x_scales is not None:
+            scales_row_bytes = (x_scales.shape[1] if x_scales.dim() == 2 else 1) * x_scales.element_size()
 
         if handle is not None:
             if topk_idx is not None or topk_weights is not None:

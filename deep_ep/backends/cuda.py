@@ -324,7 +324,9 @@ class CudaBackend(ReferenceBackend):
         pitches = [max(align_up(rows.shape[1], ROW_ALIGN), ROW_ALIGN) for rows in tensors]
         half = plan.capacity * sum(pitches)
         on_gpu = self.device.type == "cuda"
-        with torch.cuda.device(self.device) if on_gpu else contextlib.nullcontext():
+        # The kernels launch on the current device: make it the Buffer's (a no-op guard when it already is).
+        elsewhere = on_gpu and torch.cuda.current_device() != self.device.index
+        with torch.cuda.device(self.device) if elsewhere else contextlib.nullcontext():
             if self._workspace is None:
                 self._workspace = self._new_workspace()
             workspace = self._workspace
@@ -335,7 +337,7 @@ class CudaBackend(ReferenceBackend):
             # call, which that peer reached only after reading (on its stream) what the call before left in p.
             region = workspace.nbytes // 2 * (self._calls % 2)
             self._calls += 1
-            current = torch.cuda.current_stream(self.device) if on_gpu else None
+            current = torch.cuda.current_stream() if on_gpu else None
             if self._last_stream is not None and self._last_stream != current:
                 # The previous call read this workspace on another stream: order that before our barrier.
                 current.wait_stream(self._last_stream)

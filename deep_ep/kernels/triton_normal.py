@@ -17,6 +17,8 @@ the source rows are aligned too.
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -90,6 +92,7 @@ def push_rows_kernel(
             positions += step
 
 
+@functools.cache
 def tile_shape(words: int) -> tuple[int, int]:
     """(ROWS, BLOCK) of a tile: up to 8192 words of a row per step (whole rows up to 32 KB) and about 8192 words
     in all (32 registers per thread at 8 warps, twice that with the prefetched tile), so wide rows go one or two
