@@ -91,6 +91,7 @@ class Buffer:
         self.check_values = os.environ.get("DEEP_EP_CHECK_VALUES", "1") != "0"
 
         self._comm = Comm(group)
+        self._comm.open_host_board()
         self.device = _default_device(self._comm)
         backend_class = select_backend(backend, group, self.device)
         self.backend = backend_class.name
@@ -125,6 +126,7 @@ class Buffer:
         if not self.explicitly_destroy:
             raise ValueError("destroy() needs Buffer(..., explicitly_destroy=True); this buffer is freed on deletion")
         self._agree("destroy")
+        self._comm.close_host_board()
         self._combine_buffers.clear()
         self._local_buffers.clear()
         self._destroyed = True

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CommTimeoutError
+from .host_board import CAPACITY_BYTES, HostBoard
 
 # torch >= 2.13 renamed all_gather_into_tensor; the GPU hosts run 2.11.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -70,6 +71,16 @@ class Comm:
         self.size = dist.get_world_size(group)
         self.device_types = group_device_types(group)
         self.timeout_s = timeout_s
+        self.board: HostBoard | None = None
+
+    def open_host_board(self) -> None:
+        """Collective: small all-gathers go through host shared memory from now on if every rank is on this host."""
+        self.board = HostBoard.open(self)
+
+    def close_host_board(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
     def wire_device(self, device: torch.device) -> torch.device:
         """Where a tensor living on `device` travels: itself if the backend takes it, else the host."""
@@ -104,17 +115,35 @@ class Comm:
 
     def all_gather(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         """Every rank's `tensor` stacked: [R, *tensor.shape], on `tensor`'s device (blocking)."""
+        return self._gather(tensor, op, want_host=False)[0]
+
+    def all_gather_to_host(self, tensor: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`all_gather`, and the same rows on the host (one read where the board already has them there)."""
+        gathered, host = self._gather(tensor, op, want_host=True)
+        return gathered, gathered.cpu() if host is None else host
+
+    def _gather(self, tensor: torch.Tensor, op: str, want_host: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The board needs the rows on the host: taken when they are there already or the caller reads them there
+        # anyway, never to add a host synchronisation to a device-only exchange.
+        if (
+            self.board is not None
+            and (tensor.device.type == "cpu" or want_host)
+            and tensor.numel() * tensor.element_size() <= CAPACITY_BYTES
+            and host_sync_allowed(tensor.device)
+        ):
+            host = self.board.all_gather(tensor.cpu(), op)
+            return host.to(tensor.device), host
         wire = tensor.to(self.wire_device(tensor.device)).contiguous()
         out = torch.empty((self.size * wire.numel(),), dtype=wire.dtype, device=wire.device)
         if wire.device.type == "cpu" and self.size > 1:
             # gloo's all-gather is a ring of R-1 dependent steps (64 ints: 4.5 ms at 4 ranks on 2 cores); an
             # all-to-all of R copies is one step (0.7 ms) and gathers the same rows.
-            copies = wire.reshape(1, -1).expand(self.size, -1).reshape(-1)
+            copies = wire.reshape(1, -1).expand(self.size, -1).contiguous().reshape(-1)
             work = dist.all_to_all_single(out, copies, group=self.group, async_op=True)
         else:
             work = _all_gather_single(out, wire.reshape(-1), group=self.group, async_op=True)
         self.wait(work, op, on_host=wire.device.type == "cpu")
-        return out.view(self.size, *tensor.shape).to(tensor.device)
+        return out.view(self.size, *tensor.shape).to(tensor.device), None
 
     def all_to_all(
         self,

@@ -79,11 +79,12 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         local = torch.cat(
             [args.num_tokens_per_rank.int(), per_channel.t().reshape(-1), args.num_tokens_per_expert.int(), *extra]
         )
-        gathered = comm.all_gather(local, "dispatch")
         host = None
-        if flags is not None:  # a host read is allowed: the one DeepEP makes, now also checking the inputs
+        if flags is None:  # no host read allowed (CUDA graph capture)
+            gathered = comm.all_gather(local, "dispatch")
+        else:  # the host read DeepEP makes, now also checking the inputs
+            gathered, host = comm.all_gather_to_host(local, "dispatch")
             width = local.numel() - flags.numel()
-            host = gathered.cpu()
             args.raise_on_bad_input(host[:, width:].tolist(), rank)
             gathered, host = gathered[:, :width], host[:, :width]
         counts = gathered[:, :num_ranks]  # [source, destination]

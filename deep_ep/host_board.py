@@ -1,0 +1,151 @@
+"""A board in host shared memory where the ranks of one machine swap small tensors without the device.
+
+Every checked call swaps a row of arguments (agreement.py) and a fresh dispatch swaps its counts; the result
+is needed on the host before the call may go on. Over NCCL or HCCL such an all-gather waits in the device's
+queue and is then read back (about 0.4 ms per call on 4xH200); over gloo on a shared CPU it costs 0.5-2 ms.
+Ranks that share a machine instead post their bytes to a shared mapped file: microseconds, and the device
+queue keeps running.
+
+Protocol: call k writes the payload to this rank's slot for parity k % 2 and then stores k in the slot's
+last word; a reader waits until every rank's slot holds k and copies the payloads. Two parities suffice: a
+rank can only begin call k + 2 after every rank has posted call k + 1, which each does only after reading
+call k. The store order this relies on (payload before sequence word, as seen by other cores) is what
+x86-64 guarantees for ordinary stores (payloads stay far below the size where memcpy turns to non-temporal
+stores); elsewhere the board is not used and the exchange goes over the group.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import secrets
+import tempfile
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import CollectiveMismatchError, CommTimeoutError
+
+if TYPE_CHECKING:
+    from .comm import Comm
+
+_PATH_WORDS = 64  # the file's path travels as int64 code points
+CAPACITY_BYTES = 64 * 1024  # a payload per rank and call; larger exchanges go over the group
+_SLOT_WORDS = 1 + CAPACITY_BYTES // 8 + 1  # [payload bytes][payload][sequence]
+_SPIN_BEFORE_YIELD = 200
+_YIELD_BEFORE_SLEEP_S = 0.002
+_SLEEP_S = 50e-6
+
+
+def board_supported() -> bool:
+    """Whether this CPU orders stores as the protocol needs (x86-64: total store order), unless env turns it off."""
+    return platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("DEEP_EP_HOST_BOARD", "1") != "0"
+
+
+class HostBoard:
+    """Tensors of up to CAPACITY_BYTES swapped among the ranks of `comm`, all on this machine, through shared memory."""
+
+    def __init__(self, comm: Comm, memory: mmap.mmap) -> None:
+        self._comm, self._memory = comm, memory
+        self._words = memoryview(memory).cast("q")  # Python indexing: the fast way to poll one word
+        self._bytes = torch.frombuffer(memory, dtype=torch.uint8)
+        self._calls = 0
+
+    @classmethod
+    def open(cls, comm: Comm) -> HostBoard | None:
+        """A board for the group (collective), or None when some rank cannot map it (another machine or namespace)."""
+        # Every rank takes part in both exchanges even where the board cannot work, so all ranks decide alike.
+        supported = board_supported()
+        size_bytes = 8 * (1 + comm.size * 2 * _SLOT_WORDS)
+        nonce = secrets.randbits(62) + 1
+        path, memory = "", None
+        if comm.rank == 0 and supported:
+            directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+            fd, path = tempfile.mkstemp(prefix="deep_ep_board_", dir=directory)
+            os.ftruncate(fd, size_bytes)
+            memory = mmap.mmap(fd, size_bytes)
+            os.close(fd)
+            memory[:8] = nonce.to_bytes(8, "little", signed=True)
+        offer = torch.zeros(_PATH_WORDS + 1, dtype=torch.int64)
+        if memory is not None:
+            encoded = path.encode()
+            if len(encoded) <= _PATH_WORDS:
+                offer[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.int64)
+                offer[_PATH_WORDS] = nonce
+        gathered = comm.all_gather(offer, "open the host board")[0].tolist()
+        expected_nonce = gathered[_PATH_WORDS]
+        if comm.rank != 0 and supported and expected_nonce:
+            memory = _map_existing(bytes(c for c in gathered[:_PATH_WORDS] if c).decode(), size_bytes)
+        mapped = memory is not None and int.from_bytes(memory[:8], "little", signed=True) == expected_nonce
+        everyone = comm.all_gather(torch.tensor([int(mapped)], dtype=torch.int64), "open the host board")
+        if path:
+            os.unlink(path)  # the mappings outlive the name; nothing is left behind if a rank dies
+        if not bool(everyone.all()):
+            if memory is not None:
+                memory.close()
+            return None
+        return cls(comm, memory)
+
+    def _slot(self, rank: int, parity: int) -> int:
+        """The word where (rank, parity)'s slot begins."""
+        return 1 + (rank * 2 + parity) * _SLOT_WORDS
+
+    def all_gather(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """Every rank's host `tensor` stacked, [R, *shape]; raises CommTimeoutError if a rank never posts."""
+        payload = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        nbytes = payload.numel()
+        assert nbytes <= CAPACITY_BYTES, f"{op}: {nbytes} bytes exceed the board's {CAPACITY_BYTES}"
+        self._calls += 1
+        call, parity, words, size = self._calls, self._calls % 2, self._words, self._comm.size
+        mine = self._slot(self._comm.rank, parity)
+        words[mine] = nbytes
+        self._bytes[8 * (mine + 1) : 8 * (mine + 1) + nbytes].copy_(payload)
+        words[mine + _SLOT_WORDS - 1] = call  # published after the payload (x86-64 keeps the stores in order)
+        slots = [self._slot(rank, parity) for rank in range(size)]
+        self._wait([slot + _SLOT_WORDS - 1 for slot in slots], call, op)
+        sizes = [words[slot] for slot in slots]
+        if any(n != nbytes for n in sizes):
+            raise CollectiveMismatchError(f"{op}: ranks exchanged payloads of different sizes ({sizes} bytes)")
+        rows = self._bytes.as_strided((size, nbytes), (2 * 8 * _SLOT_WORDS, 1), 8 * (slots[0] + 1)).clone()
+        return rows.view(tensor.dtype).view(size, *tensor.shape)
+
+    def _wait(self, seq_words: list[int], call: int, op: str) -> None:
+        words, spins, started = self._words, 0, None
+        while any(words[i] != call for i in seq_words):
+            spins += 1
+            if spins < _SPIN_BEFORE_YIELD:
+                continue
+            now = time.monotonic()
+            started = started or now
+            waited = now - started
+            if waited > self._comm.timeout_s:
+                late = [rank for rank, i in enumerate(seq_words) if words[i] != call]
+                raise CommTimeoutError(
+                    f"{op}: ranks {late} did not reach the call within {self._comm.timeout_s:g} s, "
+                    f"seen on rank {self._comm.rank} of {self._comm.size}"
+                )
+            # Yield the core first (ranks may outnumber cores), then sleep so a long wait costs no CPU.
+            if waited < _YIELD_BEFORE_SLEEP_S:
+                os.sched_yield()
+            else:
+                time.sleep(_SLEEP_S)
+
+    def close(self) -> None:
+        del self._bytes
+        self._words.release()
+        self._memory.close()
+
+
+def _map_existing(path: str, size_bytes: int) -> mmap.mmap | None:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_size != size_bytes:
+            return None
+        return mmap.mmap(fd, size_bytes)
+    finally:
+        os.close(fd)

@@ -1,0 +1,85 @@
+"""The host board (deep_ep/host_board.py): ranks of one machine swap agreement rows through shared memory.
+
+Real gloo worlds of local processes; the board is the code under test, nothing is emulated.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from deep_ep import Buffer, CollectiveMismatchError, CommTimeoutError
+from deep_ep.comm import Comm
+from deep_ep.host_board import HostBoard, board_supported
+from deep_ep.testing import run_ranks
+from deep_ep.testing.compare import assert_bit_equal
+
+
+def _rows_under_skew(rank: int, world: int, calls: int) -> int:
+    board = HostBoard.open(Comm(dist.group.WORLD))
+    assert board is not None
+    jitter = random.Random(rank)
+    for call in range(1, calls + 1):
+        if jitter.random() < 0.3:  # ranks arrive out of step, sometimes a whole call apart
+            time.sleep(jitter.random() * 2e-3)
+        size = 1 + call % 5  # payloads change size from call to call
+        mine = torch.arange(size, dtype=torch.int32) + 1000 * call + rank
+        rows = board.all_gather(mine, "call")
+        expected = torch.stack([torch.arange(size, dtype=torch.int32) + 1000 * call + r for r in range(world)])
+        assert rows.dtype == torch.int32 and torch.equal(rows, expected), (call, rows)
+    with pytest.raises(CollectiveMismatchError, match="payloads of different sizes"):
+        board.all_gather(torch.zeros(1 + rank, dtype=torch.int64), "uneven call")
+    board.close()
+    return calls
+
+
+def test_board_hands_every_rank_the_rows_of_the_same_call() -> None:
+    assert board_supported(), "this suite runs on x86-64, where the board is used"
+    assert run_ranks(3, _rows_under_skew, 400, timeout=120) == [400] * 3
+
+
+def _agreement_path(rank: int, world: int, disable_on: int) -> tuple[bool, str]:
+    if rank == disable_on:
+        os.environ["DEEP_EP_HOST_BOARD"] = "0"
+    buffer = Buffer(dist.group.WORLD)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    idx = torch.tensor([[0], [1], [0], [1]]) if world == 2 else torch.zeros(4, 1, dtype=torch.int64)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 2 * world)
+    with pytest.raises(CollectiveMismatchError) as info:
+        buffer.dispatch(x[:, : 32 if rank == 0 else 64].contiguous(), None, per_rank, None, in_rank, per_expert)
+    # The Buffer still agrees and moves data after the mismatch.
+    recv_x, *_, handle, _ = buffer.dispatch(x, None, per_rank, None, in_rank, per_expert)
+    back, _, _ = buffer.combine(recv_x, handle)
+    expected = (x.float() * in_rank.sum(1, keepdim=True)).to(torch.bfloat16)
+    assert_bit_equal("combine of an unweighted dispatch", back, expected)
+    return buffer._comm.board is not None, str(info.value)
+
+
+@pytest.mark.parametrize("disable_on", [-1, 0, 1], ids=["board", "off-on-rank0", "off-on-rank1"])
+def test_agreement_over_the_board_or_the_group(disable_on: int) -> None:
+    results = run_ranks(2, _agreement_path, disable_on)
+    # One rank without the board puts every rank on the group; the check raises alike either way.
+    assert [used for used, _ in results] == [disable_on == -1] * 2
+    assert all("hidden: rank 0=32, rank 1=64" in message for _, message in results), results
+
+
+def _absent_rank(rank: int, world: int) -> str | None:
+    buffer = Buffer(dist.group.WORLD)
+    if rank == world - 1:
+        return None  # never calls
+    buffer.comm_timeout = 2.0
+    start = time.monotonic()
+    with pytest.raises(CommTimeoutError, match="cached_dispatch") as info:
+        buffer._agree("cached_dispatch", hidden=1, x_row_bytes=2, scales_row_bytes=0, num_worst_tokens=0, handle_kind=0)
+    assert time.monotonic() - start < 20
+    return str(info.value)
+
+
+def test_a_rank_that_never_arrives_times_out_naming_the_op() -> None:
+    messages = run_ranks(3, _absent_rank, timeout=60)
+    assert all("ranks [2] did not reach" in m for m in messages[:2]), messages
