@@ -69,7 +69,7 @@ def check_agreement(comm: Comm, op: str, **fields: int) -> None:
     assert set(fields) == set(names), f"agreement fields of {op}: {sorted(fields)} != {sorted(names)}"
     row = [_OP_NAMES.index(op)] + [int(fields[name]) for name in names]
     row += [0] * (_WIDTH - len(row))
-    rows = comm.all_gather(torch.tensor(row, dtype=torch.int64), op).tolist()
+    rows = comm.all_gather_ints(row, op)
     if all(other == rows[0] for other in rows):
         return
     ops = {r[0] for r in rows}

@@ -117,6 +117,12 @@ class Comm:
         """Every rank's `tensor` stacked: [R, *tensor.shape], on `tensor`'s device (blocking)."""
         return self._gather(tensor, op, want_host=False)[0]
 
+    def all_gather_ints(self, row: list[int], op: str) -> list[list[int]]:
+        """Every rank's row of ints (int64), in rank order (blocking; the board's fast path where there is one)."""
+        if self.board is not None:
+            return self.board.all_gather_ints(row, op)
+        return self.all_gather(torch.tensor(row, dtype=torch.int64), op).tolist()
+
     def all_gather_to_host(self, tensor: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
         """`all_gather`, and the same rows on the host (one read where the board already has them there)."""
         gathered, host = self._gather(tensor, op, want_host=True)

@@ -16,6 +16,7 @@ stores); elsewhere the board is not used and the exchange goes over the group.
 
 from __future__ import annotations
 
+import array
 import mmap
 import os
 import platform
@@ -105,11 +106,29 @@ class HostBoard:
         words[mine + _SLOT_WORDS - 1] = call  # published after the payload (x86-64 keeps the stores in order)
         slots = [self._slot(rank, parity) for rank in range(size)]
         self._wait([slot + _SLOT_WORDS - 1 for slot in slots], call, op)
-        sizes = [words[slot] for slot in slots]
-        if any(n != nbytes for n in sizes):
-            raise CollectiveMismatchError(f"{op}: ranks exchanged payloads of different sizes ({sizes} bytes)")
+        self._check_sizes([words[slot] for slot in slots], nbytes, op)
         rows = self._bytes.as_strided((size, nbytes), (2 * 8 * _SLOT_WORDS, 1), 8 * (slots[0] + 1)).clone()
         return rows.view(tensor.dtype).view(size, *tensor.shape)
+
+    def all_gather_ints(self, row: list[int], op: str) -> list[list[int]]:
+        """Every rank's `row` of Python ints (int64), in rank order: `all_gather` without a torch op, for the
+        agreement row that every checked call swaps."""
+        self._calls += 1
+        call, parity, words, size, nbytes = self._calls, self._calls % 2, self._words, self._comm.size, 8 * len(row)
+        assert nbytes <= CAPACITY_BYTES, f"{op}: {nbytes} bytes exceed the board's {CAPACITY_BYTES}"
+        mine = self._slot(self._comm.rank, parity)
+        words[mine] = nbytes
+        words[mine + 1 : mine + 1 + len(row)] = array.array("q", row)
+        words[mine + _SLOT_WORDS - 1] = call  # published after the payload (x86-64 keeps the stores in order)
+        slots = [self._slot(rank, parity) for rank in range(size)]
+        self._wait([slot + _SLOT_WORDS - 1 for slot in slots], call, op)
+        self._check_sizes([words[slot] for slot in slots], nbytes, op)
+        return [words[slot + 1 : slot + 1 + len(row)].tolist() for slot in slots]
+
+    @staticmethod
+    def _check_sizes(sizes: list[int], nbytes: int, op: str) -> None:
+        if any(n != nbytes for n in sizes):
+            raise CollectiveMismatchError(f"{op}: ranks exchanged payloads of different sizes ({sizes} bytes)")
 
     def _wait(self, seq_words: list[int], call: int, op: str) -> None:
         words, spins, started = self._words, 0, None

@@ -28,12 +28,18 @@ def _rows_under_skew(rank: int, world: int, calls: int) -> int:
         if jitter.random() < 0.3:  # ranks arrive out of step, sometimes a whole call apart
             time.sleep(jitter.random() * 2e-3)
         size = 1 + call % 5  # payloads change size from call to call
-        mine = torch.arange(size, dtype=torch.int32) + 1000 * call + rank
-        rows = board.all_gather(mine, "call")
-        expected = torch.stack([torch.arange(size, dtype=torch.int32) + 1000 * call + r for r in range(world)])
-        assert rows.dtype == torch.int32 and torch.equal(rows, expected), (call, rows)
+        if call % 3:  # tensors (the dispatch counts) and int rows (the agreement) share the calls
+            mine = torch.arange(size, dtype=torch.int32) + 1000 * call + rank
+            rows = board.all_gather(mine, "call")
+            expected = torch.stack([torch.arange(size, dtype=torch.int32) + 1000 * call + r for r in range(world)])
+            assert rows.dtype == torch.int32 and torch.equal(rows, expected), (call, rows)
+        else:
+            rows = board.all_gather_ints([-call, rank] + [2**40 + call] * size, "call")
+            assert rows == [[-call, r] + [2**40 + call] * size for r in range(world)], (call, rows)
     with pytest.raises(CollectiveMismatchError, match="payloads of different sizes"):
         board.all_gather(torch.zeros(1 + rank, dtype=torch.int64), "uneven call")
+    with pytest.raises(CollectiveMismatchError, match="payloads of different sizes"):
+        board.all_gather_ints([0] * (1 + rank), "uneven call")
     board.close()
     return calls
 

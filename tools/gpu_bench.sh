@@ -11,7 +11,7 @@
 #      in separate processes (low-latency mode initialises NVSHMEM);
 #   3. deep_ep's cuda backend, both modes, if it is usable on the host (it says why not otherwise);
 #   4. at the largest token count, upstream DeepEP and the cuda backend for each SM budget in SMS_SWEEP
-#      (default "20 32 64"; Buffer.set_num_sms), deep_ep without its agreement check;
+#      (default "20 32 64"; Buffer.set_num_sms);
 #   5. one merged report.
 # Writes into "$OUT": bench_gpu.json (every figure, with its byte accounting and the machine), bench_gpu.png,
 # profile_reference.txt and bench_gpu_log.txt (the tables and everything printed). About 3-4 minutes; each
@@ -110,7 +110,7 @@ PY
         "${LL[@]}" "${SHAPE[@]}" --no-agreement-check --no-value-checks --json "$WORK/5_cuda_unchecked.json"
 
     # DeepEP's metric at the shape for several SM budgets (Buffer.set_num_sms), upstream and cuda side
-    # by side; deep_ep without its per-call agreement check, as DeepEP has none (labelled "(unchecked)").
+    # by side; deep_ep with its per-call checks (the default: on one host they cost no device round trip).
     local sms
     for sms in ${SMS_SWEEP:-20 32 64}; do
         step "upstream DeepEP, normal mode, num_sms=$sms" 60 \
@@ -118,7 +118,7 @@ PY
             --json "$WORK/6_upstream_sms$sms.json"
         step "deep_ep cuda backend, normal mode, num_sms=$sms" 60 \
             "${RUN[@]}" tools/bench.py --launcher torchrun --dist-backend "$DIST" --backend cuda --mode normal \
-            --tokens "${NORMAL[-1]}" "${SHAPE[@]}" --num-sms "$sms" --no-agreement-check \
+            --tokens "${NORMAL[-1]}" "${SHAPE[@]}" --num-sms "$sms" \
             --json "$WORK/7_cuda_sms$sms.json"
     done
 
