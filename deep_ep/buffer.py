@@ -537,8 +537,7 @@ class Buffer:
         self._num_experts_check("num_experts", num_experts)
         experts_per_rank = num_experts // self.group_size
         if self.check_values and host_sync_allowed(device):  # they read the device: not under graph capture
-            checks.expert_ids("topk_idx", topk_idx, num_experts)
-            checks.distinct_experts("topk_idx", topk_idx)
+            checks.expert_id_values("topk_idx", topk_idx, num_experts, distinct=True)
         if use_ue8m0 and not round_scale:
             raise ValueError("use_ue8m0=True needs round_scale=True")
         if async_finish and return_recv_hook:
@@ -651,7 +650,7 @@ class Buffer:
         if num_tokens > tokens_cap:
             raise ValueError(f"topk_idx has {num_tokens} rows, more than num_max_dispatch_tokens_per_rank={tokens_cap}")
         if self.check_values and host_sync_allowed(device):
-            checks.expert_ids("topk_idx", topk_idx, num_experts)
+            checks.expert_id_values("topk_idx", topk_idx, num_experts, distinct=False)
         checks.tensor(
             "topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk), device=device
         )

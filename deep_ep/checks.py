@@ -51,6 +51,15 @@ def invalid_expert_ids(value: torch.Tensor, num_experts: int) -> torch.Tensor:
     return ((value < -1) | (value >= num_experts)).any()
 
 
+def expert_id_values(name: str, value: torch.Tensor, num_experts: int, distinct: bool) -> None:
+    """`expert_ids` and (when `distinct`) `distinct_experts`, on one host copy of `value`: a device tensor is read
+    once, and the checks run as a few CPU operations instead of a dozen device kernels and two round trips."""
+    host = value.cpu()
+    expert_ids(name, host, num_experts)
+    if distinct:
+        distinct_experts(name, host)
+
+
 def expert_ids(name: str, value: torch.Tensor, num_experts: int) -> None:
     """Every entry is -1 (no expert) or in [0, num_experts)."""
     bad = (value < -1) | (value >= num_experts)

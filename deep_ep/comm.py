@@ -123,10 +123,10 @@ class Comm:
             return self.board.all_gather_ints(row, op)
         return self.all_gather(torch.tensor(row, dtype=torch.int64), op).tolist()
 
-    def all_gather_to_host(self, tensor: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """`all_gather`, and the same rows on the host (one read where the board already has them there)."""
+    def all_gather_host(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """`all_gather`, read on the host (through the board where there is one: no device copy at all)."""
         gathered, host = self._gather(tensor, op, want_host=True)
-        return gathered, gathered.cpu() if host is None else host
+        return gathered.cpu() if host is None else host
 
     def _gather(self, tensor: torch.Tensor, op: str, want_host: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The board needs the rows on the host: taken when they are there already or the caller reads them there
@@ -138,7 +138,7 @@ class Comm:
             and host_sync_allowed(tensor.device)
         ):
             host = self.board.all_gather(tensor.cpu(), op)
-            return host.to(tensor.device), host
+            return (host if want_host else host.to(tensor.device)), host
         wire = tensor.to(self.wire_device(tensor.device)).contiguous()
         out = torch.empty((self.size * wire.numel(),), dtype=wire.dtype, device=wire.device)
         if wire.device.type == "cpu" and self.size > 1:

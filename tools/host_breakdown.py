@@ -1,7 +1,8 @@
 """Where the host's time goes in one cuda-backend call, without a profiler: the backend's pieces (the push
 kernel's Triton launch, the device barrier, the copy-out, the reduction) are wrapped with perf_counter, and
 rank 0 prints, per piece, when it starts after the call began and how long the host spends in it (medians
-over 30 calls, each after a barrier and a device sync, as tools/bench.py times them).
+over 30 calls, each after a barrier and a device sync, as tools/bench.py times them), for a fresh dispatch, a
+cached dispatch and a combine.
 
     CHECK=0 torchrun --standalone --nproc-per-node 4 tools/host_breakdown.py   # CHECK=1: with the agreement check
 
@@ -25,8 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton.runtime.jit as triton_jit  # noqa: E402
 
 import deep_ep  # noqa: E402
+from deep_ep import comm, packing, routing  # noqa: E402
+from deep_ep.backends import base, peer_memory, reference  # noqa: E402
 from deep_ep.backends import cuda as cuda_backend  # noqa: E402
-from deep_ep.backends import peer_memory, reference  # noqa: E402
 from tools.bench import make_routing, make_x  # noqa: E402
 
 MARKS: list[tuple[str, float, float]] = []
@@ -51,6 +53,16 @@ def main() -> None:
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=device)
     for owner, name, label in (
+        (deep_ep.Buffer, "_agree", "agreement check"),
+        (base.DispatchArgs, "expert_id_range", "expert id range"),
+        (comm.Comm, "all_gather_host", "count exchange"),
+        (routing.Route, "exact", "Route.exact"),
+        (reference, "_send_head", "_send_head"),
+        (reference.ReferenceBackend, "dispatch", "backend.dispatch"),
+        (cuda_backend.CudaBackend, "_forward", "backend._forward"),
+        (cuda_backend, "push_plan", "push_plan"),
+        (packing.RowFormat, "unpack_into", "unpack_into"),
+        (comm.Pending, "wait", "Pending.wait"),
         (triton_jit.JITFunction, "run", "triton launch"),
         (peer_memory.SymmetricWorkspace, "barrier", "barrier"),
         (cuda_backend.CudaBackend, "_push", "_push"),
@@ -69,6 +81,7 @@ def main() -> None:
     layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
     recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout)
     for op, call in (
+        ("dispatch", lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout)),
         ("cached dispatch", lambda: buffer.dispatch(x, handle=handle)),
         ("combine", lambda: buffer.combine(recv_x, handle)),
     ):

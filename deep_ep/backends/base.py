@@ -2,7 +2,7 @@
 
 The façade validates arguments, checks that ranks agree, and turns a backend's `Pending` into an
 `EventOverlap`; a backend only moves data. Inputs reaching a backend are already validated, except the checks
-that read device data: a dispatch's count exchange carries them (`DispatchArgs.input_flags`), so they cost no
+that read device data: a dispatch's count exchange carries them (`DispatchArgs.expert_id_range`), so they cost no
 host round trip of their own and every rank raises together.
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checks
-from ..comm import Comm, Pending, host_sync_allowed
+from ..comm import Comm, Pending
 
 
 @dataclass
@@ -33,23 +33,19 @@ class DispatchArgs:
     num_worst_tokens: int
     num_channels: int
 
-    def input_flags(self) -> torch.Tensor | None:
-        """int32 [2] on the device, (topk_idx holds an invalid expert id, the layout does not describe
-        is_token_in_rank), computed without a host round trip; None where the host may not read device data
-        (CUDA-graph capture), where these checks are skipped. A backend appends them to its count exchange and
-        calls `raise_on_bad_input` with every rank's flags before any row moves."""
-        if not host_sync_allowed(self.x.device):
-            return None
-        sent = self.is_token_in_rank.sum(0)
-        layout_bad = (sent.to(self.num_tokens_per_rank.dtype) != self.num_tokens_per_rank).any()
-        ids_bad = torch.zeros_like(layout_bad)
-        if self.topk_idx is not None:
-            ids_bad = checks.invalid_expert_ids(self.topk_idx, self.num_tokens_per_expert.numel())
-        return torch.stack([ids_bad, layout_bad]).int()
+    def expert_id_range(self) -> torch.Tensor:
+        """int32 [2] on the device: the smallest and largest expert id in topk_idx, clamped to [-2, E] ([-1, -1]
+        without topk_idx). A backend appends it to its count exchange, so the id check costs no round trip of its
+        own, and calls `raise_on_bad_input` with every rank's flags before any row moves."""
+        if self.topk_idx is None or self.topk_idx.numel() == 0:
+            return torch.full((2,), -1, dtype=torch.int32, device=self.x.device)
+        low_high = torch.stack(torch.aminmax(self.topk_idx))
+        return low_high.clamp(-2, self.num_tokens_per_expert.numel()).int()
 
-    def raise_on_bad_input(self, flags: list[list[int]], rank: int) -> None:
-        """Raise, on every rank, if any rank's `input_flags` (row r of `flags`: rank r's) were set: the rank at
-        fault names its argument, the others name that rank. Nothing has moved yet, so the Buffer stays usable."""
+    def raise_on_bad_input(self, flags: list[tuple[bool, bool]], rank: int) -> None:
+        """Raise, on every rank, if any rank's flags (entry r: rank r's (invalid expert id, layout that does not
+        describe is_token_in_rank)) are set: the rank at fault names its argument, the others name that rank.
+        Nothing has moved yet, so the Buffer stays usable."""
         ids_bad, layout_bad = flags[rank]
         if ids_bad:
             checks.expert_ids("topk_idx", self.topk_idx, self.num_tokens_per_expert.numel())  # names the entry

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..comm import Pending
+from ..comm import Pending, host_sync_allowed
+from ..errors import UnsupportedFeatureError
 from ..kernels.ordered_sum import ordered_gather_sum, row_index_from_splits
 from ..packing import HostBuffers, RowFormat, byte_rows
 from ..routing import Empty, Route, _torch_empty, channel_of_tokens, gather_rows
@@ -68,37 +69,30 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         num_experts = args.num_tokens_per_expert.numel()
         experts_per_rank = num_experts // num_ranks
         device = args.x.device
+        if not (args.num_worst_tokens or host_sync_allowed(device)):
+            raise UnsupportedFeatureError(
+                "dispatch under CUDA-graph capture needs num_worst_tokens > 0: otherwise the receive size is read "
+                "on the host (as in DeepEP)"
+            )
 
         # Count exchange: tokens per destination, per (destination, channel), per expert; one all-gather.
         channel = channel_of_tokens(num_tokens, args.num_channels, device)
         per_channel = torch.zeros(args.num_channels, num_ranks, dtype=torch.int32, device=device)
         per_channel.index_add_(0, channel, in_rank.int())
-        # The input checks that read device data ride along (two flags), so they need no round trip of their own.
-        flags = args.input_flags()
-        extra = [] if flags is None else [flags]
-        local = torch.cat(
-            [args.num_tokens_per_rank.int(), per_channel.t().reshape(-1), args.num_tokens_per_expert.int(), *extra]
-        )
+        parts = [args.num_tokens_per_rank.int(), per_channel.t().reshape(-1), args.num_tokens_per_expert.int()]
+        width = num_ranks * (1 + args.num_channels) + num_experts
         host = None
-        if flags is None:  # no host read allowed (CUDA graph capture)
-            gathered = comm.all_gather(local, "dispatch")
-        else:  # the host read DeepEP makes, now also checking the inputs
-            gathered, host = comm.all_gather_to_host(local, "dispatch")
-            width = local.numel() - flags.numel()
-            args.raise_on_bad_input(host[:, width:].tolist(), rank)
-            gathered, host = gathered[:, :width], host[:, :width]
-        counts = gathered[:, :num_ranks]  # [source, destination]
-        channel_counts = gathered[:, num_ranks : num_ranks * (1 + args.num_channels)]
-        channel_counts = channel_counts.reshape(num_ranks, num_ranks, args.num_channels)[:, rank]  # [source, channel]
-        expert_counts = gathered[:, num_ranks * (1 + args.num_channels) :]
-        expert_counts = expert_counts[:, rank * experts_per_rank : (rank + 1) * experts_per_rank].sum(0)
-
-        rank_prefix_matrix = counts.cumsum(0, dtype=torch.int32)
-        channel_prefix_matrix = per_channel.t().cumsum(1, dtype=torch.int32)
-        source_start = torch.cat([counts.new_zeros(1), rank_prefix_matrix[:-1, rank]])
-        recv_channel_prefix_matrix = (
-            source_start.unsqueeze(1) + channel_counts.cumsum(1, dtype=torch.int32) - channel_counts
-        ).int()
+        if host_sync_allowed(device):
+            # The host read DeepEP makes; the range of the expert ids rides along, so the input checks need no
+            # round trip of their own, and every count is read on the host: what derives from them (DeepEP's
+            # prefix matrices) is computed there and sent to the device in one copy.
+            host = comm.all_gather_host(torch.cat([*parts, args.expert_id_range()]), "dispatch")
+            args.raise_on_bad_input(_bad_input_flags(host.tolist(), num_ranks, width, num_experts), rank)
+            host = host[:, :width]
+            matrices = _to_device(_prefix_matrices(host, rank, args.num_channels), device)
+        else:  # CUDA-graph capture: nothing may be read on the host (a padded route, see below)
+            matrices = _prefix_matrices(comm.all_gather(torch.cat(parts), "dispatch"), rank, args.num_channels)
+        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_counts = matrices
         send_head = _send_head(in_rank, channel, args.num_channels)
 
         if args.num_worst_tokens:
@@ -109,13 +103,11 @@ class ReferenceBackend(LowLatencyMixin, Backend):
                         f"num_worst_tokens={args.num_worst_tokens} is smaller than the tokens received: "
                         f"{totals} per rank"
                     )
-            route = Route.padded_for(in_rank, counts[:, rank], args.num_worst_tokens, args.num_worst_tokens)
+            route = Route.padded_for(in_rank, recv_counts, args.num_worst_tokens, args.num_worst_tokens)
             count_list: list[int] = []
         else:
-            # DeepEP's host synchronisation, once: the receive sizes and the per-expert counts are needed here.
-            host = gathered.cpu() if host is None else host
-            host_counts = host[:, :num_ranks]
-            route = Route.exact(in_rank, host_counts, rank)
+            # The receive sizes and the per-expert counts: known on the host since the count exchange.
+            route = Route.exact(in_rank, host[:, :num_ranks], rank)
             host_experts = host[:, num_ranks * (1 + args.num_channels) :]
             host_experts = host_experts[:, rank * experts_per_rank : (rank + 1) * experts_per_rank].sum(0)
             align = args.expert_alignment
@@ -238,6 +230,48 @@ class ReferenceBackend(LowLatencyMixin, Backend):
                 _sum_returned(route, rows, (), combined_weights, self._empty, own_rows(topk_weights))
 
         return combined_x, combined_weights, pending.then(reduce)
+
+
+def _bad_input_flags(rows: list[list[int]], num_ranks: int, width: int, num_experts: int) -> list[tuple[bool, bool]]:
+    """Per rank, from its exchanged row: (an expert id outside [-1, E), num_tokens_per_rank differs from what
+    is_token_in_rank sends, i.e. from the sum of its per-channel counts)."""
+    flags = []
+    for row in rows:
+        per_rank, per_channel = row[:num_ranks], row[num_ranks : width - num_experts]
+        channels = len(per_channel) // num_ranks
+        sent = [sum(per_channel[d * channels : (d + 1) * channels]) for d in range(num_ranks)]
+        low, high = row[width], row[width + 1]
+        flags.append((low < -1 or high >= num_experts, sent != per_rank))
+    return flags
+
+
+def _prefix_matrices(gathered: torch.Tensor, rank: int, num_channels: int) -> list[torch.Tensor]:
+    """From the exchanged counts [R, R + R * C + E] (on their device): DeepEP's rank_prefix_matrix [R, R],
+    channel_prefix_matrix [R, C] (this rank's sends) and recv_channel_prefix_matrix [R, C], and the rows received
+    from each source [R]."""
+    num_ranks = gathered.shape[0]
+    counts = gathered[:, :num_ranks]  # [source, destination]
+    per_channel = gathered[:, num_ranks : num_ranks * (1 + num_channels)].reshape(num_ranks, num_ranks, num_channels)
+    rank_prefix_matrix = counts.cumsum(0, dtype=torch.int32)
+    channel_prefix_matrix = per_channel[rank].cumsum(1, dtype=torch.int32)  # [destination, channel]
+    channel_counts = per_channel[:, rank]  # [source, channel]
+    source_start = rank_prefix_matrix[:, rank] - counts[:, rank]
+    recv_channel_prefix_matrix = (
+        source_start.unsqueeze(1) + channel_counts.cumsum(1, dtype=torch.int32) - channel_counts
+    ).int()
+    return [rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, counts[:, rank].int()]
+
+
+def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Small int32 host tensors on `device`, in one copy (each is a view of it)."""
+    if device.type == "cpu":
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
+    out, begin = [], 0
+    for t in tensors:
+        out.append(flat[begin : begin + t.numel()].view(t.shape))
+        begin += t.numel()
+    return out
 
 
 def _send_head(in_rank: torch.Tensor, channel: torch.Tensor, num_channels: int) -> torch.Tensor:
