@@ -42,6 +42,7 @@ class Route:
         (`sum(recv_splits)` marks a padding row).
     all_counts: exact form only, host [R][R]: tokens sent from rank s to rank d for every pair, so a
         backend that writes into its peers' memory can compute every offset without another exchange.
+    is_token_in_rank: exact form only, the dispatch's bool [N, R] (a backend's placement derives from it).
     cache: what a backend derives from the route once and reuses for every call with its handle.
     """
 
@@ -52,6 +53,7 @@ class Route:
     recv_splits: list[int]
     recv_rows: torch.Tensor | None = None
     all_counts: list[list[int]] | None = None
+    is_token_in_rank: torch.Tensor | None = None
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -65,9 +67,8 @@ class Route:
         # (d, t) pairs come sorted by d, then t; the host knows how many, so no second synchronisation.
         send_tokens = _nonzero_known(is_token_in_rank.t(), sum(send_splits))[:, 1]
         recv_splits = counts[:, rank].tolist()
-        return Route(
-            is_token_in_rank.shape[0], sum(recv_splits), send_tokens, send_splits, recv_splits, None, counts.tolist()
-        )
+        num_tokens, num_recv, all_counts = is_token_in_rank.shape[0], sum(recv_splits), counts.tolist()
+        return Route(num_tokens, num_recv, send_tokens, send_splits, recv_splits, None, all_counts, is_token_in_rank)
 
     @staticmethod
     def padded_for(is_token_in_rank: torch.Tensor, recv_counts: torch.Tensor, capacity: int, num_recv: int) -> Route:

@@ -23,9 +23,10 @@ from deep_ep.backends.cuda import (
     CudaBackend,
     PushCopy,
     combine_plan,
+    combine_push_plan,
     dispatch_plan,
+    dispatch_push_plan,
     pad_columns,
-    push_plan,
     rows_received,
     source_words,
     workspace_rows,
@@ -148,7 +149,7 @@ def test_push_plans_send_every_row_home(num_ranks: int) -> None:
     send_tokens = [m.t().nonzero()[:, 1] for m in in_rank]
     placed = {d: {} for d in range(num_ranks)}
     for s in range(num_ranks):
-        plan = push_plan(counts, s, True, send_tokens[s], in_rank[s].shape[0])
+        plan = dispatch_push_plan(counts, s, in_rank[s])
         assert plan.capacity == workspace_rows(counts, True)
         assert plan.received == rows_received(counts, s, True)
         assert torch.equal(plan.dest >= 0, in_rank[s])
@@ -159,7 +160,7 @@ def test_push_plans_send_every_row_home(num_ranks: int) -> None:
     for d in range(num_ranks):
         expected = [(s, t) for s in range(num_ranks) for t in in_rank[s][:, d].nonzero()[:, 0].tolist()]
         assert [placed[d][row] for row in range(len(expected))] == expected
-        back = push_plan(counts, d, False, send_tokens[d], len(expected))
+        back = combine_push_plan(counts, d, torch.device("cpu"))
         assert back.capacity == workspace_rows(counts, False) and (back.dest >= 0).sum(1).eq(1).all()
         for row, (s, t) in enumerate(expected):
             home = int(back.dest[row, s])

@@ -123,33 +123,43 @@ class PushPlan:
     order: torch.Tensor | None = None
 
 
-def push_plan(counts: list[list[int]], rank: int, dispatch: bool, send_tokens: torch.Tensor, num_rows: int) -> PushPlan:
-    """The `PushPlan` of a dispatch (rows: the `num_rows` tokens, placed per `dispatch_plan`) or a combine (rows:
-    the `num_rows` received rows, placed per `combine_plan`). `send_tokens`: the route's token of each sent row
-    (int64, on the device the plan is built on; read by dispatch only).
-
-    A combine's rows are grouped by destination; its order takes them round-robin over the destinations (the
-    first row of each block, then the second, ...), so the kernel's programs, on every rank, write to all
-    destinations at once instead of all ranks to one GPU at a time."""
+def dispatch_push_plan(counts: list[list[int]], rank: int, is_token_in_rank: torch.Tensor) -> PushPlan:
+    """The `PushPlan` of a dispatch: token t goes to row (rows of lower sources at d) + (earlier tokens of this
+    rank sent to d) of rank d's region, per `dispatch_plan`; a running count over the tokens gives the second
+    term, so the plan costs a few operations on the device the mask lives on."""
     num_ranks = len(counts)
+    first_row = [0] * num_ranks
+    for copy in dispatch_plan(counts, rank):
+        first_row[copy.peer] = copy.dst_row
+    device = is_token_in_rank.device
+    offset = torch.tensor(first_row, dtype=torch.long).sub_(1).to(device, non_blocking=True)
+    running = is_token_in_rank.t().long().cumsum(1).t()  # scanned along the last dim: fast on CUDA
+    dest = torch.where(is_token_in_rank, running + offset, -1).int()
+    return PushPlan(dest, workspace_rows(counts, True), rows_received(counts, rank, True))
+
+
+def combine_push_plan(counts: list[list[int]], rank: int, device: torch.device) -> PushPlan:
+    """The `PushPlan` of a combine: the rows received from each source go back to it, placed per `combine_plan`.
+
+    Its rows are grouped by destination; its order takes them round-robin over the destinations (the first row
+    of each block, then the second, ...), so the kernel's programs, on every rank, write to all destinations at
+    once instead of all ranks to one GPU at a time."""
+    num_ranks = len(counts)
+    num_rows = rows_received(counts, rank, True)
     splits, shifts = [0] * num_ranks, [0] * num_ranks
-    for copy in dispatch_plan(counts, rank) if dispatch else combine_plan(counts, rank):
+    for copy in combine_plan(counts, rank):
         splits[copy.peer], shifts[copy.peer] = copy.count, copy.dst_row - copy.src_begin
-    total = sum(splits)
-    device = send_tokens.device
     dest = torch.full((num_rows, num_ranks), -1, dtype=torch.int32, device=device)
-    if total:
-        # Both plans list their blocks in ascending peer order, so entry e of peer p lands at e + shifts[p].
-        splits_shifts = torch.tensor([splits, shifts], dtype=torch.long).to(device, non_blocking=True)
-        peer = torch.repeat_interleave(torch.arange(num_ranks, device=device), splits_shifts[0], output_size=total)
-        entry = torch.arange(total, device=device)
-        rows = send_tokens[:total] if dispatch else entry
-        dest[rows, peer] = (entry + splits_shifts[1][peer]).int()
     order = None
-    if not dispatch and total:
+    if num_rows:
+        # The blocks come in ascending peer order, so entry e of peer p lands at e + shifts[p].
+        splits_shifts = torch.tensor([splits, shifts], dtype=torch.long).to(device, non_blocking=True)
+        peer = torch.repeat_interleave(torch.arange(num_ranks, device=device), splits_shifts[0], output_size=num_rows)
+        entry = torch.arange(num_rows, device=device)
+        dest[entry, peer] = (entry + splits_shifts[1][peer]).int()
         block_start = torch.cumsum(splits_shifts[0], 0) - splits_shifts[0]
         order = torch.argsort((entry - block_start[peer]) * num_ranks + peer).int()
-    return PushPlan(dest, workspace_rows(counts, dispatch), rows_received(counts, rank, dispatch), order)
+    return PushPlan(dest, workspace_rows(counts, False), rows_received(counts, rank, False), order)
 
 
 # ---- byte-row helpers --------------------------------------------------------------------------------------
@@ -310,8 +320,10 @@ class CudaBackend(ReferenceBackend):
         key = "cuda_dispatch_plan" if dispatch else "cuda_combine_plan"
         plan = route.cache.get(key)
         if plan is None:
-            num_rows = route.num_tokens if dispatch else route.num_recv
-            plan = push_plan(route.all_counts, self.comm.rank, dispatch, route.send_tokens, num_rows)
+            if dispatch:
+                plan = dispatch_push_plan(route.all_counts, self.comm.rank, route.is_token_in_rank)
+            else:
+                plan = combine_push_plan(route.all_counts, self.comm.rank, self.device)
             route.cache[key] = plan
         return plan
 

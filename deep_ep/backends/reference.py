@@ -92,8 +92,8 @@ class ReferenceBackend(LowLatencyMixin, Backend):
             matrices = _to_device(_prefix_matrices(host, rank, args.num_channels), device)
         else:  # CUDA-graph capture: nothing may be read on the host (a padded route, see below)
             matrices = _prefix_matrices(comm.all_gather(torch.cat(parts), "dispatch"), rank, args.num_channels)
-        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_counts = matrices
-        send_head = _send_head(in_rank, channel, args.num_channels)
+        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_counts, channel_base = matrices
+        send_head = _send_head(in_rank, channel, channel_base)
 
         if args.num_worst_tokens:
             if host is not None:  # every rank sees every total, so all ranks raise together
@@ -247,8 +247,8 @@ def _bad_input_flags(rows: list[list[int]], num_ranks: int, width: int, num_expe
 
 def _prefix_matrices(gathered: torch.Tensor, rank: int, num_channels: int) -> list[torch.Tensor]:
     """From the exchanged counts [R, R + R * C + E] (on their device): DeepEP's rank_prefix_matrix [R, R],
-    channel_prefix_matrix [R, C] (this rank's sends) and recv_channel_prefix_matrix [R, C], and the rows received
-    from each source [R]."""
+    channel_prefix_matrix [R, C] (this rank's sends) and recv_channel_prefix_matrix [R, C]; the rows received
+    from each source [R]; `_send_head`'s channel_base [C, R]."""
     num_ranks = gathered.shape[0]
     counts = gathered[:, :num_ranks]  # [source, destination]
     per_channel = gathered[:, num_ranks : num_ranks * (1 + num_channels)].reshape(num_ranks, num_ranks, num_channels)
@@ -259,7 +259,8 @@ def _prefix_matrices(gathered: torch.Tensor, rank: int, num_channels: int) -> li
     recv_channel_prefix_matrix = (
         source_start.unsqueeze(1) + channel_counts.cumsum(1, dtype=torch.int32) - channel_counts
     ).int()
-    return [rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, counts[:, rank].int()]
+    channel_base = (channel_prefix_matrix - per_channel[rank] + 1).t()  # [channel, destination], for `_send_head`
+    return [rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, counts[:, rank].int(), channel_base]
 
 
 def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -274,15 +275,10 @@ def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.
     return out
 
 
-def _send_head(in_rank: torch.Tensor, channel: torch.Tensor, num_channels: int) -> torch.Tensor:
-    """int32 [N, R]: position of each token in its (channel, destination) stream, -1 if not sent."""
-    num_tokens, num_ranks = in_rank.shape
-    running = _cumsum_over_tokens(in_rank)
-    # Tokens of this rank sent to d before channel c begins: subtract so each channel restarts at 0.
-    before = torch.zeros(num_channels + 1, num_ranks, dtype=running.dtype, device=in_rank.device)
-    before.index_add_(0, channel + 1, in_rank.long())
-    before = before.cumsum(0)[:num_channels]
-    position = running - 1 - before[channel]
+def _send_head(in_rank: torch.Tensor, channel: torch.Tensor, channel_base: torch.Tensor) -> torch.Tensor:
+    """int32 [N, R]: position of each token in its (channel, destination) stream, -1 if not sent. channel_base
+    [C, R]: 1 + the tokens sent to d before channel c begins, so each channel's positions restart at 0."""
+    position = _cumsum_over_tokens(in_rank) - channel_base[channel]
     return torch.where(in_rank, position, -1).int()
 
 
