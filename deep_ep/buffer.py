@@ -185,7 +185,7 @@ class Buffer:
         total = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
         if use_rdma_buffer not in self._local_buffers:
             self._local_buffers[use_rdma_buffer] = torch.zeros(total, dtype=torch.uint8, device=self.device)
-        element = torch.empty((), dtype=dtype).element_size()
+        element = dtype.itemsize
         if offset < 0 or offset % element or offset > total:
             raise ValueError(f"offset={offset} must be in [0, {total}] and a multiple of {element}")
         view = self._local_buffers[use_rdma_buffer][offset:].view(dtype)

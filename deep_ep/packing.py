@@ -25,7 +25,7 @@ class Field:
         count = 1
         for size in self.row_shape:
             count *= size
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count * self.dtype.itemsize
 
 
 class RowFormat:
@@ -54,7 +54,7 @@ class RowFormat:
         for field in self.fields:
             if field.name == name:
                 part = rows[:, offset : offset + field.nbytes]
-                size = torch.empty((), dtype=field.dtype).element_size()
+                size = field.dtype.itemsize
                 aligned = part.storage_offset() % size == 0 and part.stride(0) % size == 0
                 if not aligned or (part.dim() and part.stride(-1) != 1):
                     part = part.clone(memory_format=torch.contiguous_format)
