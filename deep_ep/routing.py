@@ -9,6 +9,7 @@ Either way the rows arriving from source s form block s in ascending s, tokens a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,8 +26,10 @@ def _torch_empty(size: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return torch.empty(size, dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=16)
 def channel_of_tokens(num_tokens: int, num_channels: int, device: torch.device) -> torch.Tensor:
-    """int64 [N]: DeepEP's channel of each token (contiguous ranges of ceil(N / C) tokens)."""
+    """int64 [N]: DeepEP's channel of each token (contiguous ranges of ceil(N / C) tokens). Cached: a model
+    dispatches the same token count call after call; callers only read it."""
     per_channel = max(-(-num_tokens // num_channels), 1)
     return torch.arange(num_tokens, device=device) // per_channel
 

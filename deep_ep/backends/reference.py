@@ -77,9 +77,9 @@ class ReferenceBackend(LowLatencyMixin, Backend):
 
         # Count exchange: tokens per destination, per (destination, channel), per expert; one all-gather.
         channel = channel_of_tokens(num_tokens, args.num_channels, device)
-        per_channel = torch.zeros(args.num_channels, num_ranks, dtype=torch.int32, device=device)
-        per_channel.index_add_(0, channel, in_rank.int())
-        parts = [args.num_tokens_per_rank.int(), per_channel.t().reshape(-1), args.num_tokens_per_expert.int()]
+        per_channel = torch.zeros(num_ranks, args.num_channels, dtype=torch.int32, device=device)  # [dest, channel]
+        per_channel.index_add_(1, channel, in_rank.t().int())
+        parts = [args.num_tokens_per_rank.int(), per_channel.view(-1), args.num_tokens_per_expert.int()]
         width = num_ranks * (1 + args.num_channels) + num_experts
         host = None
         if host_sync_allowed(device):
