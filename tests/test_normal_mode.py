@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import reference
-from deep_ep import Buffer, Config
+from deep_ep import Buffer, Config, UnsupportedFeatureError
 from deep_ep.testing import run_ranks
 from deep_ep.testing.compare import assert_bit_equal
 from deep_ep.testing.workloads import make_workload
@@ -27,6 +27,8 @@ def _check_round(rank: int, world: int, case: dict) -> dict:
         dtype=case.get("dtype", torch.bfloat16),
     )
     buffer = Buffer(dist.group.WORLD)
+    if case.get("no_host_reads"):
+        _forbid_host_reads()
     config = Config(case.get("num_sms", 20), 6, 256, 6, 128)
     channels = config.num_sms // 2
     worst = case.get("worst", 0)
@@ -129,6 +131,18 @@ def _check_round(rank: int, world: int, case: dict) -> dict:
     return {"recv": int(recv_x.shape[0])}
 
 
+def _forbid_host_reads() -> None:
+    """Emulate CUDA-graph capture for this rank's process: every place that asks whether the host may read device
+    data (agreement, input checks, the count exchange) is told no, so the dispatch runs its capture path (counts
+    kept on the device, a padded route) on the CPU, where the spec can check it."""
+    import deep_ep.backends.reference
+    import deep_ep.buffer
+    import deep_ep.comm
+
+    for module in (deep_ep.comm, deep_ep.buffer, deep_ep.backends.reference):
+        module.host_sync_allowed = lambda device: False
+
+
 CASES = {
     "uniform": dict(tokens=12, hidden=32, topk=3, experts=8, routing="uniform", seed=1),
     "skewed": dict(tokens=16, hidden=16, topk=2, experts=8, routing="skewed", seed=2, align=4),
@@ -139,6 +153,9 @@ CASES = {
     "empty": dict(tokens=0, hidden=8, topk=2, experts=8, routing="uniform", seed=7),
     "fp32": dict(tokens=6, hidden=8, topk=2, experts=8, routing="uniform", seed=8, dtype=torch.float32),
     "worst": dict(tokens=8, hidden=16, topk=2, experts=8, routing="uniform", seed=9, worst=40),
+    "worst_no_host_reads": dict(
+        tokens=8, hidden=16, topk=2, experts=8, routing="skewed", seed=14, worst=40, no_host_reads=True
+    ),
     "no_topk": dict(tokens=6, hidden=8, topk=2, experts=8, routing="uniform", seed=10, with_topk=False),
     "fp8_tuple": dict(tokens=6, hidden=16, topk=2, experts=8, routing="uniform", seed=11, fp8_tuple=True),
     "few_channels": dict(tokens=11, hidden=8, topk=2, experts=8, routing="uniform", seed=12, num_sms=6),
@@ -155,6 +172,20 @@ def test_reference_backend_matches_executable_spec(world: int, name: str) -> Non
 def test_eight_ranks(name: str) -> None:
     case = dict(CASES[name], experts=16)
     run_ranks(8, _check_round, case)
+
+
+def _dispatch_without_host_reads(rank: int, world: int) -> str:
+    w = make_workload(world, 4, 8, 2, 4 * world, seed=15)
+    buffer = Buffer(dist.group.WORLD)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(w.topk_idx[rank], w.num_experts)
+    _forbid_host_reads()
+    with pytest.raises(UnsupportedFeatureError, match="needs num_worst_tokens > 0") as info:
+        buffer.dispatch(w.x[rank], None, per_rank, None, in_rank, per_expert, w.topk_idx[rank], w.topk_weights[rank])
+    return str(info.value)
+
+
+def test_dispatch_that_may_not_read_the_host_needs_num_worst_tokens() -> None:
+    assert len(run_ranks(2, _dispatch_without_host_reads)) == 2
 
 
 def test_uneven_token_counts() -> None:
