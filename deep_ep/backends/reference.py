@@ -370,13 +370,14 @@ def _sum_in_order(terms: list[tuple[torch.Tensor, torch.Tensor | None]], out: to
     adds the terms in order, every addition a separate rounding. A term (rows, index) is rows[index[t]] for token
     t (rows[t] without an index); rows are of out.dtype.
 
-    The sum starts from the first term instead of +0.0 and gets `+ 0.0` at the end: +0.0 + a == a for every
+    With one or two terms (or a float32/float64 out) the sum starts from the first term instead of +0.0 and gets
+    `+ 0.0` at the end: +0.0 + a == a for every
     finite a except -0.0, so the two orders differ at most in the sign of a zero, which the final `+ 0.0` makes
     +0.0 as the SPEC's order does. (Rounding to bf16/fp16 maps zero to zero and nonzero to nonzero here: every
     partial sum of such values is a multiple of their smallest subnormal, so the fix-up may follow the
     rounding.) Two terms of a 16-bit type are one torch add: it widens both to float32, adds once and rounds
-    once, exactly the two steps of the SPEC. More terms are widened and summed a cache-sized block of tokens at a
-    time, gathered as they are needed.
+    once, exactly the two steps of the SPEC. More terms are summed into a float32 accumulator a cache-sized block
+    of tokens at a time, from +0.0, gathered as they are needed.
     """
     num_tokens, hidden = out.shape
     acc_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
@@ -399,17 +400,17 @@ def _sum_in_order(terms: list[tuple[torch.Tensor, torch.Tensor | None]], out: to
         scratch = empty(out.shape, out.dtype, out.device) if len(terms) > 2 else None
         for term in terms[2:]:
             out.add_(gathered(term, 0, num_tokens, scratch))
-    else:
-        block = max(1, (1 << 21) // max(1, hidden * 4))  # tokens whose float32 rows fill about 2 MB (an L2)
-        acc = empty((min(block, num_tokens), hidden), acc_dtype, out.device)
-        widened = torch.empty_like(acc)
-        narrow = empty(acc.shape, out.dtype, out.device)
-        for begin in range(0, num_tokens, block):
-            end = min(begin + block, num_tokens)
-            size = end - begin
-            acc[:size].copy_(gathered(terms[0], begin, end, narrow[:size]))
-            for term in terms[1:]:
-                widened[:size].copy_(gathered(term, begin, end, narrow[:size]))
-                acc[:size].add_(widened[:size])
-            out[begin:end].copy_(acc[:size])
-    out.add_(0.0)
+        out.add_(0.0)
+        return
+    block = max(1, (1 << 21) // max(1, hidden * 4))  # tokens whose float32 rows fill about 2 MB (an L2)
+    acc = empty((min(block, num_tokens), hidden), acc_dtype, out.device)
+    narrow = empty(acc.shape, out.dtype, out.device)
+    for begin in range(0, num_tokens, block):
+        end = min(begin + block, num_tokens)
+        size = end - begin
+        # Here the sum does start from +0.0 (no fix-up pass); a 16-bit term added into the float32 accumulator
+        # is widened exactly by the addition itself, which then rounds once to float32.
+        torch.add(gathered(terms[0], begin, end, narrow[:size]), 0.0, out=acc[:size])
+        for term in terms[1:]:
+            acc[:size].add_(gathered(term, begin, end, narrow[:size]))
+        out[begin:end].copy_(acc[:size])
