@@ -46,11 +46,6 @@ def integer(name: str, value: Any, *, minimum: int | None = None) -> int:
     return value
 
 
-def invalid_expert_ids(value: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """A 0-d device bool: some entry is neither -1 nor in [0, num_experts) (no host round trip)."""
-    return ((value < -1) | (value >= num_experts)).any()
-
-
 def expert_id_values(name: str, value: torch.Tensor, num_experts: int, distinct: bool) -> None:
     """`expert_ids` and (when `distinct`) `distinct_experts`, on one host copy of `value`: a device tensor is read
     once, and the checks run as a few CPU operations instead of a dozen device kernels and two round trips."""

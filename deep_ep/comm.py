@@ -115,7 +115,11 @@ class Comm:
 
     def all_gather(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         """Every rank's `tensor` stacked: [R, *tensor.shape], on `tensor`'s device (blocking)."""
-        return self._gather(tensor, op, want_host=False)[0]
+        return self._gather(tensor, op, to_host=False)
+
+    def all_gather_host(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """`all_gather`, read on the host (through the board where there is one: no device copy at all)."""
+        return self._gather(tensor, op, to_host=True)
 
     def all_gather_ints(self, row: list[int], op: str) -> list[list[int]]:
         """Every rank's row of ints (int64), in rank order (blocking; the board's fast path where there is one)."""
@@ -123,22 +127,17 @@ class Comm:
             return self.board.all_gather_ints(row, op)
         return self.all_gather(torch.tensor(row, dtype=torch.int64), op).tolist()
 
-    def all_gather_host(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
-        """`all_gather`, read on the host (through the board where there is one: no device copy at all)."""
-        gathered, host = self._gather(tensor, op, want_host=True)
-        return gathered.cpu() if host is None else host
-
-    def _gather(self, tensor: torch.Tensor, op: str, want_host: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _gather(self, tensor: torch.Tensor, op: str, to_host: bool) -> torch.Tensor:
         # The board needs the rows on the host: taken when they are there already or the caller reads them there
         # anyway, never to add a host synchronisation to a device-only exchange.
         if (
             self.board is not None
-            and (tensor.device.type == "cpu" or want_host)
+            and (tensor.device.type == "cpu" or to_host)
             and tensor.numel() * tensor.element_size() <= CAPACITY_BYTES
             and host_sync_allowed(tensor.device)
         ):
             host = self.board.all_gather(tensor.cpu(), op)
-            return (host if want_host else host.to(tensor.device)), host
+            return host if to_host else host.to(tensor.device)
         wire = tensor.to(self.wire_device(tensor.device)).contiguous()
         out = torch.empty((self.size * wire.numel(),), dtype=wire.dtype, device=wire.device)
         if wire.device.type == "cpu" and self.size > 1:
@@ -149,7 +148,8 @@ class Comm:
         else:
             work = _all_gather_single(out, wire.reshape(-1), group=self.group, async_op=True)
         self.wait(work, op, on_host=wire.device.type == "cpu")
-        return out.view(self.size, *tensor.shape).to(tensor.device), None
+        out = out.view(self.size, *tensor.shape)
+        return out.cpu() if to_host else out.to(tensor.device)
 
     def all_to_all(
         self,
