@@ -23,6 +23,7 @@ import platform
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -97,38 +98,36 @@ class HostBoard:
         """Every rank's host `tensor` stacked, [R, *shape]; raises CommTimeoutError if a rank never posts."""
         payload = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         nbytes = payload.numel()
-        assert nbytes <= CAPACITY_BYTES, f"{op}: {nbytes} bytes exceed the board's {CAPACITY_BYTES}"
-        self._calls += 1
-        call, parity, words, size = self._calls, self._calls % 2, self._words, self._comm.size
-        mine = self._slot(self._comm.rank, parity)
-        words[mine] = nbytes
-        self._bytes[8 * (mine + 1) : 8 * (mine + 1) + nbytes].copy_(payload)
-        words[mine + _SLOT_WORDS - 1] = call  # published after the payload (x86-64 keeps the stores in order)
-        slots = [self._slot(rank, parity) for rank in range(size)]
-        self._wait([slot + _SLOT_WORDS - 1 for slot in slots], call, op)
-        self._check_sizes([words[slot] for slot in slots], nbytes, op)
-        rows = self._bytes.as_strided((size, nbytes), (2 * 8 * _SLOT_WORDS, 1), 8 * (slots[0] + 1)).clone()
-        return rows.view(tensor.dtype).view(size, *tensor.shape)
+        starts = self._exchange(nbytes, lambda word: self._bytes[8 * word : 8 * word + nbytes].copy_(payload), op)
+        rows = self._bytes.as_strided((len(starts), nbytes), (2 * 8 * _SLOT_WORDS, 1), 8 * starts[0]).clone()
+        return rows.view(tensor.dtype).view(len(starts), *tensor.shape)
 
     def all_gather_ints(self, row: list[int], op: str) -> list[list[int]]:
         """Every rank's `row` of Python ints (int64), in rank order: `all_gather` without a torch op, for the
         agreement row that every checked call swaps."""
-        self._calls += 1
-        call, parity, words, size, nbytes = self._calls, self._calls % 2, self._words, self._comm.size, 8 * len(row)
+        words, width = self._words, len(row)
+
+        def write(word: int) -> None:
+            words[word : word + width] = array.array("q", row)
+
+        return [words[start : start + width].tolist() for start in self._exchange(8 * width, write, op)]
+
+    def _exchange(self, nbytes: int, write: Callable[[int], object], op: str) -> list[int]:
+        """One call of the protocol: `write(word)` puts this rank's payload at that word of its slot, the call
+        is published, every rank's awaited; returns where each rank's payload begins (words), in rank order."""
         assert nbytes <= CAPACITY_BYTES, f"{op}: {nbytes} bytes exceed the board's {CAPACITY_BYTES}"
+        self._calls += 1
+        call, parity, words = self._calls, self._calls % 2, self._words
         mine = self._slot(self._comm.rank, parity)
         words[mine] = nbytes
-        words[mine + 1 : mine + 1 + len(row)] = array.array("q", row)
+        write(mine + 1)
         words[mine + _SLOT_WORDS - 1] = call  # published after the payload (x86-64 keeps the stores in order)
-        slots = [self._slot(rank, parity) for rank in range(size)]
+        slots = [self._slot(rank, parity) for rank in range(self._comm.size)]
         self._wait([slot + _SLOT_WORDS - 1 for slot in slots], call, op)
-        self._check_sizes([words[slot] for slot in slots], nbytes, op)
-        return [words[slot + 1 : slot + 1 + len(row)].tolist() for slot in slots]
-
-    @staticmethod
-    def _check_sizes(sizes: list[int], nbytes: int, op: str) -> None:
+        sizes = [words[slot] for slot in slots]
         if any(n != nbytes for n in sizes):
             raise CollectiveMismatchError(f"{op}: ranks exchanged payloads of different sizes ({sizes} bytes)")
+        return [slot + 1 for slot in slots]
 
     def _wait(self, seq_words: list[int], call: int, op: str) -> None:
         words, spins, started = self._words, 0, None
