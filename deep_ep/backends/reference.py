@@ -43,9 +43,10 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         num_tokens = topk_idx.shape[0]
         num_ranks = self.comm.size
         experts_per_rank = num_experts // num_ranks
-        valid = topk_idx >= 0
-        # Invalid entries count into an extra column that is dropped: no host round trip.
-        rank_of = torch.where(valid, topk_idx.long() // experts_per_rank, num_ranks)
+        # The façade checked every id to lie in [-1, E): -1 (no expert) becomes E, whose rank is R, and counts into
+        # an extra column that is dropped (no host round trip, no mask).
+        expert_of = topk_idx.long().remainder(num_experts + 1)
+        rank_of = expert_of // experts_per_rank
         hits = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.int32, device=topk_idx.device)
         hits.scatter_(1, rank_of, 1)
         is_token_in_rank = hits[:, :num_ranks].bool()
@@ -56,7 +57,7 @@ class ReferenceBackend(LowLatencyMixin, Backend):
             node_hits = torch.zeros(num_tokens, num_nodes * 8, dtype=torch.bool, device=topk_idx.device)
             node_hits[:, :num_ranks] = is_token_in_rank
             num_tokens_per_rdma_rank = node_hits.view(num_tokens, num_nodes, 8).any(2).sum(0, dtype=torch.int32)
-        expert_of = torch.where(valid, topk_idx.long(), num_experts).reshape(-1)
+        expert_of = expert_of.reshape(-1)
         per_expert = torch.zeros(num_experts + 1, dtype=torch.int32, device=topk_idx.device)
         per_expert.scatter_add_(0, expert_of, torch.ones_like(expert_of, dtype=torch.int32))
         return num_tokens_per_rank, num_tokens_per_rdma_rank, per_expert[:num_experts], is_token_in_rank
