@@ -39,6 +39,7 @@ _SLOT_WORDS = 1 + CAPACITY_BYTES // 8 + 1  # [payload bytes][payload][sequence]
 _SPIN_BEFORE_YIELD = 200
 _YIELD_BEFORE_SLEEP_S = 0.002
 _SLEEP_S = 50e-6
+_LOOK_FOR_DEAD_S = 0.05  # how often a wait checks that the ranks it waits for still exist
 
 
 def board_supported() -> bool:
@@ -49,11 +50,14 @@ def board_supported() -> bool:
 class HostBoard:
     """Tensors of up to CAPACITY_BYTES swapped among the ranks of `comm`, all on this machine, through shared memory."""
 
-    def __init__(self, comm: Comm, memory: mmap.mmap) -> None:
+    def __init__(self, comm: Comm, memory: mmap.mmap, pids: list[int]) -> None:
         self._comm, self._memory = comm, memory
         self._words = memoryview(memory).cast("q")  # Python indexing: the fast way to poll one word
         self._bytes = torch.frombuffer(memory, dtype=torch.uint8)
         self._calls = 0
+        # A collective over the group notices a peer that died (its connection closes); a wait on the board
+        # notices it by the peer's process, where this process can see every rank's (one PID namespace).
+        self._pids = pids if all(not _process_gone(pid) for pid in pids) else None
 
     @classmethod
     def open(cls, comm: Comm) -> HostBoard | None:
@@ -81,14 +85,14 @@ class HostBoard:
         if comm.rank != 0 and supported and expected_nonce:
             memory = _map_existing(bytes(c for c in gathered[:_PATH_WORDS] if c).decode(), size_bytes)
         mapped = memory is not None and int.from_bytes(memory[:8], "little", signed=True) == expected_nonce
-        everyone = comm.all_gather(torch.tensor([int(mapped)], dtype=torch.int64), "open the host board")
+        everyone = comm.all_gather(torch.tensor([int(mapped), os.getpid()]), "open the host board").tolist()
         if path:
             os.unlink(path)  # the mappings outlive the name; nothing is left behind if a rank dies
-        if not bool(everyone.all()):
+        if not all(ok for ok, _ in everyone):
             if memory is not None:
                 memory.close()
             return None
-        return cls(comm, memory)
+        return cls(comm, memory, [pid for _, pid in everyone])
 
     def _slot(self, rank: int, parity: int) -> int:
         """The word where (rank, parity)'s slot begins."""
@@ -130,7 +134,7 @@ class HostBoard:
         return [slot + 1 for slot in slots]
 
     def _wait(self, seq_words: list[int], call: int, op: str) -> None:
-        words, spins, started = self._words, 0, None
+        words, spins, started, next_look = self._words, 0, None, 0.0
         while any(words[i] != call for i in seq_words):
             spins += 1
             if spins < _SPIN_BEFORE_YIELD:
@@ -138,12 +142,18 @@ class HostBoard:
             now = time.monotonic()
             started = started or now
             waited = now - started
+            where = f"seen on rank {self._comm.rank} of {self._comm.size}"
             if waited > self._comm.timeout_s:
                 late = [rank for rank, i in enumerate(seq_words) if words[i] != call]
                 raise CommTimeoutError(
-                    f"{op}: ranks {late} did not reach the call within {self._comm.timeout_s:g} s, "
-                    f"seen on rank {self._comm.rank} of {self._comm.size}"
+                    f"{op}: ranks {late} did not reach the call within {self._comm.timeout_s:g} s, {where}"
                 )
+            if self._pids is not None and waited >= next_look:
+                next_look = waited + _LOOK_FOR_DEAD_S
+                late = [rank for rank, i in enumerate(seq_words) if words[i] != call]
+                gone = [rank for rank in late if _process_gone(self._pids[rank])]
+                if gone:
+                    raise CommTimeoutError(f"{op}: ranks {gone} went away (their processes exited), {where}")
             # Yield the core first (ranks may outnumber cores), then sleep so a long wait costs no CPU.
             if waited < _YIELD_BEFORE_SLEEP_S:
                 os.sched_yield()
@@ -154,6 +164,17 @@ class HostBoard:
         del self._bytes
         self._words.release()
         self._memory.close()
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie counts as exited; Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def _map_existing(path: str, size_bytes: int) -> mmap.mmap | None:

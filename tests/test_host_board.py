@@ -77,7 +77,8 @@ def test_agreement_over_the_board_or_the_group(disable_on: int) -> None:
 def _absent_rank(rank: int, world: int) -> str | None:
     buffer = Buffer(dist.group.WORLD)
     if rank == world - 1:
-        return None  # never calls
+        time.sleep(8)  # alive, but never calls
+        return None
     buffer.comm_timeout = 2.0
     start = time.monotonic()
     with pytest.raises(CommTimeoutError, match="cached_dispatch") as info:
@@ -89,3 +90,20 @@ def _absent_rank(rank: int, world: int) -> str | None:
 def test_a_rank_that_never_arrives_times_out_naming_the_op() -> None:
     messages = run_ranks(3, _absent_rank, timeout=60)
     assert all("ranks [2] did not reach" in m for m in messages[:2]), messages
+
+
+def _rank_that_exits(rank: int, world: int) -> str | None:
+    buffer = Buffer(dist.group.WORLD)
+    if rank == world - 1:
+        os._exit(0)  # gone before the call: the others must not wait out comm_timeout
+    start = time.monotonic()
+    with pytest.raises(CommTimeoutError, match="went away") as info:
+        buffer._agree("cached_dispatch", hidden=1, x_row_bytes=2, scales_row_bytes=0, num_worst_tokens=0, handle_kind=0)
+    assert time.monotonic() - start < 30, "a dead rank was waited for as if it were slow"
+    assert buffer.comm_timeout >= 300  # the default: the exit was noticed, not the timeout
+    return str(info.value)
+
+
+def test_a_rank_that_exited_is_noticed_before_the_timeout() -> None:
+    messages = run_ranks(3, _rank_that_exits, doomed=(2,), timeout=90)
+    assert all("ranks [2] went away" in m for m in messages[:2]), messages
