@@ -100,8 +100,12 @@ TIMING = (
     "reported figure = max over ranks of the per-rank medians. An op and its raw baseline (fresh and cached dispatch "
     "and their baseline) alternate round by round, so they see the same machine conditions. Low-latency dispatch and "
     "combine are timed inside the same round (dispatch, then combine, no barrier between); dispatch+combine is their "
-    "sum per round."
+    "sum per round. With --timing back-to-back (GPU only; DeepEP's own tests time this way): after a barrier, "
+    "bursts of calls issued back to back, an event pair around each, one synchronisation after the burst; the first "
+    "call of each burst (which starts from an idle device) is dropped, so a figure is the device's time per call "
+    "while the host keeps ahead of it (where a call waits for the host, as a fresh dispatch does, it is not)."
 )
+BURST = 10  # back-to-back timing: calls per burst (candidates alternate burst by burst)
 
 
 # ---- workload (DeepEP-style, seeded per rank) ---------------------------------------------------------
@@ -253,6 +257,7 @@ class BenchConfig:
     progress: bool = True
     ll_graph: bool = False  # also time the low-latency pair captured in one CUDA graph (replays)
     num_sms: int | None = None  # normal mode: Buffer.set_num_sms(num_sms) first (None: the library's default)
+    timing: str = "idle"  # "idle": each call from an idle device; "back-to-back": DeepEP's way (see TIMING)
 
     @property
     def modes(self) -> list[str]:
@@ -304,6 +309,8 @@ class RankBench:
                 for phase in phases:
                     phase()
         self._sync()
+        if self.cfg.timing == "back-to-back" and self.device.type == "cuda":
+            return self._measure_back_to_back(candidates)
         samples: list[list[list[float]]] = [[[] for _ in phases] for phases in candidates]
         host: list[list[float]] = [[] for _ in candidates]  # GPU: seconds the host spent issuing each round
         pending = []
@@ -334,6 +341,26 @@ class RankBench:
             for c, phases in enumerate(candidates):  # single-phase rounds: record() reports their host time
                 if len(phases) == 1:
                     self.host_times[id(samples[c][0])] = (samples[c][0], host[c])
+        return samples
+
+    def _measure_back_to_back(self, candidates: Sequence[Sequence[Callable[[], Any]]]) -> list[list[list[float]]]:
+        """`measure` as DeepEP's tests time (TIMING): bursts of back-to-back calls, an event pair around each."""
+        samples: list[list[list[float]]] = [[[] for _ in phases] for phases in candidates]
+        for first in range(0, self.cfg.iters, BURST):
+            for c, phases in enumerate(candidates):
+                self.barrier()
+                rounds = []
+                for _ in range(min(BURST, self.cfg.iters - first) + 1):
+                    events = [torch.cuda.Event(enable_timing=True) for _ in range(len(phases) + 1)]
+                    events[0].record()
+                    for phase, event in zip(phases, events[1:]):
+                        phase()
+                        event.record()
+                    rounds.append(events)
+                torch.cuda.synchronize(self.device)
+                for events in rounds[1:]:  # the first started from an idle device
+                    for i in range(len(phases)):
+                        samples[c][i].append(events[i].elapsed_time(events[i + 1]) / 1e3)
         return samples
 
     def record(
@@ -996,7 +1023,8 @@ def _describe(report: dict) -> list[str]:
             f"{src.get('program', '?')}: ranks={machine.get('ranks')} {machine.get('dist_backend')} on "
             f"{machine.get('device')} ({machine.get('device_name')}), torch {machine.get('torch')}; hidden="
             f"{cfg.get('hidden')} top-{cfg.get('topk')} of {cfg.get('experts')} experts, drop={cfg.get('drop')}, "
-            f"iters={cfg.get('iters')} warmup={cfg.get('warmup')} seed={cfg.get('seed')}"
+            f"iters={cfg.get('iters')} warmup={cfg.get('warmup')} seed={cfg.get('seed')}, "
+            f"timing={cfg.get('timing', 'idle')}"
         )
     return lines
 
@@ -1111,6 +1139,12 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
         action="store_true",
         help="GPUs: also time the low-latency dispatch+combine pair captured in one CUDA graph (op 'graph ...')",
     )
+    parser.add_argument(
+        "--timing",
+        choices=["idle", "back-to-back"],
+        default="idle",
+        help="GPU: each call from an idle device (default), or back to back as DeepEP's tests time (TIMING)",
+    )
     parser.add_argument("--dtype", nargs="+", default=["bfloat16"], help="bfloat16 and/or fp8 (dispatch payload)")
     parser.add_argument("--iters", type=int, default=20, help="timed rounds (median taken)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
@@ -1172,6 +1206,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         progress=not args.quiet,
         ll_graph=args.ll_graph,
         num_sms=args.num_sms,
+        timing=args.timing,
     )
 
 
