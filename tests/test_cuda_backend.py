@@ -378,62 +378,34 @@ def test_low_latency_kernels_match_reference_on_emulated_symmetric_memory(tmp_pa
     assert any(name.startswith("low_latency-gen") for name in os.listdir(tmp_path))  # the kernels' workspace
 
 
-PUSH_KERNEL_CASE = """
-import torch
-from deep_ep.backends.cuda import (PHASES, combine_push_plan, copies_into, dispatch_push_plan, launch_push,
-                                   signal_slots, source_words)
-g = torch.Generator().manual_seed(0)
-R, ME, AREA, REGION = 3, 1, 1 << 17, 16 << 10  # words per rank's area; byte offset of the region
-# (width in bytes, tokens of ME, direction, copy into an output, epoch): whole-row tiles with the prefetch, rows
-# wider than a tile (column chunks), a rank without rows, the combine's order.
-CASES = ((96, 13, "dispatch", True, 3), (96, 13, "dispatch", False, 4), (32800, 5, "dispatch", True, 7),
-         (64, 0, "dispatch", True, 2), (48, 11, "combine", False, 5), (48, 11, "combine", True, 6))
-for width, tokens, direction, copy, epoch in CASES:
-    in_rank = torch.rand(tokens, R, generator=g) < 0.6
-    counts = torch.randint(0, 6, (R, R), generator=g)
-    counts[ME] = in_rank.sum(0)
-    counts = counts.tolist()
-    if direction == "dispatch":
-        plan = dispatch_push_plan(counts, ME, in_rank)
-    else:
-        plan = combine_push_plan(counts, ME, torch.device("cpu"))
-    rows = torch.randint(0, 256, (plan.dest.shape[0], width), generator=g, dtype=torch.uint8)
-    ws = torch.zeros(R * AREA, dtype=torch.int32)
-    words = ws[ME * AREA :]  # this rank's workspace; the peers' lie at the deltas
-    deltas = (torch.arange(R, dtype=torch.int64) - ME) * AREA
-    flag_slot, counters = signal_slots(epoch % 2, 1)
-    expect, base = plan.receive.tolist()
-    # The peers' side, simulated: their rows for ME have landed in ME's region and their flags say so.
-    landed = torch.randint(0, 256, (plan.received, width), generator=g, dtype=torch.uint8)
-    mine = ws[ME * AREA + REGION // 4 :][: plan.received * width // 4].view(torch.uint8).view(-1, width)
-    for s in range(R):
-        if s != ME:
-            mine[base[s] : base[s] + expect[s]] = landed[base[s] : base[s] + expect[s]]
-            words.view(torch.int64)[flag_slot + s] = (epoch << 32) | expect[s]
-    out = torch.zeros(plan.received, width, dtype=torch.uint8) if copy else None
-    assert out is None or copies_into(out, width, words)
-    launch_push(plan, source_words(rows, width), words, deltas, REGION, width, out, (flag_slot, counters), epoch,
-                ME, num_sms=4, receivers=2 if copy else 1, timeout_s=60)
-    for d in range(R):
-        area = ws[d * AREA + REGION // 4 :][: plan.capacity * width // 4].view(torch.uint8).view(-1, width)
-        into = out if (copy and d == ME) else area
-        sent = plan.dest[:, d] >= 0
-        assert torch.equal(into[plan.dest[sent, d].long()], rows[sent]), (width, direction, copy, d)
-        flag = int(ws[d * AREA :].view(torch.int64)[flag_slot + ME])
-        assert flag == (epoch << 32) | int(sent.sum()), (width, direction, d, hex(flag))
-    if copy:
-        for s in range(R):
-            if s != ME:
-                assert torch.equal(out[base[s] : base[s] + expect[s]], landed[base[s] : base[s] + expect[s]])
-    assert not ws[ME * AREA + counters :][:PHASES].any(), "the phase counters are left at zero for the next launch"
-"""
-
-
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed (an extra check)")
-def test_push_kernel_places_rows_signals_and_copies_in_the_interpreter() -> None:
-    # The push kernel alone in Triton's CPU interpreter, as rank 1 of three "ranks" that are three areas of one
-    # tensor (the deltas between them). The peers are simulated by what they leave behind: their rows in this
-    # rank's region and their flags. Checked against torch: this rank's rows in every destination's region (or,
-    # its own, in the output), the flag it leaves at every destination (epoch, rows), the landed rows copied into
-    # the output, the phase counters back at zero.
-    _run_in_interpreter(PUSH_KERNEL_CASE)
+def test_push_kernel_places_rows_in_the_interpreter() -> None:
+    # The push kernel alone in Triton's CPU interpreter: three "ranks" are three areas of one tensor (the
+    # deltas between them), rows go to random destination rows or nowhere; whole-row tiles with the prefetch,
+    # and rows wider than a tile (the chunked path), against a torch oracle.
+    code = (
+        "import torch\n"
+        "from deep_ep.kernels.triton_normal import push_rows_kernel\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "R, N, AREA = 3, 13, 4096\n"
+        "cases = ((24, 4, 32, 28, 8, 0), (40, 2, 16, 40, 0, 0), (7, 8, 8, 8, 4, 1), (40, 2, 16, 40, 0, 1))\n"
+        "for words, rows, block, pitch, region, has_order in cases:\n"
+        "    src = torch.randint(-2**31, 2**31 - 1, (N, words + 5), generator=g, dtype=torch.int32)\n"
+        "    dest = torch.full((N, R), -1, dtype=torch.int32)\n"
+        "    for d in range(R):\n"
+        "        chosen = torch.rand(N, generator=g) < 0.6\n"
+        "        dest[chosen, d] = torch.randperm(N, generator=g)[: int(chosen.sum())].int()\n"
+        "    ws = torch.zeros(R * AREA, dtype=torch.int32)\n"
+        "    deltas = torch.arange(R, dtype=torch.int64) * AREA\n"
+        "    order = torch.randperm(N, generator=g).int()\n"
+        "    push_rows_kernel[(3,)](src, dest, order, ws, deltas, region, N, src.stride(0), pitch, R=R, WORDS=words,\n"
+        "                           ROWS=rows, BLOCK=block, SRC_ALIGNED=False, HAS_ORDER=bool(has_order))\n"
+        "    want = torch.zeros_like(ws)\n"
+        "    for i in range(N):\n"
+        "        for d in range(R):\n"
+        "            if dest[i, d] >= 0:\n"
+        "                at = d * AREA + region + int(dest[i, d]) * pitch\n"
+        "                want[at : at + words] = src[i, :words]\n"
+        "    assert torch.equal(ws, want), (words, rows, block)\n"
+    )
+    _run_in_interpreter(code)

@@ -27,8 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,14 +45,6 @@ from .reference import ReferenceBackend
 log = logging.getLogger("deep_ep.cuda")
 
 ROW_ALIGN = 16  # bytes: workspace rows start 16-byte aligned, so the kernel stores 16-byte vectors
-# The start of every normal-mode workspace: per launch, one int64 flag per source rank in each rank's workspace
-# and PHASES int32 counters in its own; both halves, up to MAX_TRANSFERS launches a call, MAX_RANKS ranks.
-SIGNAL_BYTES = 16 << 10
-MAX_TRANSFERS, MAX_RANKS = 4, 64
-_COUNTERS_AT = 8 << 10  # bytes: the counters follow the flags (2 * 4 * 64 * 8 = 4 KiB)
-# A pusher signals after each of PHASES runs of consecutive tiles: more phases let receivers start sooner and
-# cost each pusher one more system-scope atomic (and its last program R flag writes).
-PHASES = 8
 
 
 # ---- the plan: which rows go where (pure host arithmetic, tested on the CPU) ----------------------------
@@ -122,24 +113,14 @@ class PushPlan:
 
     dest: int32 [num_rows, R], the row that row i takes in rank d's region, or -1 (rows: the tokens for a
     dispatch, the received rows for a combine); capacity: the largest region's rows on any rank (the same on
-    every rank); received: the rows that land in this rank's region; receive: int32 [2, R], the rows this rank
-    receives from each source and the region row where they start; order: int32 [num_rows], the order the
-    kernel takes the rows in, or None for ascending; done: `phase_done` per tile height, filled on first use.
+    every rank); received: the rows that land in this rank's region; order: int32 [num_rows], the order the
+    kernel takes the rows in, or None for ascending.
     """
 
     dest: torch.Tensor
     capacity: int
     received: int
-    receive: torch.Tensor
     order: torch.Tensor | None = None
-    done: dict = field(default_factory=dict, compare=False)
-
-
-def receive_rows(counts: list[list[int]], rank: int, dispatch: bool) -> list[list[int]]:
-    """[rows from each source, the region row where they start] for `rank`: a dispatch receives counts[s][rank]
-    rows from source s, a combine gets back counts[rank][d] rows from destination d; blocks ascend by source."""
-    got = [row[rank] for row in counts] if dispatch else list(counts[rank])
-    return [got, [sum(got[:s]) for s in range(len(got))]]
 
 
 def dispatch_push_plan(counts: list[list[int]], rank: int, is_token_in_rank: torch.Tensor) -> PushPlan:
@@ -151,11 +132,10 @@ def dispatch_push_plan(counts: list[list[int]], rank: int, is_token_in_rank: tor
     for copy in dispatch_plan(counts, rank):
         first_row[copy.peer] = copy.dst_row
     device = is_token_in_rank.device
-    host = torch.tensor([[row - 1 for row in first_row], *receive_rows(counts, rank, True)], dtype=torch.int32)
-    offset, receive = host.to(device, non_blocking=True).split([1, 2])
-    running = is_token_in_rank.t().int().cumsum(1, dtype=torch.int32).t()  # scanned along the last dim: fast on CUDA
+    offset = torch.tensor(first_row, dtype=torch.long).sub_(1).to(device, non_blocking=True)
+    running = is_token_in_rank.t().long().cumsum(1).t()  # scanned along the last dim: fast on CUDA
     dest = torch.where(is_token_in_rank, running + offset, -1).int()
-    return PushPlan(dest, workspace_rows(counts, True), rows_received(counts, rank, True), receive)
+    return PushPlan(dest, workspace_rows(counts, True), rows_received(counts, rank, True))
 
 
 def combine_push_plan(counts: list[list[int]], rank: int, device: torch.device) -> PushPlan:
@@ -169,44 +149,17 @@ def combine_push_plan(counts: list[list[int]], rank: int, device: torch.device) 
     splits, shifts = [0] * num_ranks, [0] * num_ranks
     for copy in combine_plan(counts, rank):
         splits[copy.peer], shifts[copy.peer] = copy.count, copy.dst_row - copy.src_begin
-    host = torch.tensor([splits, shifts, *receive_rows(counts, rank, False)], dtype=torch.long)
-    on_device = host.to(device, non_blocking=True)
-    receive = on_device[2:].int()
     dest = torch.full((num_rows, num_ranks), -1, dtype=torch.int32, device=device)
     order = None
     if num_rows:
         # The blocks come in ascending peer order, so entry e of peer p lands at e + shifts[p].
-        peer = torch.repeat_interleave(torch.arange(num_ranks, device=device), on_device[0], output_size=num_rows)
+        splits_shifts = torch.tensor([splits, shifts], dtype=torch.long).to(device, non_blocking=True)
+        peer = torch.repeat_interleave(torch.arange(num_ranks, device=device), splits_shifts[0], output_size=num_rows)
         entry = torch.arange(num_rows, device=device)
-        dest[entry, peer] = (entry + on_device[1][peer]).int()
-        block_start = torch.cumsum(on_device[0], 0) - on_device[0]
+        dest[entry, peer] = (entry + splits_shifts[1][peer]).int()
+        block_start = torch.cumsum(splits_shifts[0], 0) - splits_shifts[0]
         order = torch.argsort((entry - block_start[peer]) * num_ranks + peer).int()
-    return PushPlan(dest, workspace_rows(counts, False), rows_received(counts, rank, False), receive, order)
-
-
-def phase_tiles(num_rows: int, tile_rows: int) -> int:
-    """Tiles per phase of the push kernel: its tiles split into PHASES runs of consecutive tiles."""
-    num_tiles = -(-num_rows // tile_rows)
-    return max(1, -(-num_tiles // PHASES))
-
-
-def phase_done(plan: PushPlan, tile_rows: int) -> torch.Tensor:
-    """int32 [PHASES, R]: how many of this rank's rows for rank d the push kernel has stored once its phase k is
-    over (tiles of `tile_rows` rows, taken in the plan's order). The rows for d that a phase covers follow the
-    ones of the phase before in d's region, so a count is enough to say which have landed."""
-    done = plan.done.get(tile_rows)
-    if done is None:
-        num_rows = plan.dest.shape[0]
-        sent = plan.dest >= 0
-        if plan.order is not None:
-            sent = sent[plan.order.long()]
-        running = torch.zeros(sent.shape[1], num_rows + 1, dtype=torch.int32, device=sent.device)
-        torch.cumsum(sent.t().int(), 1, dtype=torch.int32, out=running[:, 1:])
-        # The row count after each phase: built on the device (a host tensor would cost a synchronising copy).
-        ends = torch.arange(1, PHASES + 1, device=sent.device) * (phase_tiles(num_rows, tile_rows) * tile_rows)
-        done = running[:, ends.clamp_(max=num_rows)].t().contiguous()
-        plan.done[tile_rows] = done
-    return done
+    return PushPlan(dest, workspace_rows(counts, False), rows_received(counts, rank, False), order)
 
 
 # ---- byte-row helpers --------------------------------------------------------------------------------------
@@ -227,101 +180,6 @@ def source_words(rows: torch.Tensor, pitch: int) -> tuple[torch.Tensor, bool]:
         rows = pad_columns(rows, pitch)
     words = rows.view(torch.int32)
     return words, words.stride(0) % 4 == 0 and words.data_ptr() % 16 == 0
-
-
-def signal_slots(parity: int, transfer: int) -> tuple[int, int]:
-    """(flag_slot in int64 words, counters in int32 words) of a call's `transfer`-th launch in workspace half
-    `parity`: where the kernel's flags and phase counters live."""
-    launch = parity * MAX_TRANSFERS + transfer
-    return launch * MAX_RANKS, (_COUNTERS_AT + launch * PHASES * WORD) // WORD
-
-
-def copies_into(out: torch.Tensor, width: int, words: torch.Tensor) -> bool:
-    """Whether the kernel's receivers can copy rows of `width` bytes into `out` (uint8 [rows, width]): whole
-    16-byte rows (the pitch equals the width), 16-byte aligned, on the workspace's device."""
-    return (
-        width % ROW_ALIGN == 0
-        and out.stride(-1) == 1
-        and out.stride(0) % ROW_ALIGN == 0
-        and (out.data_ptr() - words.data_ptr()) % ROW_ALIGN == 0
-        and out.device == words.device
-    )
-
-
-def copy_tile_shape(words: int) -> tuple[int, int]:
-    """(CROWS, CBLOCK) of a receiver's copy tile: whole rows up to 8192 words, about 16384 words in all."""
-    block = next_power_of_2(min(max(words, 1), 8192))
-    return max(1, min(64, 16384 // block)), block
-
-
-def launch_push(
-    plan: PushPlan,
-    source: tuple[torch.Tensor, bool],
-    words: torch.Tensor,
-    deltas: torch.Tensor,
-    region: int,
-    pitch: int,
-    out: torch.Tensor | None,
-    slots: tuple[int, int],
-    epoch: int,
-    rank: int,
-    num_sms: int,
-    receivers: int,
-    timeout_s: float,
-) -> None:
-    """One launch of the push kernel for one tensor: `source` = `source_words(rows, pitch)`, into the region at
-    byte `region` of every rank's workspace (`words`: this rank's as int32, `deltas` to the peers'); `out`, if
-    given, receives this rank's rows (it must pass `copies_into`); `slots` = `signal_slots(...)`; `epoch` = the
-    call's number (> 0, equal on every rank). It returns on the device once every source's rows have landed."""
-    from ..kernels.triton_normal import push_rows_kernel, tile_shape
-
-    src, aligned = source
-    num_rows, num_words = src.shape[0], src.shape[1]
-    tile_rows, block = tile_shape(num_words)
-    per_phase = phase_tiles(num_rows, tile_rows)
-    pushers = max(1, min(num_sms - receivers, per_phase))
-    copy_rows, copy_block = copy_tile_shape(num_words)
-    push_rows_kernel[(pushers + receivers,)](
-        src,
-        plan.dest,
-        plan.dest if plan.order is None else plan.order,
-        words,
-        words.view(torch.int64),
-        deltas,
-        region // WORD,
-        num_rows,
-        src.stride(0),
-        pitch // WORD,
-        0 if out is None else (out.data_ptr() - words.data_ptr()) // WORD,
-        0 if out is None else out.stride(0) // WORD,
-        slots[1],
-        slots[0],
-        phase_done(plan, tile_rows),
-        plan.receive[0],
-        plan.receive[1],
-        epoch,
-        rank,
-        pushers,
-        per_phase,
-        int(timeout_s * 1e9),
-        R=deltas.numel(),
-        RP=next_power_of_2(deltas.numel()),
-        WORDS=num_words,
-        ROWS=tile_rows,
-        BLOCK=block,
-        SRC_ALIGNED=aligned,
-        HAS_ORDER=plan.order is not None,
-        COPY=out is not None,
-        CROWS=copy_rows,
-        CBLOCK=copy_block,
-        INTERPRET=words.device.type != "cuda",
-        PHASES=PHASES,
-        num_warps=8 if tile_rows * block >= 4096 else 4,
-    )
-
-
-def next_power_of_2(value: int) -> int:
-    return 1 << max(value - 1, 0).bit_length()
 
 
 # ---- the backend -------------------------------------------------------------------------------------------
@@ -364,8 +222,6 @@ class CudaBackend(ReferenceBackend):
             if major < 8:
                 return f"GPU {index} has compute capability {major}.{minor}; the cuda backend needs 8.0 or newer"
             world, count = dist.get_world_size(group), torch.cuda.device_count()
-            if world > MAX_RANKS:
-                return f"the group has {world} ranks; the cuda backend's signal area holds {MAX_RANKS}"
             if world > count:
                 return (
                     f"the group has {world} ranks but this process sees {count} GPU(s): the cuda backend needs "
@@ -426,9 +282,9 @@ class CudaBackend(ReferenceBackend):
         if reason is not None:
             self._log_once(reason, logging.INFO if self.comm.size == 1 else logging.WARNING)
             return super()._forward(route, transfers, op)
-        received = self._push(self._plan(route, dispatch=True), *map(list, zip(*transfers)))
-        # What the kernel did not copy out is read from the workspace on this stream, before the call after next.
-        results = [got if out is None or got is out else out.copy_(got) for got, (_, out) in zip(received, transfers)]
+        received = self._push(self._plan(route, dispatch=True), [rows for rows, _ in transfers])
+        # Copies out of the workspace run on this stream, before the next call's barrier (see _push).
+        results = [got if out is None else out.copy_(got) for got, (_, out) in zip(received, transfers)]
         return results, Pending(self.comm, op, [], [], on_host=False)
 
     # ---- combine ---------------------------------------------------------------------------------------
@@ -471,83 +327,64 @@ class CudaBackend(ReferenceBackend):
             route.cache[key] = plan
         return plan
 
-    def _push(
-        self, plan: PushPlan, tensors: list[torch.Tensor], outs: list[torch.Tensor | None] | None = None
-    ) -> list[torch.Tensor]:
-        """Write the byte rows [num_rows, W] of each tensor into the ranks' workspaces per `plan` (one region and
-        one kernel launch per tensor); each launch returns on every rank once all its rows have landed there.
-        Returns this rank's received rows of each: `outs[i]` itself where the kernel copied them into it, else
-        [plan.received, W] views of its workspace, valid on the current stream until its call after next starts."""
-        outs = outs or [None] * len(tensors)
-        if len(tensors) > MAX_TRANSFERS:
-            raise AssertionError(f"{len(tensors)} tensors in one call; the signal area has slots for {MAX_TRANSFERS}")
+    def _push(self, plan: PushPlan, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Write the byte rows [num_rows, W] of each tensor into the ranks' workspaces per `plan` (one region per
+        tensor), then one barrier. Returns this rank's received rows of each, [plan.received, W] views of its
+        workspace, valid on the current stream until its call after next starts."""
+        from ..kernels.triton_normal import push_rows_kernel, tile_shape
+
         pitches = [max(align_up(rows.shape[1], ROW_ALIGN), ROW_ALIGN) for rows in tensors]
         half = plan.capacity * sum(pitches)
         on_gpu = self.device.type == "cuda"
         # The kernels launch on the current device: make it the Buffer's (a no-op guard when it already is).
         elsewhere = on_gpu and torch.cuda.current_device() != self.device.index
         with torch.cuda.device(self.device) if elsewhere else contextlib.nullcontext():
-            workspace = self._normal_workspace(SIGNAL_BYTES + 2 * half)
+            if self._workspace is None:
+                self._workspace = self._new_workspace()
+            workspace = self._workspace
+            # Same counts and row widths on every rank, so every rank asks for the same size (collective).
+            workspace.ensure(2 * half)
             deltas = self._word_deltas(workspace)
-            # Alternate halves: a launch writes into a peer's half p only after its previous launch returned,
-            # which it did once that peer had started its own previous launch, i.e. had finished (in stream order)
-            # reading what the call before left in p. The epoch tells this call's flags from older ones.
-            parity, epoch = self._calls % 2, self._calls + 1
+            # Alternate halves: this call's writes into a peer's half p come after our barrier of the previous
+            # call, which that peer reached only after reading (on its stream) what the call before left in p.
+            region = workspace.nbytes // 2 * (self._calls % 2)
             self._calls += 1
-            region = SIGNAL_BYTES + (workspace.nbytes - SIGNAL_BYTES) // 2 * parity
             current = torch.cuda.current_stream() if on_gpu else None
             if self._last_stream is not None and self._last_stream != current:
-                # The previous call read this workspace on another stream: order that before our writes.
+                # The previous call read this workspace on another stream: order that before our barrier.
                 current.wait_stream(self._last_stream)
             words = workspace.local.view(torch.int32)
             received = []
-            for index, (rows, pitch, out) in enumerate(zip(tensors, pitches, outs)):
-                copy = out is not None and copies_into(out, rows.shape[1], words)
-                launch_push(
-                    plan,
-                    source_words(rows, pitch),
-                    words,
-                    deltas,
-                    region,
-                    pitch,
-                    out if copy else None,
-                    signal_slots(parity, index),
-                    epoch,
-                    self.comm.rank,
-                    self.num_sms,
-                    self._receivers(copy),
-                    self.comm.timeout_s,
-                )
-                if copy:
-                    received.append(out)
-                else:
-                    area = workspace.local[region : region + plan.received * pitch]
-                    received.append(area.view(plan.received, pitch)[:, : rows.shape[1]])
+            for rows, pitch in zip(tensors, pitches):
+                src, aligned = source_words(rows, pitch)
+                if rows.shape[0] and src.shape[1]:
+                    tile_rows, block = tile_shape(src.shape[1])
+                    programs = max(1, min(self.num_sms, -(-rows.shape[0] // tile_rows)))
+                    push_rows_kernel[(programs,)](
+                        src,
+                        plan.dest,
+                        plan.dest if plan.order is None else plan.order,
+                        words,
+                        deltas,
+                        region // WORD,
+                        rows.shape[0],
+                        src.stride(0),
+                        pitch // WORD,
+                        R=self.comm.size,
+                        WORDS=src.shape[1],
+                        ROWS=tile_rows,
+                        BLOCK=block,
+                        SRC_ALIGNED=aligned,
+                        HAS_ORDER=plan.order is not None,
+                        num_warps=8 if tile_rows * block >= 4096 else 4,
+                    )
+                area = workspace.local[region : region + plan.received * pitch]
+                received.append(area.view(plan.received, pitch)[:, : rows.shape[1]])
                 region += plan.capacity * pitch
+            # Every peer's rows for this rank have landed once every rank has passed this point.
+            workspace.barrier(self.comm.timeout_s)
             self._last_stream = current
         return received
-
-    def _receivers(self, copy: bool) -> int:
-        """Programs of a launch that receive: with a copy, a share of the SM budget (DEEP_EP_CUDA_COPY_SMS, default
-        a quarter); else one, which only waits."""
-        if not copy:
-            return 1
-        share = os.environ.get("DEEP_EP_CUDA_COPY_SMS")
-        wanted = int(share) if share else self.num_sms // 4
-        return max(1, min(wanted, self.num_sms - 1))
-
-    def _normal_workspace(self, nbytes: int) -> Any:
-        """The normal-mode workspace, at least `nbytes` long; a new mapping has its signal area cleared on every
-        rank before any rank can signal into it (garbage there could pass for a flag)."""
-        if self._workspace is None:
-            self._workspace = self._new_workspace()
-        workspace = self._workspace
-        mapped = workspace.local
-        workspace.ensure(nbytes)  # the same size on every rank (same counts and widths): collective
-        if workspace.local is not mapped:
-            workspace.local[:SIGNAL_BYTES].zero_()
-            workspace.barrier(self.comm.timeout_s)
-        return workspace
 
     def _word_deltas(self, workspace: Any) -> torch.Tensor:
         """`peer_memory.word_deltas` of the current mapping (recomputed after the workspace regrew)."""
