@@ -18,6 +18,7 @@
 # step has a deadline (about 8 minutes in all at worst). .whl/ is git-ignored: carry it along with the copy.
 #
 #   OUT=/tmp/bench_out bash tools/gpu_bench.sh
+#   TIMING=back-to-back OUT=/tmp/bench_out bash tools/gpu_bench.sh   # every bench timed as DeepEP's tests time
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 : "${OUT:?set OUT to the folder the results go to}"
@@ -32,8 +33,9 @@ DIST="${DIST_BACKEND:-nccl}"
 SHAPE=(--hidden 7168 --topk 8 --experts 256 --dtype bfloat16 fp8 --iters 30 --warmup 10)
 NORMAL=(--tokens 512 1024 2048 4096)
 LL=(--ll-tokens 32 64 128 256)
+SHAPE+=(--timing "${TIMING:-idle}")  # TIMING=back-to-back: as DeepEP's tests time (tools/bench.py --help)
 if [[ "${SMOKE:-0}" == 1 ]]; then  # a dry run of this script's plumbing (e.g. DIST_BACKEND=gloo on a CPU)
-    SHAPE=(--hidden 256 --topk 4 --experts 16 --dtype bfloat16 fp8 --iters 3 --warmup 1)
+    SHAPE=(--hidden 256 --topk 4 --experts 16 --dtype bfloat16 fp8 --iters 3 --warmup 1 --timing "${TIMING:-idle}")
     NORMAL=(--tokens 32 64)
     LL=(--ll-tokens 8 16)
 fi

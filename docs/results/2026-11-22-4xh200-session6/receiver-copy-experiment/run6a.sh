@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Session 6, device run A (4xH200): correctness of the new push kernel, then before/after at 4096x7168 bf16.
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
+R="$OUT/r"; mkdir -p "$R"
+RUN=(python3 -m torch.distributed.run --standalone --nproc-per-node 4)
+BENCH=(tools/bench.py --launcher torchrun --dist-backend nccl --mode normal --tokens 4096 --hidden 7168 --topk 8 --experts 256 --dtype bf16 --iters 30 --warmup 10 --quiet)
+{
+date -u; nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+echo "=== selftest"; timeout -k 5 150 python3 tools/cuda_selftest.py --world 4 > "$R/selftest.txt" 2>&1; echo "exit $?"; tail -4 "$R/selftest.txt"
+echo "=== crosscheck"; timeout -k 5 150 "${RUN[@]}" tools/crosscheck.py --dist-backend nccl --participants reference@cuda/nccl,cuda@cuda/nccl --families all --large --modes normal,low_latency --dtypes bf16,fp8,int8 --tokens 32 --max-tokens 64 --topk 8 --experts-per-rank 8 --rules exact --comm-timeout 60 > "$R/crosscheck.txt" 2>&1; echo "exit $?"; tail -4 "$R/crosscheck.txt"
+for timing in idle back-to-back; do
+  for tree in before after; do
+    dir=.; [ $tree = before ] && dir=ab_before
+    echo "=== $tree $timing"
+    (cd $dir && timeout -k 5 90 "${RUN[@]}" "${BENCH[@]}" --backend cuda --timing $timing --json "$R/ab_${tree}_${timing}.json" > "$R/ab_${tree}_${timing}.txt" 2>&1); echo "exit $?"
+    grep -E "cuda|raw" "$R/ab_${tree}_${timing}.txt" | head -8
+  done
+done
+} 2>&1 | tee "$R/log.txt"
+tar -czf "$OUT/run6a.tgz" -C "$OUT" r && rm -rf "$R"
