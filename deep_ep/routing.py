@@ -200,6 +200,14 @@ class Route:
         return [(b, e, first) for b, e, first in zip(bounds[:-1], bounds[1:], starts) if e > b]
 
     @cached_property
+    def row_index(self) -> torch.Tensor:
+        """Exact routes: int32 [N, R], the row of `send_tokens` (which combine's returned rows follow) holding
+        token t's row from rank d, -1 where it sent none: what the ordered gather-sum reads, built once."""
+        from .kernels.ordered_sum import row_index_from_splits
+
+        return row_index_from_splits(self.send_tokens, self.send_splits, self.num_tokens)
+
+    @cached_property
     def token_rows(self) -> torch.Tensor:
         """int64 [R, N]: the row of `send_tokens` that token t sent to rank d, or `len(send_tokens)` (the zero
         row `backward(..., zero_row=True)` appends) where it sent none. Built on the device, no host wait."""

@@ -268,6 +268,9 @@ def test_triton_kernel_logic_in_the_interpreter() -> None:
         "        b = tuple(torch.randn(21, h, generator=g).to(dtype) for _ in range(nb))\n"
         "        a, e = k.ordered_gather_sum(rows, idx, b), torch_ordered_gather_sum(rows, idx, b)\n"
         "        assert torch.equal(a.view(torch.uint8), e.view(torch.uint8)), (dtype, h, nb)\n"
+        "        for out in (torch.empty(21, h, dtype=dtype), torch.empty(h, 21, dtype=dtype).t()):\n"
+        "            assert k.ordered_gather_sum(rows, idx, b, out) is out  # written in place, any strides\n"
+        "            assert torch.equal(out.contiguous().view(torch.uint8), e.view(torch.uint8)), (dtype, h, nb)\n"
     )
     _run_in_interpreter(code)
 

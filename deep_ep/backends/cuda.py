@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import Comm, Pending, group_device_types
-from ..kernels.ordered_sum import ordered_gather_sum, row_index_from_splits
+from ..kernels.ordered_sum import ordered_gather_sum
 from ..packing import RowFormat
 from ..routing import Route
 from .base import LowLatencyDispatchArgs
@@ -304,10 +304,7 @@ class CudaBackend(ReferenceBackend):
             tensors.append(RowFormat.of(topk_weights=topk_weights).pack(topk_weights=topk_weights))
         returned = self._push(self._plan(route, dispatch=False), tensors)
         # Rows came back where `send_tokens` lists them: destination blocks ascending, tokens ascending.
-        row_index = route.cache.get("cuda_row_index")
-        if row_index is None:
-            row_index = row_index_from_splits(route.send_tokens, route.send_splits, route.num_tokens)
-            route.cache["cuda_row_index"] = row_index
+        row_index = route.row_index
         combined_x = ordered_gather_sum(returned[0].view(x.dtype), row_index, bias)
         combined_weights = None
         if topk_weights is not None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..comm import Pending, host_sync_allowed
 from ..errors import UnsupportedFeatureError
-from ..kernels.ordered_sum import ordered_gather_sum, row_index_from_splits
+from ..kernels.ordered_sum import ordered_gather_sum
 from ..packing import HostBuffers, RowFormat, byte_rows
 from ..routing import Empty, Route, _torch_empty, channel_of_tokens, gather_rows
 from .base import Backend, DispatchArgs
@@ -333,8 +333,7 @@ def _sum_returned(
         rows[blocks[d][0] : blocks[d][1]].copy_(own_rows)  # what the all-to-all would have copied
         own = None
     if rows.is_cuda and not route.padded:
-        row_index = row_index_from_splits(route.send_tokens, route.send_splits, num_tokens)
-        out.copy_(ordered_gather_sum(rows[:-1], row_index, bias))
+        ordered_gather_sum(rows[:-1], route.row_index, bias, out=out)
         return
     if not route.padded and _few_runs(route):
         sources = [rows[begin:end] for begin, end in blocks]

@@ -101,24 +101,32 @@ def _check(rows: torch.Tensor, row_index: torch.Tensor, biases: tuple[torch.Tens
 
 
 def ordered_gather_sum(
-    rows: torch.Tensor, row_index: torch.Tensor, biases: tuple[torch.Tensor, ...] = ()
+    rows: torch.Tensor,
+    row_index: torch.Tensor,
+    biases: tuple[torch.Tensor, ...] = (),
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[N, H] of rows.dtype: the SPEC 5 sum for each token (module docstring).
 
     rows: [M, H] (any row stride, unit column stride for the Triton kernel); row_index: int [N, R], -1 =
-    absent; biases: up to two [N, H] tensors of rows.dtype, added first. The result is a fresh tensor.
+    absent; biases: up to two [N, H] tensors of rows.dtype, added first. The result is `out` ([N, H] of
+    rows.dtype, written in place) if given, else a fresh tensor.
     """
     global _triton_error
     _check(rows, row_index, biases)
+    if out is not None and (out.shape != (row_index.shape[0], rows.shape[1]) or out.dtype != rows.dtype):
+        want = f"[{row_index.shape[0]}, {rows.shape[1]}] {rows.dtype}"
+        raise ValueError(f"out: expected {want}, got {list(out.shape)} {out.dtype}")
     if triton_usable(rows):
         from . import triton_ordered_sum
 
         try:
-            return triton_ordered_sum.ordered_gather_sum(rows, row_index, biases)
+            return triton_ordered_sum.ordered_gather_sum(rows, row_index, biases, out)
         except Exception as error:  # compile or launch refused (raised before any GPU work): same bits below
             _triton_error = f"{type(error).__name__}: {error}"[:500]
             log.warning("deep_ep: the Triton ordered-sum kernel failed; using torch ops from now on: %s", error)
-    return torch_ordered_gather_sum(rows, row_index, biases)
+    result = torch_ordered_gather_sum(rows, row_index, biases)
+    return result if out is None else out.copy_(result)
 
 
 def torch_ordered_gather_sum(

@@ -61,14 +61,20 @@ def _block_for(hidden: int) -> int:
 
 
 def ordered_gather_sum(
-    rows: torch.Tensor, row_index: torch.Tensor, biases: tuple[torch.Tensor, ...] = ()
+    rows: torch.Tensor,
+    row_index: torch.Tensor,
+    biases: tuple[torch.Tensor, ...] = (),
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel on rows' device and current stream; arguments as `ordered_sum.ordered_gather_sum`."""
     num_tokens, num_sources = row_index.shape
     hidden = rows.shape[1]
-    out = torch.empty(num_tokens, hidden, dtype=rows.dtype, device=rows.device)
+    if out is None or out.stride(1) != 1:  # the kernel writes rows of unit column stride
+        target, out = out, torch.empty(num_tokens, hidden, dtype=rows.dtype, device=rows.device)
+    else:
+        target = None
     if num_tokens == 0 or hidden == 0:
-        return out
+        return out if target is None else target
     if rows.stride(1) != 1 and rows.shape[0] > 0:
         rows = rows.contiguous()
     row_index = row_index.contiguous()
@@ -98,4 +104,4 @@ def ordered_gather_sum(
             BLOCK=block,
             num_warps=4 if block >= 512 else 1,
         )
-    return out
+    return out if target is None else target.copy_(out)
