@@ -15,7 +15,8 @@ all_reduce, plus a device synchronisation on GPUs); an op and its raw baseline a
 CPU: time.perf_counter around the call. GPU: a pair of torch.cuda.Event around the call (the host part of
 the call counts too: the device is idle at the start event); the host's own time to issue each call is kept
 as well ("host_times" in the JSON, "(host X ms)" on rank 0's progress lines). A figure is the max over ranks
-of each rank's median.
+of each rank's median. `--timing back-to-back` (GPUs) times as DeepEP's tests do instead: bursts of calls
+issued back to back, an event pair around each (see TIMING).
 
 Byte accounting follows DeepEP's tests (see BYTE_ACCOUNTING, written into the JSON); "cross" counts only
 what moves between two different ranks. Per-rank byte figures are means over ranks; GB/s = 1e9 bytes/s.
