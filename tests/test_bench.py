@@ -172,3 +172,37 @@ def test_timeline_of_a_trace() -> None:
     gap = {"name": "late", "cat": "kernel", "ts": 1700, "dur": 50}
     trace["traceEvents"].append(gap)
     assert "busy 500 us (idle 150)" in bench.timeline(trace).splitlines()[1]
+
+
+class _TickEvent:
+    """EMULATION of torch.cuda.Event (the vendor API): records a tick counter that the timed calls advance
+    instead of a device clock, so the samples say which calls were kept without timing anything."""
+
+    clock = 0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.at = None
+
+    def record(self) -> None:
+        self.at = _TickEvent.clock
+
+    def elapsed_time(self, end: _TickEvent) -> float:
+        return float(end.at - self.at) * 1e3  # "ms", so that the sample reads in ticks (seconds)
+
+
+def test_back_to_back_timing_keeps_all_but_the_first_call_of_each_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench.torch.cuda, "Event", _TickEvent)
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda device=None: None)
+    cfg = bench.BenchConfig(tokens=[1], ll_tokens=[1], iters=23, warmup=2, timing="back-to-back")
+    rank_bench = bench.RankBench(0, 1, cfg, bench.Impl())
+    calls: list[int] = []
+
+    def op() -> None:  # call k of a burst takes k + 1 ticks
+        calls.append(1)
+        _TickEvent.clock += len(calls)
+
+    monkeypatch.setattr(rank_bench, "barrier", calls.clear)  # a burst starts after a barrier
+    ((samples,),) = rank_bench._measure_back_to_back([[op]])
+    bursts = [list(range(2, bench.BURST + 2))] * (cfg.iters // bench.BURST)
+    bursts.append(list(range(2, cfg.iters % bench.BURST + 2)))
+    assert samples == [float(t) for burst in bursts for t in burst]  # 23 samples; each burst's first dropped
