@@ -606,7 +606,7 @@ class RankBench:
             xd = x if dtype == "bfloat16" else per_token_cast_to_fp8(x)
             self.profile(f"{label} normal dispatch {dtype} tokens={n}", lambda: buffer.dispatch(xd, **layout))
             self.profile(
-                f"{label} normal cached dispatch bfloat16 tokens={n}", lambda: buffer.dispatch(x, handle=handle)
+                f"{label} normal cached dispatch {dtype} tokens={n}", lambda: buffer.dispatch(xd, handle=handle)
             )
             self.profile(f"{label} normal combine bfloat16 tokens={n}", lambda: buffer.combine(recv_x, handle))
 
