@@ -34,6 +34,12 @@ def channel_of_tokens(num_tokens: int, num_channels: int, device: torch.device) 
     return torch.arange(num_tokens, device=device) // per_channel
 
 
+def running_count(is_token_in_rank: torch.Tensor) -> torch.Tensor:
+    """int64 [N, R]: for each (t, d), how many of tokens 0..t go to rank d. Scanned along the last dimension: a
+    CUDA scan over the outer dimension of a narrow [N, R] tensor runs one thread per column (0.2 ms at N=4096)."""
+    return is_token_in_rank.t().long().cumsum(1).t()
+
+
 @dataclass
 class Route:
     """How one dispatch moved rows; enough to repeat it (cached dispatch) and reverse it (combine).
@@ -46,6 +52,7 @@ class Route:
     all_counts: exact form only, host [R][R]: tokens sent from rank s to rank d for every pair, so a
         backend that writes into its peers' memory can compute every offset without another exchange.
     is_token_in_rank: exact form only, the dispatch's bool [N, R] (a backend's placement derives from it).
+    running_count: exact form only, `running_count(is_token_in_rank)` where the dispatch computed it already.
     cache: what a backend derives from the route once and reuses for every call with its handle.
     """
 
@@ -57,6 +64,7 @@ class Route:
     recv_rows: torch.Tensor | None = None
     all_counts: list[list[int]] | None = None
     is_token_in_rank: torch.Tensor | None = None
+    running_count: torch.Tensor | None = None
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -64,14 +72,19 @@ class Route:
         return self.recv_rows is not None
 
     @staticmethod
-    def exact(is_token_in_rank: torch.Tensor, counts: torch.Tensor, rank: int) -> Route:
-        """counts: host int [R, R] of tokens sent from rank s to rank d."""
+    def exact(
+        is_token_in_rank: torch.Tensor, counts: torch.Tensor, rank: int, running: torch.Tensor | None = None
+    ) -> Route:
+        """counts: host int [R, R] of tokens sent from rank s to rank d; running: `running_count` of the mask,
+        if the caller has it."""
         send_splits = counts[rank].tolist()
         # (d, t) pairs come sorted by d, then t; the host knows how many, so no second synchronisation.
         send_tokens = _nonzero_known(is_token_in_rank.t(), sum(send_splits))[:, 1]
         recv_splits = counts[:, rank].tolist()
         num_tokens, num_recv, all_counts = is_token_in_rank.shape[0], sum(recv_splits), counts.tolist()
-        return Route(num_tokens, num_recv, send_tokens, send_splits, recv_splits, None, all_counts, is_token_in_rank)
+        return Route(
+            num_tokens, num_recv, send_tokens, send_splits, recv_splits, None, all_counts, is_token_in_rank, running
+        )
 
     @staticmethod
     def padded_for(is_token_in_rank: torch.Tensor, recv_counts: torch.Tensor, capacity: int, num_recv: int) -> Route:
@@ -79,7 +92,7 @@ class Route:
         num_tokens, num_ranks = is_token_in_rank.shape
         device = is_token_in_rank.device
         # Slot of (t, d) = how many earlier tokens also go to d; unsent pairs and overflow go to a trash column.
-        slot = is_token_in_rank.t().long().cumsum(1).t() - 1  # scanned along the last dim: fast on CUDA
+        slot = running_count(is_token_in_rank) - 1
         slot = torch.where(is_token_in_rank & (slot < capacity), slot, capacity)
         send_tokens = torch.full((num_ranks, capacity + 1), num_tokens, dtype=torch.long, device=device)
         tokens = torch.arange(num_tokens, device=device).unsqueeze(1).expand(num_tokens, num_ranks)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from ..comm import Comm, Pending, group_device_types
 from ..kernels.ordered_sum import ordered_gather_sum
 from ..packing import RowFormat
-from ..routing import Route
+from ..routing import Route, running_count
 from .base import LowLatencyDispatchArgs
 from .cuda_low_latency import CudaLowLatencyRoute, LowLatencyKernels, kernel_refusal
 from .peer_memory import WORD, SymmetricWorkspace, word_deltas
@@ -123,17 +123,21 @@ class PushPlan:
     order: torch.Tensor | None = None
 
 
-def dispatch_push_plan(counts: list[list[int]], rank: int, is_token_in_rank: torch.Tensor) -> PushPlan:
+def dispatch_push_plan(
+    counts: list[list[int]], rank: int, is_token_in_rank: torch.Tensor, running: torch.Tensor | None = None
+) -> PushPlan:
     """The `PushPlan` of a dispatch: token t goes to row (rows of lower sources at d) + (earlier tokens of this
     rank sent to d) of rank d's region, per `dispatch_plan`; a running count over the tokens gives the second
-    term, so the plan costs a few operations on the device the mask lives on."""
+    term (`running`, the dispatch's own `running_count` of the mask where it has one), so the plan costs a few
+    operations on the device the mask lives on."""
     num_ranks = len(counts)
     first_row = [0] * num_ranks
     for copy in dispatch_plan(counts, rank):
         first_row[copy.peer] = copy.dst_row
     device = is_token_in_rank.device
     offset = torch.tensor(first_row, dtype=torch.long).sub_(1).to(device, non_blocking=True)
-    running = is_token_in_rank.t().long().cumsum(1).t()  # scanned along the last dim: fast on CUDA
+    if running is None:
+        running = running_count(is_token_in_rank)
     dest = torch.where(is_token_in_rank, running + offset, -1).int()
     return PushPlan(dest, workspace_rows(counts, True), rows_received(counts, rank, True))
 
@@ -318,7 +322,9 @@ class CudaBackend(ReferenceBackend):
         plan = route.cache.get(key)
         if plan is None:
             if dispatch:
-                plan = dispatch_push_plan(route.all_counts, self.comm.rank, route.is_token_in_rank)
+                plan = dispatch_push_plan(
+                    route.all_counts, self.comm.rank, route.is_token_in_rank, route.running_count
+                )
             else:
                 plan = combine_push_plan(route.all_counts, self.comm.rank, self.device)
             route.cache[key] = plan

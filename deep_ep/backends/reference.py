@@ -17,7 +17,7 @@ from ..comm import Pending, host_sync_allowed
 from ..errors import UnsupportedFeatureError
 from ..kernels.ordered_sum import ordered_gather_sum
 from ..packing import HostBuffers, RowFormat, byte_rows
-from ..routing import Empty, Route, _torch_empty, channel_of_tokens, gather_rows
+from ..routing import Empty, Route, _torch_empty, channel_of_tokens, gather_rows, running_count
 from .base import Backend, DispatchArgs
 from .reference_low_latency import LowLatencyMixin
 
@@ -94,7 +94,8 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         else:  # CUDA-graph capture: nothing may be read on the host (a padded route, see below)
             matrices = _prefix_matrices(comm.all_gather(torch.cat(parts), "dispatch"), rank, args.num_channels)
         rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_counts, channel_base = matrices
-        send_head = _send_head(in_rank, channel, channel_base)
+        running = running_count(in_rank)  # shared by send_head and (exact routes) the cuda backend's plan
+        send_head = _send_head(in_rank, running, channel, channel_base)
 
         if args.num_worst_tokens:
             if host is not None:  # every rank sees every total, so all ranks raise together
@@ -108,7 +109,7 @@ class ReferenceBackend(LowLatencyMixin, Backend):
             count_list: list[int] = []
         else:
             # The receive sizes and the per-expert counts: known on the host since the count exchange.
-            route = Route.exact(in_rank, host[:, :num_ranks], rank)
+            route = Route.exact(in_rank, host[:, :num_ranks], rank, running)
             host_experts = host[:, num_ranks * (1 + args.num_channels) :]
             host_experts = host_experts[:, rank * experts_per_rank : (rank + 1) * experts_per_rank].sum(0)
             align = args.expert_alignment
@@ -276,17 +277,13 @@ def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.
     return out
 
 
-def _send_head(in_rank: torch.Tensor, channel: torch.Tensor, channel_base: torch.Tensor) -> torch.Tensor:
-    """int32 [N, R]: position of each token in its (channel, destination) stream, -1 if not sent. channel_base
-    [C, R]: 1 + the tokens sent to d before channel c begins, so each channel's positions restart at 0."""
-    position = _cumsum_over_tokens(in_rank) - channel_base[channel]
-    return torch.where(in_rank, position, -1).int()
-
-
-def _cumsum_over_tokens(in_rank: torch.Tensor) -> torch.Tensor:
-    """int64 [N, R]: inclusive running count over tokens. Scanned along the last dimension: a CUDA scan over
-    the outer dimension of a narrow [N, R] tensor runs one thread per column (0.2 ms at N=4096)."""
-    return in_rank.t().long().cumsum(1).t()
+def _send_head(
+    in_rank: torch.Tensor, running: torch.Tensor, channel: torch.Tensor, channel_base: torch.Tensor
+) -> torch.Tensor:
+    """int32 [N, R]: position of each token in its (channel, destination) stream, -1 if not sent. running:
+    `running_count(in_rank)`; channel_base [C, R]: 1 + the tokens sent to d before channel c begins, so each
+    channel's positions restart at 0."""
+    return torch.where(in_rank, running - channel_base[channel], -1).int()
 
 
 def _real_rows(route: Route) -> torch.Tensor | None:
