@@ -385,15 +385,17 @@ def test_low_latency_kernels_match_reference_on_emulated_symmetric_memory(tmp_pa
 def test_push_kernel_places_rows_in_the_interpreter() -> None:
     # The push kernel alone in Triton's CPU interpreter: three "ranks" are three areas of one tensor (the
     # deltas between them), rows go to random destination rows or nowhere; whole-row tiles with the prefetch,
-    # and rows wider than a tile (the chunked path), against a torch oracle.
+    # and rows wider than a tile (the chunked path), each with and without a narrow companion tensor pushed in
+    # the same launch into its own region, against a torch oracle.
     code = (
         "import torch\n"
         "from deep_ep.kernels.triton_normal import push_rows_kernel\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "R, N, AREA = 3, 13, 4096\n"
+        "R, N, AREA, REGION2, PITCH2 = 3, 13, 4096, 2048, 12\n"
         "cases = ((24, 4, 32, 28, 8, 0), (40, 2, 16, 40, 0, 0), (7, 8, 8, 8, 4, 1), (40, 2, 16, 40, 0, 1))\n"
-        "for words, rows, block, pitch, region, has_order in cases:\n"
+        "for (words, rows, block, pitch, region, has_order), words2 in zip(cases * 2, (0,) * 4 + (5, 9, 1, 12)):\n"
         "    src = torch.randint(-2**31, 2**31 - 1, (N, words + 5), generator=g, dtype=torch.int32)\n"
+        "    src2 = torch.randint(-2**31, 2**31 - 1, (N, words2 + 3), generator=g, dtype=torch.int32)\n"
         "    dest = torch.full((N, R), -1, dtype=torch.int32)\n"
         "    for d in range(R):\n"
         "        chosen = torch.rand(N, generator=g) < 0.6\n"
@@ -401,14 +403,18 @@ def test_push_kernel_places_rows_in_the_interpreter() -> None:
         "    ws = torch.zeros(R * AREA, dtype=torch.int32)\n"
         "    deltas = torch.arange(R, dtype=torch.int64) * AREA\n"
         "    order = torch.randperm(N, generator=g).int()\n"
-        "    push_rows_kernel[(3,)](src, dest, order, ws, deltas, region, N, src.stride(0), pitch, R=R, WORDS=words,\n"
-        "                           ROWS=rows, BLOCK=block, SRC_ALIGNED=False, HAS_ORDER=bool(has_order))\n"
+        "    extra = dict(WORDS2=words2, BLOCK2=16) if words2 else {}\n"
+        "    push_rows_kernel[(3,)](src, dest, order, ws, deltas, region, N, src.stride(0), pitch, src2,\n"
+        "                           src2.stride(0), REGION2, PITCH2, R=R, WORDS=words, ROWS=rows, BLOCK=block,\n"
+        "                           SRC_ALIGNED=False, HAS_ORDER=bool(has_order), **extra)\n"
         "    want = torch.zeros_like(ws)\n"
         "    for i in range(N):\n"
         "        for d in range(R):\n"
         "            if dest[i, d] >= 0:\n"
         "                at = d * AREA + region + int(dest[i, d]) * pitch\n"
         "                want[at : at + words] = src[i, :words]\n"
-        "    assert torch.equal(ws, want), (words, rows, block)\n"
+        "                at = d * AREA + REGION2 + int(dest[i, d]) * PITCH2\n"
+        "                want[at : at + words2] = src2[i, :words2]\n"
+        "    assert torch.equal(ws, want), (words, rows, block, words2)\n"
     )
     _run_in_interpreter(code)

@@ -186,6 +186,17 @@ def source_words(rows: torch.Tensor, pitch: int) -> tuple[torch.Tensor, bool]:
     return words, words.stride(0) % 4 == 0 and words.data_ptr() % 16 == 0
 
 
+@dataclass(frozen=True)
+class _Push:
+    """One tensor of a push: its rows as int32 words, whether they start 16-byte aligned, and the word offset
+    and pitch (words) of its region in every rank's workspace."""
+
+    src: torch.Tensor
+    aligned: bool
+    region: int
+    pitch: int
+
+
 # ---- the backend -------------------------------------------------------------------------------------------
 class CudaBackend(ReferenceBackend):
     """NVLink peer-memory transport and Triton kernels; the reference algorithm for what they do not serve."""
@@ -322,9 +333,7 @@ class CudaBackend(ReferenceBackend):
         plan = route.cache.get(key)
         if plan is None:
             if dispatch:
-                plan = dispatch_push_plan(
-                    route.all_counts, self.comm.rank, route.is_token_in_rank, route.running_count
-                )
+                plan = dispatch_push_plan(route.all_counts, self.comm.rank, route.is_token_in_rank, route.running_count)
             else:
                 plan = combine_push_plan(route.all_counts, self.comm.rank, self.device)
             route.cache[key] = plan
@@ -334,7 +343,7 @@ class CudaBackend(ReferenceBackend):
         """Write the byte rows [num_rows, W] of each tensor into the ranks' workspaces per `plan` (one region per
         tensor), then one barrier. Returns this rank's received rows of each, [plan.received, W] views of its
         workspace, valid on the current stream until its call after next starts."""
-        from ..kernels.triton_normal import push_rows_kernel, tile_shape
+        from ..kernels.triton_normal import COMPANION_MAX_WORDS
 
         pitches = [max(align_up(rows.shape[1], ROW_ALIGN), ROW_ALIGN) for rows in tensors]
         half = plan.capacity * sum(pitches)
@@ -357,37 +366,61 @@ class CudaBackend(ReferenceBackend):
                 # The previous call read this workspace on another stream: order that before our barrier.
                 current.wait_stream(self._last_stream)
             words = workspace.local.view(torch.int32)
-            received = []
+            received, pushes = [], []
             for rows, pitch in zip(tensors, pitches):
                 src, aligned = source_words(rows, pitch)
                 if rows.shape[0] and src.shape[1]:
-                    tile_rows, block = tile_shape(src.shape[1])
-                    programs = max(1, min(self.num_sms, -(-rows.shape[0] // tile_rows)))
-                    push_rows_kernel[(programs,)](
-                        src,
-                        plan.dest,
-                        plan.dest if plan.order is None else plan.order,
-                        words,
-                        deltas,
-                        region // WORD,
-                        rows.shape[0],
-                        src.stride(0),
-                        pitch // WORD,
-                        R=self.comm.size,
-                        WORDS=src.shape[1],
-                        ROWS=tile_rows,
-                        BLOCK=block,
-                        SRC_ALIGNED=aligned,
-                        HAS_ORDER=plan.order is not None,
-                        num_warps=8 if tile_rows * block >= 4096 else 4,
-                    )
+                    pushes.append(_Push(src, aligned, region // WORD, pitch // WORD))
                 area = workspace.local[region : region + plan.received * pitch]
                 received.append(area.view(plan.received, pitch)[:, : rows.shape[1]])
                 region += plan.capacity * pitch
+            if len(pushes) == 2 and pushes[1].src.shape[1] <= COMPANION_MAX_WORDS:
+                self._launch(plan, words, deltas, pushes[0], pushes[1])  # one launch: the narrow one rides along
+            else:
+                for push in pushes:
+                    self._launch(plan, words, deltas, push)
             # Every peer's rows for this rank have landed once every rank has passed this point.
             workspace.barrier(self.comm.timeout_s)
             self._last_stream = current
         return received
+
+    def _launch(
+        self, plan: PushPlan, words: torch.Tensor, deltas: torch.Tensor, main: _Push, companion: _Push | None = None
+    ) -> None:
+        """One launch of the push kernel: `main`'s rows, and `companion`'s (the same rows, narrow) with them."""
+        from ..kernels.triton_normal import push_rows_kernel, tile_shape
+
+        src = main.src
+        tile_rows, block = tile_shape(src.shape[1])
+        programs = max(1, min(self.num_sms, -(-src.shape[0] // tile_rows)))
+        extra: dict = {}
+        other = companion or _Push(src, False, 0, ROW_ALIGN // WORD)  # unread without a companion
+        if companion is not None:
+            width = companion.src.shape[1]
+            extra = dict(WORDS2=width, BLOCK2=max(16, 1 << (width - 1).bit_length()), SRC2_ALIGNED=companion.aligned)
+        push_rows_kernel[(programs,)](
+            src,
+            plan.dest,
+            plan.dest if plan.order is None else plan.order,
+            words,
+            deltas,
+            main.region,
+            src.shape[0],
+            src.stride(0),
+            main.pitch,
+            other.src,
+            other.src.stride(0),
+            other.region,
+            other.pitch,
+            R=self.comm.size,
+            WORDS=src.shape[1],
+            ROWS=tile_rows,
+            BLOCK=block,
+            SRC_ALIGNED=main.aligned,
+            HAS_ORDER=plan.order is not None,
+            num_warps=8 if tile_rows * block >= 4096 else 4,
+            **extra,
+        )
 
     def _word_deltas(self, workspace: Any) -> torch.Tensor:
         """`peer_memory.word_deltas` of the current mapping (recomputed after the workspace regrew)."""

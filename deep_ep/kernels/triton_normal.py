@@ -4,7 +4,9 @@ One kernel serves dispatch, cached dispatch and combine. Every rank's workspace 
 from this rank's (`ws`); rank d's lies at `ws + peer_delta[d]` (deep_ep/backends/peer_memory.py). A launch
 moves one tensor's rows: row i goes, for every rank d with `dest[i, d] >= 0`, to row `dest[i, d]` of the
 region that starts at word `region` of rank d's workspace. A dispatch row may go to several ranks (it is
-read once and stored to each); a combine row goes home to one.
+read once and stored to each); a combine row goes home to one. A narrow companion tensor with the same rows
+(fp8 scales, a fresh dispatch's packed small fields, combine weights) rides in the same launch into its own
+region, each tile's companion rows stored after its main rows: one launch per call instead of two.
 
 The grid is persistent: `num_sms` programs (one per SM, the `Config.num_sms` budget) stride over tiles of
 ROWS rows, each loading its next tile before it stores the current one. Rows are taken in `order` where one is
@@ -50,6 +52,14 @@ def _store_rows(values, rows, live, col, dest, ws, peer_delta, region, pitch, R:
 
 
 @triton.jit
+def _push_companion(src2, rows, live, stride2, dest, ws, peer_delta, region2, pitch2, R, WORDS2, BLOCK2, SRC2_ALIGNED):
+    """The companion tensor's rows of the same tile, to the same destination rows of its own region."""
+    cols = tl.arange(0, BLOCK2)
+    values = _load_rows(src2, rows, live, stride2, cols, WORDS2, SRC2_ALIGNED)
+    _store_rows(values, rows, live, cols, dest, ws, peer_delta, region2, pitch2, R, WORDS2)
+
+
+@triton.jit
 def push_rows_kernel(
     src,  # int32 words: the rows being sent, [num_rows, WORDS] with row stride `src_stride`
     dest,  # int32 [num_rows, R]: the row each source row takes in rank d's region, or -1
@@ -60,12 +70,19 @@ def push_rows_kernel(
     num_rows,
     src_stride,  # words
     pitch,  # words per workspace row, a multiple of 4
+    src2,  # int32 words: a narrow companion tensor with the same rows (read when WORDS2 > 0)
+    stride2,  # words
+    region2,  # word offset of the companion's region, a multiple of 4
+    pitch2,  # words per row of the companion's region, a multiple of 4
     R: tl.constexpr,
     WORDS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     SRC_ALIGNED: tl.constexpr,  # source rows start 16-byte aligned
     HAS_ORDER: tl.constexpr,
+    WORDS2: tl.constexpr = 0,  # 0: no companion
+    BLOCK2: tl.constexpr = 16,  # a power of two >= WORDS2
+    SRC2_ALIGNED: tl.constexpr = False,
 ):
     step = tl.num_programs(0) * ROWS
     positions = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
@@ -78,7 +95,12 @@ def push_rows_kernel(
         for _ in range(tl.program_id(0) * ROWS, num_rows, step):
             upcoming_rows = _tile_rows(order, positions + step, num_rows, HAS_ORDER)
             upcoming = _load_rows(src, upcoming_rows, positions + step < num_rows, src_stride, cols, WORDS, SRC_ALIGNED)
-            _store_rows(values, rows, positions < num_rows, cols, dest, ws, peer_delta, region, pitch, R, WORDS)
+            live = positions < num_rows
+            _store_rows(values, rows, live, cols, dest, ws, peer_delta, region, pitch, R, WORDS)
+            if WORDS2 > 0:
+                _push_companion(
+                    src2, rows, live, stride2, dest, ws, peer_delta, region2, pitch2, R, WORDS2, BLOCK2, SRC2_ALIGNED
+                )
             values = upcoming
             rows = upcoming_rows
             positions += step
@@ -89,7 +111,14 @@ def push_rows_kernel(
             for start in tl.static_range(0, WORDS, BLOCK):
                 values = _load_rows(src, rows, live, src_stride, start + cols, WORDS, SRC_ALIGNED)
                 _store_rows(values, rows, live, start + cols, dest, ws, peer_delta, region, pitch, R, WORDS)
+            if WORDS2 > 0:
+                _push_companion(
+                    src2, rows, live, stride2, dest, ws, peer_delta, region2, pitch2, R, WORDS2, BLOCK2, SRC2_ALIGNED
+                )
             positions += step
+
+
+COMPANION_MAX_WORDS = 256  # a second tensor this narrow (1 KB rows: scales, packed small fields, weights) rides along
 
 
 @functools.cache
