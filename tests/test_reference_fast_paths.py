@@ -14,13 +14,36 @@ import torch.distributed as dist
 import reference
 from deep_ep import Buffer
 from deep_ep.backends import reference_low_latency
-from deep_ep.backends.reference import _few_runs, _sum_in_order, _sum_returned
+from deep_ep.backends.reference import (
+    _few_runs,
+    _host_prefix_matrices,
+    _prefix_matrices,
+    _sum_in_order,
+    _sum_returned,
+)
 from deep_ep.kernels.ordered_sum import row_index_from_splits, torch_ordered_gather_sum
 from deep_ep.packing import HostBuffers
 from deep_ep.routing import Route
 from deep_ep.testing import run_ranks
 from deep_ep.testing.compare import assert_bit_equal
 from deep_ep.testing.workloads import make_workload
+
+
+# ---- DeepEP's prefix matrices -------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_ranks,num_channels", [(1, 1), (2, 3), (3, 12), (8, 10)])
+def test_prefix_matrices_from_host_ints_equal_the_tensor_form(num_ranks: int, num_channels: int) -> None:
+    # The fresh dispatch computes them on the host from the exchanged counts; CUDA-graph capture (no host read)
+    # computes them with tensor operations. Random counts, every rank's view: the same values, shapes, dtype.
+    g = torch.Generator().manual_seed(num_ranks * 100 + num_channels)
+    per_channel = torch.randint(0, 50, (num_ranks, num_ranks, num_channels), generator=g, dtype=torch.int32)
+    experts = torch.randint(0, 50, (num_ranks, 4 * num_ranks), generator=g, dtype=torch.int32)
+    gathered = torch.cat([per_channel.sum(2), per_channel.reshape(num_ranks, -1), experts], dim=1)
+    for rank in range(num_ranks):
+        want = _prefix_matrices(gathered, rank, num_channels)
+        got = _host_prefix_matrices(gathered.tolist(), rank, num_channels, torch.device("cpu"))
+        assert len(got) == len(want) == 5
+        for g_, w in zip(got, want):
+            assert g_.dtype == torch.int32 and g_.shape == w.shape and torch.equal(g_, w.int()), (rank, g_, w)
 
 
 # ---- HostBuffers ---------------------------------------------------------------------------------------------

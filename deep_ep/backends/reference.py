@@ -10,6 +10,9 @@ per-backend cache (`packing.HostBuffers`), since fresh host memory page-faults o
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -88,9 +91,10 @@ class ReferenceBackend(LowLatencyMixin, Backend):
             # round trip of their own, and every count is read on the host: what derives from them (DeepEP's
             # prefix matrices) is computed there and sent to the device in one copy.
             host = comm.all_gather_host(torch.cat([*parts, args.expert_id_range()]), "dispatch")
-            args.raise_on_bad_input(_bad_input_flags(host.tolist(), num_ranks, width, num_experts), rank)
+            rows = host.tolist()
+            args.raise_on_bad_input(_bad_input_flags(rows, num_ranks, width, num_experts), rank)
             host = host[:, :width]
-            matrices = _to_device(_prefix_matrices(host, rank, args.num_channels), device)
+            matrices = _host_prefix_matrices(rows, rank, args.num_channels, device)
         else:  # CUDA-graph capture: nothing may be read on the host (a padded route, see below)
             matrices = _prefix_matrices(comm.all_gather(torch.cat(parts), "dispatch"), rank, args.num_channels)
         rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_counts, channel_base = matrices
@@ -265,15 +269,31 @@ def _prefix_matrices(gathered: torch.Tensor, rank: int, num_channels: int) -> li
     return [rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, counts[:, rank].int(), channel_base]
 
 
-def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Small int32 host tensors on `device`, in one copy (each is a view of it)."""
-    if device.type == "cpu":
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
+def _host_prefix_matrices(rows: list[list[int]], rank: int, num_channels: int, device: torch.device) -> list:
+    """`_prefix_matrices` of the exchanged counts read on the host (rows: [R][R + R * C + ...] ints), in Python
+    ints (a few hundred: cheaper than a dozen tiny torch operations), sent to `device` in one copy as int32 views
+    of one tensor."""
+    num_ranks, width = len(rows), num_channels
+    counts = [row[:num_ranks] for row in rows]  # [source][destination]
+    per_channel = [[row[num_ranks + d * width : num_ranks + (d + 1) * width] for d in range(num_ranks)] for row in rows]
+    rank_prefix = list(itertools.accumulate(counts, lambda done, row: [a + b for a, b in zip(done, row)]))
+    channel_prefix = [list(itertools.accumulate(sent)) for sent in per_channel[rank]]  # [destination][channel]
+    recv_prefix = []
+    for source in range(num_ranks):
+        start, got = rank_prefix[source][rank] - counts[source][rank], per_channel[source][rank]
+        recv_prefix.append([start + done - n for done, n in zip(itertools.accumulate(got), got)])
+    base = [[channel_prefix[d][c] - per_channel[rank][d][c] + 1 for d in range(num_ranks)] for c in range(width)]
+    recv_counts = [counts[source][rank] for source in range(num_ranks)]
+    shapes = [(num_ranks, num_ranks), (num_ranks, width), (num_ranks, width), (num_ranks,), (width, num_ranks)]
+    parts = [rank_prefix, channel_prefix, recv_prefix, [recv_counts], base]
+    flat = torch.tensor([v for part in parts for row in part for v in row], dtype=torch.int32)
+    if device.type != "cpu":
+        flat = flat.to(device)
     out, begin = [], 0
-    for t in tensors:
-        out.append(flat[begin : begin + t.numel()].view(t.shape))
-        begin += t.numel()
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(flat[begin : begin + size].view(shape))
+        begin += size
     return out
 
 
