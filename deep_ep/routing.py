@@ -87,12 +87,19 @@ class Route:
         )
 
     @staticmethod
-    def padded_for(is_token_in_rank: torch.Tensor, recv_counts: torch.Tensor, capacity: int, num_recv: int) -> Route:
-        """A host-free route: recv_counts is a device int [R] (rows from each source), capacity >= each count."""
+    def padded_for(
+        is_token_in_rank: torch.Tensor,
+        recv_counts: torch.Tensor,
+        capacity: int,
+        num_recv: int,
+        running: torch.Tensor | None = None,
+    ) -> Route:
+        """A host-free route: recv_counts is a device int [R] (rows from each source), capacity >= each count;
+        running: `running_count` of the mask, if the caller has it."""
         num_tokens, num_ranks = is_token_in_rank.shape
         device = is_token_in_rank.device
         # Slot of (t, d) = how many earlier tokens also go to d; unsent pairs and overflow go to a trash column.
-        slot = running_count(is_token_in_rank) - 1
+        slot = (running_count(is_token_in_rank) if running is None else running) - 1
         slot = torch.where(is_token_in_rank & (slot < capacity), slot, capacity)
         send_tokens = torch.full((num_ranks, capacity + 1), num_tokens, dtype=torch.long, device=device)
         tokens = torch.arange(num_tokens, device=device).unsqueeze(1).expand(num_tokens, num_ranks)

@@ -98,7 +98,7 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         else:  # CUDA-graph capture: nothing may be read on the host (a padded route, see below)
             matrices = _prefix_matrices(comm.all_gather(torch.cat(parts), "dispatch"), rank, args.num_channels)
         rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_counts, channel_base = matrices
-        running = running_count(in_rank)  # shared by send_head and (exact routes) the cuda backend's plan
+        running = running_count(in_rank)  # shared by send_head, the route and the cuda backend's plan
         send_head = _send_head(in_rank, running, channel, channel_base)
 
         if args.num_worst_tokens:
@@ -109,7 +109,7 @@ class ReferenceBackend(LowLatencyMixin, Backend):
                         f"num_worst_tokens={args.num_worst_tokens} is smaller than the tokens received: "
                         f"{totals} per rank"
                     )
-            route = Route.padded_for(in_rank, recv_counts, args.num_worst_tokens, args.num_worst_tokens)
+            route = Route.padded_for(in_rank, recv_counts, args.num_worst_tokens, args.num_worst_tokens, running)
             count_list: list[int] = []
         else:
             # The receive sizes and the per-expert counts: known on the host since the count exchange.
