@@ -53,6 +53,7 @@ class Route:
         backend that writes into its peers' memory can compute every offset without another exchange.
     is_token_in_rank: exact form only, the dispatch's bool [N, R] (a backend's placement derives from it).
     running_count: exact form only, `running_count(is_token_in_rank)` where the dispatch computed it already.
+    all_num_tokens: exact form only, host [R]: every rank's token count, where the dispatch exchanged it.
     cache: what a backend derives from the route once and reuses for every call with its handle.
     """
 
@@ -65,6 +66,7 @@ class Route:
     all_counts: list[list[int]] | None = None
     is_token_in_rank: torch.Tensor | None = None
     running_count: torch.Tensor | None = None
+    all_num_tokens: list[int] | None = None
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -73,17 +75,30 @@ class Route:
 
     @staticmethod
     def exact(
-        is_token_in_rank: torch.Tensor, counts: torch.Tensor, rank: int, running: torch.Tensor | None = None
+        is_token_in_rank: torch.Tensor,
+        counts: torch.Tensor,
+        rank: int,
+        running: torch.Tensor | None = None,
+        all_num_tokens: list[int] | None = None,
     ) -> Route:
         """counts: host int [R, R] of tokens sent from rank s to rank d; running: `running_count` of the mask,
-        if the caller has it."""
+        if the caller has it; all_num_tokens: every rank's token count, if the caller exchanged them."""
         send_splits = counts[rank].tolist()
         # (d, t) pairs come sorted by d, then t; the host knows how many, so no second synchronisation.
         send_tokens = _nonzero_known(is_token_in_rank.t(), sum(send_splits))[:, 1]
         recv_splits = counts[:, rank].tolist()
         num_tokens, num_recv, all_counts = is_token_in_rank.shape[0], sum(recv_splits), counts.tolist()
         return Route(
-            num_tokens, num_recv, send_tokens, send_splits, recv_splits, None, all_counts, is_token_in_rank, running
+            num_tokens,
+            num_recv,
+            send_tokens,
+            send_splits,
+            recv_splits,
+            None,
+            all_counts,
+            is_token_in_rank,
+            running,
+            all_num_tokens,
         )
 
     @staticmethod

@@ -27,6 +27,7 @@ from deep_ep.backends.cuda import (
     dispatch_plan,
     dispatch_push_plan,
     pad_columns,
+    pull_plan,
     rows_received,
     source_words,
     workspace_rows,
@@ -170,6 +171,12 @@ def test_push_plans_send_every_row_home(num_ranks: int) -> None:
         within = [[s for s, _ in expected[: row + 1]].count(expected[row][0]) - 1 for row in range(len(expected))]
         round_robin = sorted(range(len(expected)), key=lambda row: (within[row], expected[row][0]))
         assert back.order is None if not expected else back.order.tolist() == round_robin
+        # A cached dispatch pulls each received row from the (source, token) the push would have sent it from,
+        # in the same round-robin order, out of regions that hold every rank's tokens.
+        recv_src_idx = torch.tensor([t for _, t in expected], dtype=torch.int32)
+        pull = pull_plan([counts[s][d] for s in range(num_ranks)], recv_src_idx, [m.shape[0] for m in in_rank])
+        assert list(zip(pull.peer.tolist(), pull.row.tolist())) == expected
+        assert pull.order.tolist() == round_robin and pull.capacity == max(m.shape[0] for m in in_rank)
 
 
 # ---- byte-row helpers --------------------------------------------------------------------------------------
@@ -416,5 +423,38 @@ def test_push_kernel_places_rows_in_the_interpreter() -> None:
         "                at = d * AREA + REGION2 + int(dest[i, d]) * PITCH2\n"
         "                want[at : at + words2] = src2[i, :words2]\n"
         "    assert torch.equal(ws, want), (words, rows, block, words2)\n"
+    )
+    _run_in_interpreter(code)
+
+
+def test_pull_kernel_reads_rows_in_the_interpreter() -> None:
+    # The pull kernel alone in Triton's CPU interpreter: three "ranks" are three areas of one tensor, each output
+    # row reads a random row of a random rank's region, rows taken in a random order; whole-row tiles with the
+    # prefetch and rows wider than a tile, with and without a narrow companion read from its own region.
+    code = (
+        "import torch\n"
+        "from deep_ep.kernels.triton_normal import pull_rows_kernel\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "R, M, AREA, REGION2, PITCH2 = 3, 11, 4096, 2048, 12\n"
+        "cases = ((24, 4, 32, 28, 8), (40, 2, 16, 40, 0), (7, 8, 8, 8, 4))\n"
+        "for (words, rows, block, pitch, region), words2 in zip(cases * 2, (0, 0, 0, 5, 9, 1)):\n"
+        "    ws = torch.randint(-2**31, 2**31 - 1, (R * AREA,), generator=g, dtype=torch.int32)\n"
+        "    deltas = torch.arange(R, dtype=torch.int64) * AREA\n"
+        "    peer = torch.randint(0, R, (M,), generator=g).int()\n"
+        "    src_row = torch.randint(0, 6, (M,), generator=g).int()\n"
+        "    order = torch.randperm(M, generator=g).int()\n"
+        "    out = torch.zeros(M, words + 3, dtype=torch.int32)\n"
+        "    out2 = torch.zeros(M, words2 + 2, dtype=torch.int32)\n"
+        "    extra = dict(WORDS2=words2, BLOCK2=16) if words2 else {}\n"
+        "    pull_rows_kernel[(2,)](out, peer, src_row, order, ws, deltas, region, M, out.stride(0), pitch, out2,\n"
+        "                           out2.stride(0), REGION2, PITCH2, WORDS=words, ROWS=rows, BLOCK=block,\n"
+        "                           OUT_ALIGNED=False, **extra)\n"
+        "    want, want2 = torch.zeros_like(out), torch.zeros_like(out2)\n"
+        "    for j in range(M):\n"
+        "        at = int(peer[j]) * AREA + region + int(src_row[j]) * pitch\n"
+        "        want[j, :words] = ws[at : at + words]\n"
+        "        at = int(peer[j]) * AREA + REGION2 + int(src_row[j]) * PITCH2\n"
+        "        want2[j, :words2] = ws[at : at + words2]\n"
+        "    assert torch.equal(out, want) and torch.equal(out2, want2), (words, rows, block, words2)\n"
     )
     _run_in_interpreter(code)

@@ -7,7 +7,8 @@ bit for bit, over NCCL, then a quick timing of both at DeepEP's benchmark shape.
 Each rank builds every rank's inputs from one seeded generator (deep_ep.testing.workloads), runs each
 operation on a `cuda` Buffer and on a `reference` Buffer of the same group, and compares the results
 bit for bit: layout; dispatch with and without top-k, with expert alignment, with an fp8 (x, scales) tuple
-whose scales are not contiguous, asynchronously, and with num_worst_tokens; cached dispatch; combine with
+whose scales are not contiguous, asynchronously, and with num_worst_tokens; cached dispatch (a float32 gradient,
+x itself, the fp8 tuple); combine with
 0, 1 and 2 biases, with top-k weights, in float32. Prints one line per workload and every failure, then the
 timing table; exits 1 if any check failed on any rank. `--quick` runs a few workloads only; `--no-timing`
 skips the timing. The CPU test suite runs this same comparison on gloo with a CPU stand-in of the backend.
@@ -174,6 +175,10 @@ def compare_case(rank: int, world: int, cand: Buffer, ref: Buffer, case: Case, r
             check("dispatch(fp8 tuple).recv_x", fa[0][0], fb[0][0])
             check("dispatch(fp8 tuple).recv_scales", fa[0][1], fb[0][1])
             check("dispatch(fp8 tuple).recv_src_idx", fa[4][3], fb[4][3])
+            # Cached, the scales travel with x in one launch (the pull kernel's companion).
+            qa, qb = cand.dispatch((x_q, scales), handle=da[4]), ref.dispatch((x_q, scales), handle=db[4])
+            check("cached_dispatch(fp8 tuple).recv_x", qa[0][0], qb[0][0])
+            check("cached_dispatch(fp8 tuple).recv_scales", qa[0][1], qb[0][1])
         ea, eb = both(
             lambda b: b.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, async_finish=True, **layout)
         )
@@ -185,6 +190,9 @@ def compare_case(rank: int, world: int, cand: Buffer, ref: Buffer, case: Case, r
     grad = x.float() * 0.5 - 1.0
     ca, cb = cand.dispatch(grad, handle=da[4]), ref.dispatch(grad, handle=db[4])
     check("cached_dispatch.recv_x", ca[0], cb[0])
+    # x itself: rows of an odd number of 2-byte elements are not whole 4-byte words (the push path then).
+    xa, xb = cand.dispatch(x, handle=da[4]), ref.dispatch(x, handle=db[4])
+    check("cached_dispatch(x).recv_x", xa[0], xb[0])
 
     # Combine (SPEC 5): expert outputs that differ per destination, 0/1/2 biases, with and without weights.
     y = _expert_output(recv_x, rank, torch.bfloat16)

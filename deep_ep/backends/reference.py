@@ -90,7 +90,10 @@ class ReferenceBackend(LowLatencyMixin, Backend):
             # The host read DeepEP makes; the range of the expert ids rides along, so the input checks need no
             # round trip of their own, and every count is read on the host: what derives from them (DeepEP's
             # prefix matrices) is computed there and sent to the device in one copy.
-            host = comm.all_gather_host(torch.cat([*parts, args.expert_id_range()]), "dispatch")
+            # Each rank's token count too: a backend that copies token rows into peer-visible memory sizes it
+            # alike on every rank (Route.all_num_tokens).
+            tokens = in_rank.new_full((1,), num_tokens, dtype=torch.int32)
+            host = comm.all_gather_host(torch.cat([*parts, args.expert_id_range(), tokens]), "dispatch")
             rows = host.tolist()
             args.raise_on_bad_input(_bad_input_flags(rows, num_ranks, width, num_experts), rank)
             host = host[:, :width]
@@ -113,7 +116,7 @@ class ReferenceBackend(LowLatencyMixin, Backend):
             count_list: list[int] = []
         else:
             # The receive sizes and the per-expert counts: known on the host since the count exchange.
-            route = Route.exact(in_rank, host[:, :num_ranks], rank, running)
+            route = Route.exact(in_rank, host[:, :num_ranks], rank, running, [row[width + 2] for row in rows])
             host_experts = host[:, num_ranks * (1 + args.num_channels) :]
             host_experts = host_experts[:, rank * experts_per_rank : (rank + 1) * experts_per_rank].sum(0)
             align = args.expert_alignment
