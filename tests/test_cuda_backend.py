@@ -175,8 +175,8 @@ def test_push_plans_send_every_row_home(num_ranks: int) -> None:
         # in the same round-robin order, out of regions that hold every rank's tokens.
         recv_src_idx = torch.tensor([t for _, t in expected], dtype=torch.int32)
         pull = pull_plan([counts[s][d] for s in range(num_ranks)], recv_src_idx, [m.shape[0] for m in in_rank])
-        assert list(zip(pull.peer.tolist(), pull.row.tolist())) == expected
-        assert pull.order.tolist() == round_robin and pull.capacity == max(m.shape[0] for m in in_rank)
+        assert pull.out_row.tolist() == round_robin and pull.capacity == max(m.shape[0] for m in in_rank)
+        assert list(zip(pull.peer.tolist(), pull.row.tolist())) == [expected[row] for row in round_robin]
 
 
 # ---- byte-row helpers --------------------------------------------------------------------------------------
@@ -428,8 +428,8 @@ def test_push_kernel_places_rows_in_the_interpreter() -> None:
 
 
 def test_pull_kernel_reads_rows_in_the_interpreter() -> None:
-    # The pull kernel alone in Triton's CPU interpreter: three "ranks" are three areas of one tensor, each output
-    # row reads a random row of a random rank's region, rows taken in a random order; whole-row tiles with the
+    # The pull kernel alone in Triton's CPU interpreter: three "ranks" are three areas of one tensor, processing
+    # position p fills output row order[p] from a random row of a random rank's region; whole-row tiles with the
     # prefetch and rows wider than a tile, with and without a narrow companion read from its own region.
     code = (
         "import torch\n"
@@ -446,14 +446,14 @@ def test_pull_kernel_reads_rows_in_the_interpreter() -> None:
         "    out = torch.zeros(M, words + 3, dtype=torch.int32)\n"
         "    out2 = torch.zeros(M, words2 + 2, dtype=torch.int32)\n"
         "    extra = dict(WORDS2=words2, BLOCK2=16) if words2 else {}\n"
-        "    pull_rows_kernel[(2,)](out, peer, src_row, order, ws, deltas, region, M, out.stride(0), pitch, out2,\n"
-        "                           out2.stride(0), REGION2, PITCH2, WORDS=words, ROWS=rows, BLOCK=block,\n"
+        "    pull_rows_kernel[(2,)](out, order, deltas[peer.long()], src_row, ws, region, M, out.stride(0), pitch,\n"
+        "                           out2, out2.stride(0), REGION2, PITCH2, WORDS=words, ROWS=rows, BLOCK=block,\n"
         "                           OUT_ALIGNED=False, **extra)\n"
         "    want, want2 = torch.zeros_like(out), torch.zeros_like(out2)\n"
-        "    for j in range(M):\n"
-        "        at = int(peer[j]) * AREA + region + int(src_row[j]) * pitch\n"
+        "    for p, j in enumerate(order.tolist()):\n"
+        "        at = int(peer[p]) * AREA + region + int(src_row[p]) * pitch\n"
         "        want[j, :words] = ws[at : at + words]\n"
-        "        at = int(peer[j]) * AREA + REGION2 + int(src_row[j]) * PITCH2\n"
+        "        at = int(peer[p]) * AREA + REGION2 + int(src_row[p]) * PITCH2\n"
         "        want2[j, :words2] = ws[at : at + words2]\n"
         "    assert torch.equal(out, want) and torch.equal(out2, want2), (words, rows, block, words2)\n"
     )

@@ -179,18 +179,19 @@ def round_robin_order(splits: torch.Tensor, block: torch.Tensor) -> torch.Tensor
 
 @dataclass(frozen=True)
 class PullPlan:
-    """A cached dispatch as the pull kernel takes it (built once per handle).
+    """A cached dispatch as the pull kernel takes it (built once per handle), every tensor in processing order.
 
-    peer / row: int32 [received], the rank whose workspace holds each received row's source row, and its index
-    there (the source's token index, the handle's recv_src_idx); order: int32 [received], the rows round-robin
-    over the sources, so every rank reads from every peer at once (taken in ascending order, all ranks would read
-    source 0 first: measured 1.0 ms instead of 0.53 at 4096 x 7168 on 4xH200); capacity: the most tokens any
-    rank has, the rows of the region each rank copies its tokens into (the same on every rank).
+    out_row: int32 [received], the received rows round-robin over the sources (the first row of each source's
+    block, then the second, ...), so every rank reads from every peer at once (taken in ascending order, all
+    ranks would read source 0 first: measured 1.0 ms instead of 0.53 at 4096 x 7168 on 4xH200); peer / row:
+    int32, the rank whose workspace holds that row's source row, and its index there (the source's token index,
+    the handle's recv_src_idx); capacity: the most tokens any rank has, the rows of the region each rank copies
+    its tokens into (the same on every rank).
     """
 
+    out_row: torch.Tensor
     peer: torch.Tensor
     row: torch.Tensor
-    order: torch.Tensor
     capacity: int
 
 
@@ -200,7 +201,8 @@ def pull_plan(recv_splits: list[int], recv_src_idx: torch.Tensor, all_num_tokens
     device, received = recv_src_idx.device, recv_src_idx.shape[0]
     splits = torch.tensor(recv_splits, dtype=torch.long).to(device, non_blocking=True)
     peer = torch.repeat_interleave(torch.arange(len(recv_splits), device=device), splits, output_size=received)
-    return PullPlan(peer.int(), recv_src_idx.int(), round_robin_order(splits, peer), max(all_num_tokens, default=0))
+    order = round_robin_order(splits, peer)
+    return PullPlan(order, peer[order].int(), recv_src_idx[order].int(), max(all_num_tokens, default=0))
 
 
 # ---- byte-row helpers --------------------------------------------------------------------------------------
@@ -353,7 +355,7 @@ class CudaBackend(ReferenceBackend):
             return super()._forward(route, transfers, op)
         outputs = [None if out is None else output_words(out) for _, out in transfers]
         if op == "cached dispatch" and "recv_src_idx" in route.cache and None not in outputs:
-            self._pull(self._pull_plan(route), [rows for rows, _ in transfers], outputs)
+            self._pull(route, self._pull_plan(route), [rows for rows, _ in transfers], outputs)
             return [out for _, out in transfers], Pending(self.comm, op, [], [], on_host=False)
         received = self._push(self._plan(route, dispatch=True), [rows for rows, _ in transfers])
         # Copies out of the workspace run on this stream, before the next call's barrier (see _push).
@@ -456,7 +458,18 @@ class CudaBackend(ReferenceBackend):
             route.cache["cuda_pull_plan"] = plan
         return plan
 
-    def _pull(self, plan: PullPlan, tensors: list[torch.Tensor], outputs: list[tuple[torch.Tensor, bool]]) -> None:
+    def _pull_sources(self, route: Route, plan: PullPlan, deltas: torch.Tensor) -> torch.Tensor:
+        """int64, per processing position: the words from `ws` to the source rank's workspace (kept with the
+        route for the current mapping; a regrown workspace maps elsewhere)."""
+        kept = route.cache.get("cuda_pull_sources")
+        if kept is None or kept[0] is not deltas:
+            kept = (deltas, deltas[plan.peer.long()])
+            route.cache["cuda_pull_sources"] = kept
+        return kept[1]
+
+    def _pull(
+        self, route: Route, plan: PullPlan, tensors: list[torch.Tensor], outputs: list[tuple[torch.Tensor, bool]]
+    ) -> None:
         """Copy this rank's byte rows [N, W] of each tensor into its own workspace (one region per tensor), one
         barrier, then read every received row from its source's workspace into `outputs` (int32 word rows
         [received, W / 4] and whether they are 16-byte aligned)."""
@@ -464,7 +477,8 @@ class CudaBackend(ReferenceBackend):
 
         pitches = [max(align_up(rows.shape[1], ROW_ALIGN), ROW_ALIGN) for rows in tensors]
         with self._call(plan.capacity * sum(pitches)) as (workspace, region):
-            words, deltas = workspace.local.view(torch.int32), self._word_deltas(workspace)
+            words = workspace.local.view(torch.int32)
+            sources = self._pull_sources(route, plan, self._word_deltas(workspace))
             pulls = []
             for rows, pitch, (out, aligned) in zip(tensors, pitches, outputs):
                 area = workspace.local[region : region + rows.shape[0] * pitch]
@@ -475,13 +489,13 @@ class CudaBackend(ReferenceBackend):
             # Every rank's rows are in its workspace once every rank has passed this point.
             workspace.barrier(self.comm.timeout_s)
             if len(pulls) == 2 and pulls[1].src.shape[1] <= COMPANION_MAX_WORDS:
-                self._launch_pull(plan, words, deltas, pulls[0], pulls[1])
+                self._launch_pull(plan, words, sources, pulls[0], pulls[1])
             else:
                 for pull in pulls:
-                    self._launch_pull(plan, words, deltas, pull)
+                    self._launch_pull(plan, words, sources, pull)
 
     def _launch_pull(
-        self, plan: PullPlan, words: torch.Tensor, deltas: torch.Tensor, main: _Push, companion: _Push | None = None
+        self, plan: PullPlan, words: torch.Tensor, sources: torch.Tensor, main: _Push, companion: _Push | None = None
     ) -> None:
         """One launch of the pull kernel into `main.src` (an output here), `companion`'s rows with it."""
         from ..kernels.triton_normal import pull_rows_kernel, pull_tile_shape
@@ -496,11 +510,10 @@ class CudaBackend(ReferenceBackend):
             extra = dict(WORDS2=width, BLOCK2=max(16, 1 << (width - 1).bit_length()), OUT2_ALIGNED=companion.aligned)
         pull_rows_kernel[(programs,)](
             out,
-            plan.peer,
+            plan.out_row,
+            sources,
             plan.row,
-            plan.order,
             words,
-            deltas,
             main.region,
             out.shape[0],
             out.stride(0),

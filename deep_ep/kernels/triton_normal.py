@@ -124,14 +124,14 @@ def push_rows_kernel(
 
 
 @triton.jit
-def _pull_tile(peer, src_row, order, positions, num_rows, peer_delta):
-    """The output rows a tile of processing `positions` fills, which of them are live, and the word offset (from
-    `ws`, without the region) of each one's source row in its source rank's workspace."""
+def _pull_tile(out_row, source, src_row, positions, num_rows):
+    """A tile of processing `positions`: the output rows it fills, which of them are live, and where each one's
+    source row is (its source rank's workspace as words from `ws`, and its row in that rank's region). Every
+    index is stored in processing order: one load each, none waiting for another."""
     live = positions < num_rows
-    rows = tl.load(order + positions, mask=live, other=0).to(tl.int64)
-    source = tl.load(peer + rows, mask=live, other=0)
-    base = tl.load(peer_delta + source, mask=live, other=0)
-    return rows, live, base, tl.load(src_row + rows, mask=live, other=0).to(tl.int64)
+    rows = tl.load(out_row + positions, mask=live, other=0).to(tl.int64)
+    base = tl.load(source + positions, mask=live, other=0)
+    return rows, live, base, tl.load(src_row + positions, mask=live, other=0).to(tl.int64)
 
 
 @triton.jit
@@ -151,11 +151,10 @@ def _pull_store(out, values, rows, live, out_stride, col, WORDS: tl.constexpr, O
 @triton.jit
 def pull_rows_kernel(
     out,  # int32 words: the output rows, [num_rows, WORDS] with row stride `out_stride`
-    peer,  # int32 [num_rows]: the rank whose workspace holds each output row's source row
-    src_row,  # int32 [num_rows]: that row's index in the source rank's region
-    order,  # int32 [num_rows]: the output row at each processing position
+    out_row,  # int32 [num_rows]: the output row at each processing position
+    source,  # int64 [num_rows]: per position, words from `ws` to the workspace of the rank holding the source row
+    src_row,  # int32 [num_rows]: per position, the source row's index in that rank's region
     ws,  # int32 words: this rank's workspace
-    peer_delta,  # int64 [R]: words from `ws` to rank d's workspace, multiples of 4
     region,  # word offset of the region in every rank's workspace, a multiple of 4
     num_rows,
     out_stride,  # words
@@ -177,29 +176,31 @@ def pull_rows_kernel(
     cols = tl.arange(0, BLOCK)
     cols2 = tl.arange(0, BLOCK2)
     if WORDS <= BLOCK:
-        # Whole rows per tile, the next tile's reads issued before this one is stored: remote reads take a
-        # round trip over NVLink, so each program keeps two tiles in flight.
-        # (The companion's rows are read with the tile's, so their round trip overlaps too.)
-        rows, live, base, row = _pull_tile(peer, src_row, order, positions, num_rows, peer_delta)
+        # Remote reads wait a round trip over NVLink, so each program keeps two tiles of rows in flight (the
+        # next tile's reads are issued before this one is stored) and has the indices of the tile after that
+        # at hand (their loads overlap the reads too). The companion's rows are read with the tile's.
+        rows, live, base, row = _pull_tile(out_row, source, src_row, positions, num_rows)
         values = _pull_load(ws, base, row, live, region, pitch, cols, WORDS)
         if WORDS2 > 0:
             narrow = _pull_load(ws, base, row, live, region2, pitch2, cols2, WORDS2)
+        next_rows, next_live, next_base, next_row = _pull_tile(out_row, source, src_row, positions + step, num_rows)
         for _ in range(tl.program_id(0) * ROWS, num_rows, step):
-            next_rows, next_live, next_base, next_row = _pull_tile(
-                peer, src_row, order, positions + step, num_rows, peer_delta
-            )
             upcoming = _pull_load(ws, next_base, next_row, next_live, region, pitch, cols, WORDS)
             if WORDS2 > 0:
                 upcoming_narrow = _pull_load(ws, next_base, next_row, next_live, region2, pitch2, cols2, WORDS2)
+            later_rows, later_live, later_base, later_row = _pull_tile(
+                out_row, source, src_row, positions + 2 * step, num_rows
+            )
             _pull_store(out, values, rows, live, out_stride, cols, WORDS, OUT_ALIGNED)
             if WORDS2 > 0:
                 _pull_store(out2, narrow, rows, live, stride2, cols2, WORDS2, OUT2_ALIGNED)
                 narrow = upcoming_narrow
-            values, rows, live, base, row = upcoming, next_rows, next_live, next_base, next_row
+            values, rows, live = upcoming, next_rows, next_live
+            next_rows, next_live, next_base, next_row = later_rows, later_live, later_base, later_row
             positions += step
     else:
         for _ in range(tl.program_id(0) * ROWS, num_rows, step):
-            rows, live, base, row = _pull_tile(peer, src_row, order, positions, num_rows, peer_delta)
+            rows, live, base, row = _pull_tile(out_row, source, src_row, positions, num_rows)
             for start in tl.static_range(0, WORDS, BLOCK):
                 values = _pull_load(ws, base, row, live, region, pitch, start + cols, WORDS)
                 _pull_store(out, values, rows, live, out_stride, start + cols, WORDS, OUT_ALIGNED)
