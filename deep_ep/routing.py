@@ -140,6 +140,8 @@ class Route:
         width = rows.shape[1]
         if out is None:
             out = empty((self.num_recv, width), rows.dtype, rows.device)
+        if not self.padded and comm.moves_blocks(rows.device):
+            return out, self._forward_blocks(comm, rows, op, out, empty)
         if not self.padded and comm.rank in (0, comm.size - 1):
             return out, self._forward_around_own_block(comm, rows, op, out, empty)
         send = empty((self.send_tokens.shape[0], width), rows.dtype, rows.device)
@@ -172,6 +174,30 @@ class Route:
         gather_rows(rows, own_tokens, out=own_rows)
         return pending or Pending(comm, op, [], [], on_host=rows.device.type == "cpu")
 
+    def _forward_blocks(self, comm: Comm, rows: torch.Tensor, op: str, out: torch.Tensor, empty: Empty) -> Pending:
+        """forward() of an exact route as one block per peer: the rows for the other ranks are gathered and
+        travel, and while they do this rank gathers its own rows straight into their block of `out`."""
+        rank, width = comm.rank, rows.shape[1]
+        send = empty((self.send_tokens.shape[0] - self.send_splits[rank], width), rows.dtype, rows.device)
+        gather_rows(rows, self.peer_send_tokens(rank), out=send)
+        ins = _blocks(send, [0 if d == rank else n for d, n in enumerate(self.send_splits)])
+        outs = _blocks(out, self.recv_splits)
+        own = outs[rank]
+        outs[rank] = out[:0]
+        pending = comm.all_to_all_blocks(outs, ins, op)
+        begin = sum(self.send_splits[:rank])
+        gather_rows(rows, self.send_tokens[begin : begin + self.send_splits[rank]], out=own)
+        return pending
+
+    def peer_send_tokens(self, rank: int) -> torch.Tensor:
+        """`send_tokens` without this rank's own block (built once per route)."""
+        kept = self.cache.get("peer_send_tokens")
+        if kept is None:
+            begin, count = sum(self.send_splits[:rank]), self.send_splits[rank]
+            kept = torch.cat([self.send_tokens[:begin], self.send_tokens[begin + count :]])
+            self.cache["peer_send_tokens"] = kept
+        return kept
+
     def backward(
         self,
         comm: Comm,
@@ -197,7 +223,12 @@ class Route:
         returned = empty((total + int(zero_row), width), rows.dtype, rows.device)
         if zero_row:
             returned[total:].zero_()
-        own = self.own_block(comm) if keep_own else None
+        if keep_own and not self.padded and comm.moves_blocks(rows.device):
+            # One block per peer: no rank's own rows travel (the caller reads them from `rows`).
+            ins, outs = _blocks(rows, self.recv_splits), _blocks(returned[:total], self.send_splits)
+            ins[comm.rank], outs[comm.rank] = rows[:0], returned[:0]
+            return returned, comm.all_to_all_blocks(outs, ins, op)
+        own = self.own_block(comm, rows.device) if keep_own else None
         if own is None:
             pending = comm.all_to_all(returned[:total], rows.contiguous(), op, self.send_splits, self.recv_splits)
             return returned, pending
@@ -213,11 +244,14 @@ class Route:
             return returned, Pending(comm, op, [], [], on_host=rows.device.type == "cpu")
         return returned, comm.all_to_all(into, travel.contiguous(), op, send_splits, recv_splits)
 
-    def own_block(self, comm: Comm) -> tuple[int, int, int] | None:
+    def own_block(self, comm: Comm, device: torch.device | None = None) -> tuple[int, int, int] | None:
         """(first row in `send_tokens` order, first received row, count) of this rank's rows to itself when they
-        are the first or last block on both sides (exact routes, first and last rank), else None."""
+        do not travel in `backward(..., keep_own=True)`: exact routes, on every rank where rows on `device` move
+        in blocks (`Comm.moves_blocks`), else on the first and last rank (first or last block on both sides);
+        else None."""
         rank = comm.rank
-        if self.padded or rank not in (0, comm.size - 1):
+        blocks = device is not None and comm.moves_blocks(device)
+        if self.padded or not (blocks or rank in (0, comm.size - 1)):
             return None
         count = self.send_splits[rank]
         return sum(self.send_splits[:rank]), sum(self.recv_splits[:rank]), count
@@ -264,6 +298,11 @@ class Route:
             blocks.append((begin, begin + size))
             begin += size
         return blocks
+
+
+def _blocks(rows: torch.Tensor, splits: list[int]) -> list[torch.Tensor]:
+    """Consecutive row blocks of `rows` with these sizes (views; the sizes add up to the rows)."""
+    return list(torch.split(rows, splits))
 
 
 def _nonzero_known(mask: torch.Tensor, count: int) -> torch.Tensor:
