@@ -152,9 +152,9 @@ class Comm:
         return out.cpu() if to_host else out.to(tensor.device)
 
     def moves_blocks(self, device: torch.device) -> bool:
-        """Whether exact routes move rows with `all_to_all_blocks` (a tensor per peer, none for this rank, so no
-        rank's own rows cross the wire): on NCCL, whose list all-to-all takes blocks of any sizes. (gloo's wants
-        equal sizes; on the host the single all-to-all with own blocks first or last is kept.)"""
+        """Whether exact routes return rows (combine) with `all_to_all_blocks` (a tensor per peer, none for this
+        rank, so no rank's own rows cross the wire): on NCCL, whose list all-to-all takes blocks of any sizes.
+        (gloo's wants equal sizes; on the host the single all-to-all with own blocks first or last is kept.)"""
         return device.type == "cuda" and self.wire_device(device) == device and self.size > 1
 
     def all_to_all_blocks(self, outs: list[torch.Tensor], ins: list[torch.Tensor], op: str) -> Pending:

@@ -140,8 +140,6 @@ class Route:
         width = rows.shape[1]
         if out is None:
             out = empty((self.num_recv, width), rows.dtype, rows.device)
-        if not self.padded and comm.moves_blocks(rows.device):
-            return out, self._forward_blocks(comm, rows, op, out, empty)
         if not self.padded and comm.rank in (0, comm.size - 1):
             return out, self._forward_around_own_block(comm, rows, op, out, empty)
         send = empty((self.send_tokens.shape[0], width), rows.dtype, rows.device)
@@ -173,30 +171,6 @@ class Route:
         pending = comm.all_to_all(others, send, op, recv_splits, splits) if comm.size > 1 else None
         gather_rows(rows, own_tokens, out=own_rows)
         return pending or Pending(comm, op, [], [], on_host=rows.device.type == "cpu")
-
-    def _forward_blocks(self, comm: Comm, rows: torch.Tensor, op: str, out: torch.Tensor, empty: Empty) -> Pending:
-        """forward() of an exact route as one block per peer: the rows for the other ranks are gathered and
-        travel, and while they do this rank gathers its own rows straight into their block of `out`."""
-        rank, width = comm.rank, rows.shape[1]
-        send = empty((self.send_tokens.shape[0] - self.send_splits[rank], width), rows.dtype, rows.device)
-        gather_rows(rows, self.peer_send_tokens(rank), out=send)
-        ins = _blocks(send, [0 if d == rank else n for d, n in enumerate(self.send_splits)])
-        outs = _blocks(out, self.recv_splits)
-        own = outs[rank]
-        outs[rank] = out[:0]
-        pending = comm.all_to_all_blocks(outs, ins, op)
-        begin = sum(self.send_splits[:rank])
-        gather_rows(rows, self.send_tokens[begin : begin + self.send_splits[rank]], out=own)
-        return pending
-
-    def peer_send_tokens(self, rank: int) -> torch.Tensor:
-        """`send_tokens` without this rank's own block (built once per route)."""
-        kept = self.cache.get("peer_send_tokens")
-        if kept is None:
-            begin, count = sum(self.send_splits[:rank]), self.send_splits[rank]
-            kept = torch.cat([self.send_tokens[:begin], self.send_tokens[begin + count :]])
-            self.cache["peer_send_tokens"] = kept
-        return kept
 
     def backward(
         self,

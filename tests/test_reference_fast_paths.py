@@ -162,7 +162,7 @@ def test_sum_returned_by_runs_and_by_gathers_give_the_same_bits(dtype: torch.dty
 # ---- normal mode with rows large enough for the host buffers, every buffer reused -------------------------
 def _large_rounds(rank: int, world: int, blocks: bool = False) -> None:
     if blocks:
-        # The route's block path (one tensor per peer, no rank's own rows on the wire), which NCCL groups take,
+        # The combine's block path (one tensor per peer, no rank's own rows on the wire), which NCCL groups take,
         # here over gloo's point-to-point sends: every rank, the middle one of three included, keeps its own rows.
         from deep_ep.comm import Comm
 
