@@ -151,31 +151,6 @@ class Comm:
         out = out.view(self.size, *tensor.shape)
         return out.cpu() if to_host else out.to(tensor.device)
 
-    def moves_blocks(self, device: torch.device) -> bool:
-        """Whether exact routes return rows (combine) with `all_to_all_blocks` (a tensor per peer, none for this
-        rank, so no rank's own rows cross the wire): on NCCL, whose list all-to-all takes blocks of any sizes.
-        (gloo's wants equal sizes; on the host the single all-to-all with own blocks first or last is kept.)"""
-        return device.type == "cuda" and self.wire_device(device) == device and self.size > 1
-
-    def all_to_all_blocks(self, outs: list[torch.Tensor], ins: list[torch.Tensor], op: str) -> Pending:
-        """Start an all-to-all of per-peer blocks: ins[d] goes to rank d, outs[s] is filled from rank s on wait()
-        (contiguous tensors; this rank's own pair is left empty by the callers: it does not travel). NCCL's
-        list all-to-all on CUDA tensors, else point-to-point sends and receives (the same bytes; what the CPU
-        tests run the block path on)."""
-        if ins[0].device.type == "cuda" and self.wire_device(ins[0].device) == ins[0].device:
-            work = dist.all_to_all(outs, ins, group=self.group, async_op=True)
-            return Pending(self, op, [work], [], on_host=False)
-        ops = []
-        for peer in range(self.size):
-            if peer != self.rank:
-                peer_global = dist.get_global_rank(self.group, peer)
-                if ins[peer].numel():
-                    ops.append(dist.P2POp(dist.isend, ins[peer], peer_global, self.group))
-                if outs[peer].numel():
-                    ops.append(dist.P2POp(dist.irecv, outs[peer], peer_global, self.group))
-        works = dist.batch_isend_irecv(ops) if ops else []
-        return Pending(self, op, works, [], on_host=ins[0].device.type == "cpu")
-
     def all_to_all(
         self,
         out: torch.Tensor,

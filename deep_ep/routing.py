@@ -197,12 +197,7 @@ class Route:
         returned = empty((total + int(zero_row), width), rows.dtype, rows.device)
         if zero_row:
             returned[total:].zero_()
-        if keep_own and not self.padded and comm.moves_blocks(rows.device):
-            # One block per peer: no rank's own rows travel (the caller reads them from `rows`).
-            ins, outs = _blocks(rows, self.recv_splits), _blocks(returned[:total], self.send_splits)
-            ins[comm.rank], outs[comm.rank] = rows[:0], returned[:0]
-            return returned, comm.all_to_all_blocks(outs, ins, op)
-        own = self.own_block(comm, rows.device) if keep_own else None
+        own = self.own_block(comm) if keep_own else None
         if own is None:
             pending = comm.all_to_all(returned[:total], rows.contiguous(), op, self.send_splits, self.recv_splits)
             return returned, pending
@@ -218,14 +213,11 @@ class Route:
             return returned, Pending(comm, op, [], [], on_host=rows.device.type == "cpu")
         return returned, comm.all_to_all(into, travel.contiguous(), op, send_splits, recv_splits)
 
-    def own_block(self, comm: Comm, device: torch.device | None = None) -> tuple[int, int, int] | None:
+    def own_block(self, comm: Comm) -> tuple[int, int, int] | None:
         """(first row in `send_tokens` order, first received row, count) of this rank's rows to itself when they
-        do not travel in `backward(..., keep_own=True)`: exact routes, on every rank where rows on `device` move
-        in blocks (`Comm.moves_blocks`), else on the first and last rank (first or last block on both sides);
-        else None."""
+        are the first or last block on both sides (exact routes, first and last rank), else None."""
         rank = comm.rank
-        blocks = device is not None and comm.moves_blocks(device)
-        if self.padded or not (blocks or rank in (0, comm.size - 1)):
+        if self.padded or rank not in (0, comm.size - 1):
             return None
         count = self.send_splits[rank]
         return sum(self.send_splits[:rank]), sum(self.recv_splits[:rank]), count
@@ -272,11 +264,6 @@ class Route:
             blocks.append((begin, begin + size))
             begin += size
         return blocks
-
-
-def _blocks(rows: torch.Tensor, splits: list[int]) -> list[torch.Tensor]:
-    """Consecutive row blocks of `rows` with these sizes (views; the sizes add up to the rows)."""
-    return list(torch.split(rows, splits))
 
 
 def _nonzero_known(mask: torch.Tensor, count: int) -> torch.Tensor:

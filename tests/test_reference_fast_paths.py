@@ -160,13 +160,7 @@ def test_sum_returned_by_runs_and_by_gathers_give_the_same_bits(dtype: torch.dty
 
 
 # ---- normal mode with rows large enough for the host buffers, every buffer reused -------------------------
-def _large_rounds(rank: int, world: int, blocks: bool = False) -> None:
-    if blocks:
-        # The combine's block path (one tensor per peer, no rank's own rows on the wire), which NCCL groups take,
-        # here over gloo's point-to-point sends: every rank, the middle one of three included, keeps its own rows.
-        from deep_ep.comm import Comm
-
-        Comm.moves_blocks = lambda self, device: self.size > 1
+def _large_rounds(rank: int, world: int) -> None:
     hidden, experts = 1024, 4 * world
     buffer = Buffer(dist.group.WORLD)
     kept = []
@@ -217,10 +211,9 @@ def _large_rounds(rank: int, world: int, blocks: bool = False) -> None:
         assert_bit_equal(f"round {round_} combined_x, later", combined, combined_copy)
 
 
-@pytest.mark.parametrize("blocks", [False, True])
 @pytest.mark.parametrize("world", [2, 3])
-def test_normal_mode_with_large_rows_reuses_buffers_safely(world: int, blocks: bool) -> None:
-    run_ranks(world, _large_rounds, blocks)
+def test_normal_mode_with_large_rows_reuses_buffers_safely(world: int) -> None:
+    run_ranks(world, _large_rounds)
 
 
 # ---- low-latency mode: the fixed-size exchange (what GPUs run) and large grids on the CPU ------------------

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..comm import Pending, host_sync_allowed
 from ..errors import UnsupportedFeatureError
-from ..kernels.ordered_sum import ordered_gather_sum, triton_usable
+from ..kernels.ordered_sum import ordered_gather_sum
 from ..packing import HostBuffers, RowFormat, byte_rows
 from ..routing import Empty, Route, _torch_empty, channel_of_tokens, gather_rows, running_count
 from .base import Backend, DispatchArgs
@@ -214,9 +214,9 @@ class ReferenceBackend(LowLatencyMixin, Backend):
     ) -> tuple[torch.Tensor, torch.Tensor | None, Pending]:
         num_tokens = route.num_tokens
         # x and the weights return in separate all-to-alls (no packing pass), each with a zero row appended
-        # for the tokens that sent nothing to some rank; the rows a rank returns to itself do not travel at all
-        # (read from x in the sum) on NCCL, and on the host on the first and last rank (Route.own_block).
-        own = route.own_block(self.comm, x.device)
+        # for the tokens that sent nothing to some rank; on the first and last rank the rows a rank returns to
+        # itself do not travel at all (read from x in the sum).
+        own = route.own_block(self.comm)
         x_fmt = RowFormat.of(x=x)
         returned, pending = route.backward(self.comm, x_fmt.pack(x=x), "combine", True, self._empty, keep_own=True)
         combined_x = self._empty((num_tokens, *x.shape[1:]), x.dtype, x.device)
@@ -348,10 +348,6 @@ def _sum_returned(
     empty = empty or _torch_empty
     num_tokens = route.num_tokens
     blocks = route.destination_blocks()
-    if own is not None and rows.is_cuda and not route.padded and triton_usable(rows):
-        d, own_rows = own  # the kernel reads them where they are
-        ordered_gather_sum(rows[:-1], route.row_index, bias, out=out, own=(d, own_rows, blocks[d][0]))
-        return
     if own is not None and (rows.is_cuda or route.padded or not _few_runs(route)):
         d, own_rows = own
         rows[blocks[d][0] : blocks[d][1]].copy_(own_rows)  # what the all-to-all would have copied

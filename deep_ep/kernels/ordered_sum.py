@@ -105,14 +105,12 @@ def ordered_gather_sum(
     row_index: torch.Tensor,
     biases: tuple[torch.Tensor, ...] = (),
     out: torch.Tensor | None = None,
-    own: tuple[int, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """[N, H] of rows.dtype: the SPEC 5 sum for each token (module docstring).
 
     rows: [M, H] (any row stride, unit column stride for the Triton kernel); row_index: int [N, R], -1 =
     absent; biases: up to two [N, H] tensors of rows.dtype, added first. The result is `out` ([N, H] of
-    rows.dtype, written in place) if given, else a fresh tensor. own: (d, own_rows, begin): source d's rows
-    are own_rows[row_index[t, d] - begin] instead (rows that did not travel; `rows` there is not read).
+    rows.dtype, written in place) if given, else a fresh tensor.
     """
     global _triton_error
     _check(rows, row_index, biases)
@@ -123,14 +121,10 @@ def ordered_gather_sum(
         from . import triton_ordered_sum
 
         try:
-            return triton_ordered_sum.ordered_gather_sum(rows, row_index, biases, out, own)
+            return triton_ordered_sum.ordered_gather_sum(rows, row_index, biases, out)
         except Exception as error:  # compile or launch refused (raised before any GPU work): same bits below
             _triton_error = f"{type(error).__name__}: {error}"[:500]
             log.warning("deep_ep: the Triton ordered-sum kernel failed; using torch ops from now on: %s", error)
-    if own is not None:
-        d, own_rows, begin = own
-        rows = rows.clone()
-        rows[begin : begin + own_rows.shape[0]] = own_rows
     result = torch_ordered_gather_sum(rows, row_index, biases)
     return result if out is None else out.copy_(result)
 

@@ -1,10 +1,9 @@
 """Triton kernel of `deep_ep.kernels.ordered_sum.ordered_gather_sum` (CUDA tensors of bf16/fp16/fp32).
 
 One program per (token, block of BLOCK columns): it loads the token's biases and then, for each source
-d = 0..R-1 in order, the row `row_index[t, d]` (masked to +0.0 when absent; source OWN's rows from a tensor
-of their own, where they did not travel), adding each in float32, and stores one rounding to the output
-dtype (round to nearest even, Triton's default for down-casts). Each row is read exactly once. Only adds
-appear, so no FMA contraction can change the rounding.
+d = 0..R-1 in order, the row `row_index[t, d]` (masked to +0.0 when absent), adding each in float32, and
+stores one rounding to the output dtype (round to nearest even, Triton's default for down-casts). Each
+row is read exactly once. Only adds appear, so no FMA contraction can change the rounding.
 
 This module imports Triton at import time; `ordered_sum` imports it only when a CUDA tensor needs it.
 """
@@ -31,13 +30,9 @@ def _ordered_gather_sum_kernel(
     index_stride,
     bias0_stride,
     bias1_stride,
-    own_ptr,  # source OWN's rows, which did not travel (read when OWN >= 0)
-    own_stride,
-    own_begin,  # row_index of source OWN counts from here
     NUM_SOURCES: tl.constexpr,
     NUM_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
-    OWN: tl.constexpr = -1,
 ):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -56,11 +51,7 @@ def _ordered_gather_sum_kernel(
         # An absent row masks every column (a comparison, not `mask & present`: Triton 3.9's interpreter
         # rejects the mask that the scalar-and-vector `&` makes).
         row_mask = cols < tl.where(present, hidden, 0)
-        if d == OWN:
-            own_row = tl.where(present, row - own_begin, 0)
-            values = tl.load(own_ptr + own_row * own_stride + cols, mask=row_mask, other=0.0)
-        else:
-            values = tl.load(rows_ptr + safe_row * rows_stride + cols, mask=row_mask, other=0.0)
+        values = tl.load(rows_ptr + safe_row * rows_stride + cols, mask=row_mask, other=0.0)
         acc = acc + values.to(tl.float32)
     tl.store(out_ptr + token * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -74,7 +65,6 @@ def ordered_gather_sum(
     row_index: torch.Tensor,
     biases: tuple[torch.Tensor, ...] = (),
     out: torch.Tensor | None = None,
-    own: tuple[int, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Launch the kernel on rows' device and current stream; arguments as `ordered_sum.ordered_gather_sum`."""
     num_tokens, num_sources = row_index.shape
@@ -91,9 +81,6 @@ def ordered_gather_sum(
     biases = tuple(b if b.stride(1) == 1 else b.contiguous() for b in biases)
     bias0 = biases[0] if len(biases) > 0 else out  # unused pointers still need a valid tensor
     bias1 = biases[1] if len(biases) > 1 else out
-    own_source, own_rows, own_begin = own if own is not None else (-1, out, 0)
-    if own_rows.stride(1) != 1 and own_rows.shape[0] > 0:
-        own_rows = own_rows.contiguous()
     block = _block_for(hidden)
     grid = (num_tokens, triton.cdiv(hidden, block))
     # Triton launches on the *current* device's stream: make it the rows' device. (CPU tensors reach here
@@ -112,13 +99,9 @@ def ordered_gather_sum(
             row_index.stride(0),
             bias0.stride(0),
             bias1.stride(0),
-            own_rows,
-            own_rows.stride(0),
-            own_begin,
             NUM_SOURCES=num_sources,
             NUM_BIAS=len(biases),
             BLOCK=block,
-            OWN=own_source,
             num_warps=4 if block >= 512 else 1,
         )
     return out if target is None else target.copy_(out)
