@@ -245,6 +245,15 @@ class _Push:
     pitch: int
 
 
+def _companion_arguments(main: _Push, companion: _Push | None, aligned: str) -> tuple[_Push, dict]:
+    """A push or pull launch's companion record and constexprs (WORDS2, BLOCK2, the alignment flag `aligned`);
+    without a companion, a stand-in the kernel never touches and no constexprs (WORDS2 defaults to 0)."""
+    if companion is None:
+        return _Push(main.src, False, 0, ROW_ALIGN // WORD), {}
+    width = companion.src.shape[1]
+    return companion, {"WORDS2": width, "BLOCK2": max(16, 1 << (width - 1).bit_length()), aligned: companion.aligned}
+
+
 # ---- the backend -------------------------------------------------------------------------------------------
 class CudaBackend(ReferenceBackend):
     """NVLink peer-memory transport and Triton kernels; the reference algorithm for what they do not serve."""
@@ -503,11 +512,7 @@ class CudaBackend(ReferenceBackend):
         out = main.src
         tile_rows, block, warps = pull_tile_shape(out.shape[1])
         programs = max(1, min(self.num_sms, -(-out.shape[0] // tile_rows)))
-        other = companion or _Push(out, False, 0, ROW_ALIGN // WORD)  # unwritten without a companion
-        extra: dict = {}
-        if companion is not None:
-            width = companion.src.shape[1]
-            extra = dict(WORDS2=width, BLOCK2=max(16, 1 << (width - 1).bit_length()), OUT2_ALIGNED=companion.aligned)
+        other, extra = _companion_arguments(main, companion, "OUT2_ALIGNED")
         pull_rows_kernel[(programs,)](
             out,
             plan.out_row,
@@ -539,11 +544,7 @@ class CudaBackend(ReferenceBackend):
         src = main.src
         tile_rows, block = tile_shape(src.shape[1])
         programs = max(1, min(self.num_sms, -(-src.shape[0] // tile_rows)))
-        extra: dict = {}
-        other = companion or _Push(src, False, 0, ROW_ALIGN // WORD)  # unread without a companion
-        if companion is not None:
-            width = companion.src.shape[1]
-            extra = dict(WORDS2=width, BLOCK2=max(16, 1 << (width - 1).bit_length()), SRC2_ALIGNED=companion.aligned)
+        other, extra = _companion_arguments(main, companion, "SRC2_ALIGNED")
         push_rows_kernel[(programs,)](
             src,
             plan.dest,
