@@ -242,6 +242,19 @@ class Route:
 
         return row_index_from_splits(self.send_tokens, self.send_splits, self.num_tokens)
 
+    def row_index_own_received(self, rank: int) -> torch.Tensor:
+        """`row_index` with column `rank` pointing into the rows this rank received (combine's input, where the
+        rows from itself start after those of lower sources) instead of the returned rows: for a sum that reads
+        a rank's rows to itself where they are. Built once per rank."""
+        key = ("row_index_own_received", rank)
+        if key not in self.cache:
+            shift = sum(self.recv_splits[:rank]) - sum(self.send_splits[:rank])
+            index = self.row_index.clone()
+            own = index[:, rank]
+            own.add_(torch.where(own >= 0, shift, 0).int())
+            self.cache[key] = index
+        return self.cache[key]
+
     @cached_property
     def token_rows(self) -> torch.Tensor:
         """int64 [R, N]: the row of `send_tokens` that token t sent to rank d, or `len(send_tokens)` (the zero

@@ -162,15 +162,18 @@ def test_push_plans_send_every_row_home(num_ranks: int) -> None:
         expected = [(s, t) for s in range(num_ranks) for t in in_rank[s][:, d].nonzero()[:, 0].tolist()]
         assert [placed[d][row] for row in range(len(expected))] == expected
         back = combine_push_plan(counts, d, torch.device("cpu"))
-        assert back.capacity == workspace_rows(counts, False) and (back.dest >= 0).sum(1).eq(1).all()
+        assert back.capacity == workspace_rows(counts, False)
+        # Every row goes home to its source, except the rows d received from itself, which stay.
+        assert (back.dest >= 0).sum(1).tolist() == [int(s != d) for s, _ in expected]
         for row, (s, t) in enumerate(expected):
-            home = int(back.dest[row, s])
-            assert send_tokens[s][home] == t and home - sum(counts[s][:d]) in range(counts[s][d])
+            if s != d:
+                home = int(back.dest[row, s])
+                assert send_tokens[s][home] == t and home - sum(counts[s][:d]) in range(counts[s][d])
         # The combine takes the rows round-robin over the sources they return to: the first row of each
         # source's block, sources ascending, then the second, ...
         within = [[s for s, _ in expected[: row + 1]].count(expected[row][0]) - 1 for row in range(len(expected))]
         round_robin = sorted(range(len(expected)), key=lambda row: (within[row], expected[row][0]))
-        assert back.order is None if not expected else back.order.tolist() == round_robin
+        assert back.order.tolist() == [row for row in round_robin if expected[row][0] != d]
         # A cached dispatch pulls each received row from the (source, token) the push would have sent it from,
         # in the same round-robin order, out of regions that hold every rank's tokens.
         recv_src_idx = torch.tensor([t for _, t in expected], dtype=torch.int32)
@@ -234,6 +237,14 @@ def test_ordered_gather_sum_matches_reference_bits(dtype: torch.dtype) -> None:
             _ordered_sum(route, rows, biases[:nb], num_tokens, expected)
             got = ordered_gather_sum(rows, row_index, biases[:nb])
             assert first_mismatch(got, expected) is None, (num_tokens, num_ranks, hidden, nb)
+            # One source's rows read from a tensor of their own, where row_index's column says.
+            d = num_tokens % num_ranks
+            begin, end = route.destination_blocks()[d]
+            own_rows = torch.cat([torch.randn(3, hidden, generator=gen).to(dtype), rows[begin:end]])
+            own_index = row_index.clone()
+            own_index[:, d] = torch.where(own_index[:, d] >= 0, own_index[:, d] - begin + 3, -1)
+            got = ordered_gather_sum(rows, own_index, biases[:nb], own=(d, own_rows))
+            assert first_mismatch(got, expected) is None, (num_tokens, num_ranks, hidden, nb, "own")
     assert not triton_usable(rows)  # CPU tensors never take the Triton path
 
 
@@ -275,6 +286,10 @@ def test_triton_kernel_logic_in_the_interpreter() -> None:
         "        b = tuple(torch.randn(21, h, generator=g).to(dtype) for _ in range(nb))\n"
         "        a, e = k.ordered_gather_sum(rows, idx, b), torch_ordered_gather_sum(rows, idx, b)\n"
         "        assert torch.equal(a.view(torch.uint8), e.view(torch.uint8)), (dtype, h, nb)\n"
+        "        own = (1, torch.cat([rows[:sp[0]], rows]))  # source 1's rows from their own tensor\n"
+        "        oidx = torch.where(idx >= 0, idx + sp[0] * (torch.arange(3) == 1).int(), -1)\n"
+        "        a = k.ordered_gather_sum(rows, oidx, b, None, own)  # the same rows, source 1's shifted\n"
+        "        assert torch.equal(a.view(torch.uint8), e.view(torch.uint8)), (dtype, h, nb, 'own')\n"
         "        for out in (torch.empty(21, h, dtype=dtype), torch.empty(h, 21, dtype=dtype).t()):\n"
         "            assert k.ordered_gather_sum(rows, idx, b, out) is out  # written in place, any strides\n"
         "            assert torch.equal(out.contiguous().view(torch.uint8), e.view(torch.uint8)), (dtype, h, nb)\n"

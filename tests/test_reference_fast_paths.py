@@ -151,10 +151,17 @@ def test_sum_returned_by_runs_and_by_gathers_give_the_same_bits(dtype: torch.dty
             _sum_returned(route, rows.clone(), biases[:nb], got)
             assert_bit_equal(f"R={num_ranks} absent={absent} biases={nb}", got, want)
             for d, (begin, end) in enumerate(route.destination_blocks()):  # block d read from elsewhere
+                # The same tokens seen from rank d, which received its own block after rows of lower sources.
+                counts = torch.randint(0, 5, (num_ranks, num_ranks), generator=gen)
+                counts[d] = torch.tensor(route.send_splits)
+                seen_by_d = Route.exact(route.is_token_in_rank, counts, d)
+                before = sum(counts[:d, d].tolist())
+                received = torch.full((seen_by_d.num_recv, hidden), float("nan")).to(dtype)
+                received[before : before + end - begin] = rows[begin:end]
                 holed = rows.clone()
                 holed[begin:end] = float("nan")
                 got = torch.empty_like(want)
-                _sum_returned(route, holed, biases[:nb], got, own=(d, rows[begin:end]))
+                _sum_returned(seen_by_d, holed, biases[:nb], got, own=(d, received))
                 assert_bit_equal(f"R={num_ranks} absent={absent} biases={nb} own block {d}", got, want)
     assert paths == {True, False}  # runs of slices, and gathers
 

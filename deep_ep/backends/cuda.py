@@ -117,8 +117,8 @@ class PushPlan:
 
     dest: int32 [num_rows, R], the row that row i takes in rank d's region, or -1 (rows: the tokens for a
     dispatch, the received rows for a combine); capacity: the largest region's rows on any rank (the same on
-    every rank); received: the rows that land in this rank's region; order: int32 [num_rows], the order the
-    kernel takes the rows in, or None for ascending.
+    every rank); received: the rows of this rank's region that the call fills; order: int32, the rows the kernel
+    takes, in the order it takes them, or None for every row, ascending.
     """
 
     dest: torch.Tensor
@@ -147,25 +147,32 @@ def dispatch_push_plan(
 
 
 def combine_push_plan(counts: list[list[int]], rank: int, device: torch.device) -> PushPlan:
-    """The `PushPlan` of a combine: the rows received from each source go back to it, placed per `combine_plan`.
+    """The `PushPlan` of a combine: the rows received from each source go back to it, placed per `combine_plan`;
+    the rows a rank received from itself stay where they are (the sum reads them from the combine's input), so
+    its own block of the region is left unwritten and its rows are not in `order`.
 
-    Its rows are grouped by destination; its order takes them round-robin over the destinations (the first row
-    of each block, then the second, ...), so the kernel's programs, on every rank, write to all destinations at
-    once instead of all ranks to one GPU at a time."""
+    Its rows are grouped by destination; its order takes the others round-robin over the destinations (the
+    first row of each block, then the second, ...), so the kernel's programs, on every rank, write to all
+    destinations at once instead of all ranks to one GPU at a time."""
     num_ranks = len(counts)
     num_rows = rows_received(counts, rank, True)
     splits, shifts = [0] * num_ranks, [0] * num_ranks
     for copy in combine_plan(counts, rank):
         splits[copy.peer], shifts[copy.peer] = copy.count, copy.dst_row - copy.src_begin
+    own_begin, own_count = sum(splits[:rank]), splits[rank]
+    splits[rank] = 0
+    pushed = num_rows - own_count
     dest = torch.full((num_rows, num_ranks), -1, dtype=torch.int32, device=device)
-    order = None
-    if num_rows:
-        # The blocks come in ascending peer order, so entry e of peer p lands at e + shifts[p].
+    order = torch.zeros(0, dtype=torch.int32, device=device)
+    if pushed:
+        # The blocks come in ascending peer order, so entry e of peer p lands at e + shifts[p]; entries after
+        # the own block are `own_count` further on.
         splits_shifts = torch.tensor([splits, shifts], dtype=torch.long).to(device, non_blocking=True)
-        peer = torch.repeat_interleave(torch.arange(num_ranks, device=device), splits_shifts[0], output_size=num_rows)
-        entry = torch.arange(num_rows, device=device)
+        peer = torch.repeat_interleave(torch.arange(num_ranks, device=device), splits_shifts[0], output_size=pushed)
+        entry = torch.arange(pushed, device=device)
+        entry += (entry >= own_begin).long() * own_count
         dest[entry, peer] = (entry + splits_shifts[1][peer]).int()
-        order = round_robin_order(splits_shifts[0], peer)
+        order = entry[round_robin_order(splits_shifts[0], peer).long()].int()
     return PushPlan(dest, workspace_rows(counts, False), rows_received(counts, rank, False), order)
 
 
@@ -387,12 +394,15 @@ class CudaBackend(ReferenceBackend):
         if topk_weights is not None:
             tensors.append(RowFormat.of(topk_weights=topk_weights).pack(topk_weights=topk_weights))
         returned = self._push(self._plan(route, dispatch=False), tensors)
-        # Rows came back where `send_tokens` lists them: destination blocks ascending, tokens ascending.
-        row_index = route.row_index
-        combined_x = ordered_gather_sum(returned[0].view(x.dtype), row_index, bias)
+        # Rows came back where `send_tokens` lists them (destination blocks ascending, tokens ascending), except
+        # this rank's rows to itself, which the sum reads from the combine's input.
+        rank = self.comm.rank
+        row_index = route.row_index_own_received(rank)
+        combined_x = ordered_gather_sum(returned[0].view(x.dtype), row_index, bias, own=(rank, x))
         combined_weights = None
         if topk_weights is not None:
-            combined_weights = ordered_gather_sum(returned[1].view(topk_weights.dtype), row_index)
+            rows = returned[1].view(topk_weights.dtype)
+            combined_weights = ordered_gather_sum(rows, row_index, own=(rank, topk_weights))
         return combined_x, combined_weights, Pending(self.comm, "combine", [], [], on_host=False)
 
     # ---- the push ----------------------------------------------------------------------------------------
@@ -542,8 +552,9 @@ class CudaBackend(ReferenceBackend):
         from ..kernels.triton_normal import push_rows_kernel, tile_shape
 
         src = main.src
+        num_rows = src.shape[0] if plan.order is None else plan.order.shape[0]
         tile_rows, block = tile_shape(src.shape[1])
-        programs = max(1, min(self.num_sms, -(-src.shape[0] // tile_rows)))
+        programs = max(1, min(self.num_sms, -(-num_rows // tile_rows)))
         other, extra = _companion_arguments(main, companion, "SRC2_ALIGNED")
         push_rows_kernel[(programs,)](
             src,
@@ -552,7 +563,7 @@ class CudaBackend(ReferenceBackend):
             words,
             deltas,
             main.region,
-            src.shape[0],
+            num_rows,
             src.stride(0),
             main.pitch,
             other.src,

@@ -229,7 +229,7 @@ class ReferenceBackend(LowLatencyMixin, Backend):
             combined_weights = topk_weights.new_empty(num_tokens, topk_weights.shape[1])
 
         def own_rows(rows: torch.Tensor) -> tuple[int, torch.Tensor] | None:
-            return None if own is None else (self.comm.rank, rows[own[1] : own[1] + own[2]])
+            return None if own is None else (self.comm.rank, rows)
 
         def reduce() -> None:
             rows = x_fmt.field_view(returned, "x")
@@ -337,9 +337,11 @@ def _sum_returned(
     own: tuple[int, torch.Tensor] | None = None,
 ) -> None:
     """`_ordered_sum` of rows [sum(send_splits) + 1, H] whose last row is zeros, into out [N, H]. `own`:
-    (rank d, its rows): destination d's block of `rows` was not written; these rows stand for it.
+    (rank d, the rows d received [num_recv, H]): destination d's block of `rows` was not written; d's rows to
+    itself, received from itself, stand for it.
 
-    On CUDA an exact route takes the one-pass ordered gather-sum kernel (same additions, same order, same bits).
+    On CUDA an exact route takes the one-pass ordered gather-sum kernel (same additions, same order, same bits),
+    reading d's rows where they are.
     On the host, when the tokens form few runs that each destination got whole or not at all (`token_runs`),
     each run adds contiguous slices of the blocks, nothing gathered. Otherwise the terms are the biases, then each
     destination's rows gathered into token order (the zero row standing in for a token that sent nothing there:
@@ -348,13 +350,18 @@ def _sum_returned(
     empty = empty or _torch_empty
     num_tokens = route.num_tokens
     blocks = route.destination_blocks()
-    if own is not None and (rows.is_cuda or route.padded or not _few_runs(route)):
+    if rows.is_cuda and not route.padded:
+        index = route.row_index if own is None else route.row_index_own_received(own[0])
+        ordered_gather_sum(rows[:-1], index, bias, out=out, own=own)
+        return
+    if own is not None:
+        d, received = own
+        begin = sum(route.recv_splits[:d])
+        own = (d, received[begin : begin + route.recv_splits[d]])
+    if own is not None and (route.padded or not _few_runs(route)):
         d, own_rows = own
         rows[blocks[d][0] : blocks[d][1]].copy_(own_rows)  # what the all-to-all would have copied
         own = None
-    if rows.is_cuda and not route.padded:
-        ordered_gather_sum(rows[:-1], route.row_index, bias, out=out)
-        return
     if not route.padded and _few_runs(route):
         sources = [rows[begin:end] for begin, end in blocks]
         if own is not None:

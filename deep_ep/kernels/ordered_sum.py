@@ -84,9 +84,22 @@ def status() -> str:
     return "triton"
 
 
-def _check(rows: torch.Tensor, row_index: torch.Tensor, biases: tuple[torch.Tensor, ...]) -> None:
+def _check(
+    rows: torch.Tensor,
+    row_index: torch.Tensor,
+    biases: tuple[torch.Tensor, ...],
+    own: tuple[int, torch.Tensor] | None = None,
+) -> None:
     if rows.dim() != 2:
         raise ValueError(f"rows must be 2-D [M, H], got shape {list(rows.shape)}")
+    if own is not None:
+        column, own_rows = own
+        if not 0 <= column < row_index.shape[1]:
+            raise ValueError(f"own: column {column} is not a source of row_index [N, {row_index.shape[1]}]")
+        if own_rows.dim() != 2 or own_rows.shape[1] != rows.shape[1] or own_rows.dtype != rows.dtype:
+            raise ValueError(
+                f"own: rows must be {rows.dtype} [M, {rows.shape[1]}], got {own_rows.dtype} {list(own_rows.shape)}"
+            )
     if row_index.dim() != 2 or row_index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"row_index must be int32/int64 [N, R], got {row_index.dtype} {list(row_index.shape)}")
     if len(biases) > 2:
@@ -105,15 +118,18 @@ def ordered_gather_sum(
     row_index: torch.Tensor,
     biases: tuple[torch.Tensor, ...] = (),
     out: torch.Tensor | None = None,
+    own: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """[N, H] of rows.dtype: the SPEC 5 sum for each token (module docstring).
 
     rows: [M, H] (any row stride, unit column stride for the Triton kernel); row_index: int [N, R], -1 =
-    absent; biases: up to two [N, H] tensors of rows.dtype, added first. The result is `out` ([N, H] of
-    rows.dtype, written in place) if given, else a fresh tensor.
+    absent; biases: up to two [N, H] tensors of rows.dtype, added first. own: (source d, its rows [M', H]):
+    column d of row_index indexes these rows instead of `rows` (a rank's rows to itself, read where they are
+    instead of being copied next to the others). The result is `out` ([N, H] of rows.dtype, written in place)
+    if given, else a fresh tensor.
     """
     global _triton_error
-    _check(rows, row_index, biases)
+    _check(rows, row_index, biases, own)
     if out is not None and (out.shape != (row_index.shape[0], rows.shape[1]) or out.dtype != rows.dtype):
         want = f"[{row_index.shape[0]}, {rows.shape[1]}] {rows.dtype}"
         raise ValueError(f"out: expected {want}, got {list(out.shape)} {out.dtype}")
@@ -121,29 +137,33 @@ def ordered_gather_sum(
         from . import triton_ordered_sum
 
         try:
-            return triton_ordered_sum.ordered_gather_sum(rows, row_index, biases, out)
+            return triton_ordered_sum.ordered_gather_sum(rows, row_index, biases, out, own)
         except Exception as error:  # compile or launch refused (raised before any GPU work): same bits below
             _triton_error = f"{type(error).__name__}: {error}"[:500]
             log.warning("deep_ep: the Triton ordered-sum kernel failed; using torch ops from now on: %s", error)
-    result = torch_ordered_gather_sum(rows, row_index, biases)
+    result = torch_ordered_gather_sum(rows, row_index, biases, own)
     return result if out is None else out.copy_(result)
 
 
 def torch_ordered_gather_sum(
-    rows: torch.Tensor, row_index: torch.Tensor, biases: tuple[torch.Tensor, ...] = ()
+    rows: torch.Tensor,
+    row_index: torch.Tensor,
+    biases: tuple[torch.Tensor, ...] = (),
+    own: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The same sum with plain torch ops (any device): the fallback, and the kernel's executable contract."""
-    _check(rows, row_index, biases)
+    _check(rows, row_index, biases, own)
     acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     num_tokens, num_sources = row_index.shape
     acc = torch.zeros(num_tokens, rows.shape[1], dtype=acc_dtype, device=rows.device)
     for b in biases:
         acc += b.to(acc_dtype)
-    if rows.shape[0] == 0:  # nothing came back: only the biases (or zeros)
-        return acc.to(rows.dtype)
     for d in range(num_sources):
+        source = own[1] if own is not None and d == own[0] else rows
+        if source.shape[0] == 0:  # nothing came back from d: every entry is -1
+            continue
         index = row_index[:, d].long()
         present = (index >= 0).unsqueeze(1)
-        values = rows.index_select(0, index.clamp(min=0)).to(acc_dtype)
+        values = source.index_select(0, index.clamp(min=0)).to(acc_dtype)
         acc += torch.where(present, values, torch.zeros_like(values))  # +0.0 where absent: same bits
     return acc.to(rows.dtype)

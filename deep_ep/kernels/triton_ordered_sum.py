@@ -1,9 +1,10 @@
 """Triton kernel of `deep_ep.kernels.ordered_sum.ordered_gather_sum` (CUDA tensors of bf16/fp16/fp32).
 
 One program per (token, block of BLOCK columns): it loads the token's biases and then, for each source
-d = 0..R-1 in order, the row `row_index[t, d]` (masked to +0.0 when absent), adding each in float32, and
-stores one rounding to the output dtype (round to nearest even, Triton's default for down-casts). Each
-row is read exactly once. Only adds appear, so no FMA contraction can change the rounding.
+d = 0..R-1 in order, the row `row_index[t, d]` (masked to +0.0 when absent; source OWN's rows from their own
+tensor), adding each in float32, and stores one rounding to the output dtype (round to nearest even, Triton's
+default for down-casts). Each row is read exactly once. Only adds appear, so no FMA contraction can change the
+rounding.
 
 This module imports Triton at import time; `ordered_sum` imports it only when a CUDA tensor needs it.
 """
@@ -24,15 +25,18 @@ def _ordered_gather_sum_kernel(
     index_ptr,
     bias0_ptr,
     bias1_ptr,
+    own_ptr,
     hidden,
     out_stride,
     rows_stride,
     index_stride,
     bias0_stride,
     bias1_stride,
+    own_stride,
     NUM_SOURCES: tl.constexpr,
     NUM_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
+    OWN: tl.constexpr = -1,  # the source whose rows `own_ptr` holds (-1: none)
 ):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -51,7 +55,10 @@ def _ordered_gather_sum_kernel(
         # An absent row masks every column (a comparison, not `mask & present`: Triton 3.9's interpreter
         # rejects the mask that the scalar-and-vector `&` makes).
         row_mask = cols < tl.where(present, hidden, 0)
-        values = tl.load(rows_ptr + safe_row * rows_stride + cols, mask=row_mask, other=0.0)
+        if d == OWN:
+            values = tl.load(own_ptr + safe_row * own_stride + cols, mask=row_mask, other=0.0)
+        else:
+            values = tl.load(rows_ptr + safe_row * rows_stride + cols, mask=row_mask, other=0.0)
         acc = acc + values.to(tl.float32)
     tl.store(out_ptr + token * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -65,6 +72,7 @@ def ordered_gather_sum(
     row_index: torch.Tensor,
     biases: tuple[torch.Tensor, ...] = (),
     out: torch.Tensor | None = None,
+    own: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Launch the kernel on rows' device and current stream; arguments as `ordered_sum.ordered_gather_sum`."""
     num_tokens, num_sources = row_index.shape
@@ -81,6 +89,9 @@ def ordered_gather_sum(
     biases = tuple(b if b.stride(1) == 1 else b.contiguous() for b in biases)
     bias0 = biases[0] if len(biases) > 0 else out  # unused pointers still need a valid tensor
     bias1 = biases[1] if len(biases) > 1 else out
+    own_column, own_rows = own if own is not None else (-1, out)
+    if own_rows.stride(1) != 1 and own_rows.shape[0] > 0:
+        own_rows = own_rows.contiguous()
     block = _block_for(hidden)
     grid = (num_tokens, triton.cdiv(hidden, block))
     # Triton launches on the *current* device's stream: make it the rows' device. (CPU tensors reach here
@@ -93,15 +104,18 @@ def ordered_gather_sum(
             row_index,
             bias0,
             bias1,
+            own_rows,
             hidden,
             out.stride(0),
             rows.stride(0),
             row_index.stride(0),
             bias0.stride(0),
             bias1.stride(0),
+            own_rows.stride(0),
             NUM_SOURCES=num_sources,
             NUM_BIAS=len(biases),
             BLOCK=block,
+            OWN=own_column,
             num_warps=4 if block >= 512 else 1,
         )
     return out if target is None else target.copy_(out)
