@@ -553,7 +553,7 @@ class CudaBackend(ReferenceBackend):
 
         src = main.src
         num_rows = src.shape[0] if plan.order is None else plan.order.shape[0]
-        tile_rows, block = tile_shape(src.shape[1])
+        tile_rows, block, warps = tile_shape(src.shape[1])
         programs = max(1, min(self.num_sms, -(-num_rows // tile_rows)))
         other, extra = _companion_arguments(main, companion, "SRC2_ALIGNED")
         push_rows_kernel[(programs,)](
@@ -576,7 +576,7 @@ class CudaBackend(ReferenceBackend):
             BLOCK=block,
             SRC_ALIGNED=main.aligned,
             HAS_ORDER=plan.order is not None,
-            num_warps=8 if tile_rows * block >= 4096 else 4,
+            num_warps=warps,
             **extra,
         )
 

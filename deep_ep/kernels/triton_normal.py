@@ -214,12 +214,13 @@ COMPANION_MAX_WORDS = 256  # a second tensor this narrow (1 KB rows: scales, pac
 
 
 @functools.cache
-def tile_shape(words: int) -> tuple[int, int]:
-    """(ROWS, BLOCK) of a tile: up to 8192 words of a row per step (whole rows up to 32 KB) and about 8192 words
-    in all (32 registers per thread at 8 warps, twice that with the prefetched tile), so wide rows go one or two
-    at a time and narrow ones many at once."""
+def tile_shape(words: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK, num_warps) of a push tile: up to 8192 words of a row per step (whole rows up to 32 KB) and
+    about 16384 words in all (32 registers per thread at 16 warps, twice that with the prefetched tile), so wide
+    rows go a few at a time and narrow ones many at once."""
     block = min(8192, triton.next_power_of_2(max(words, 1)))
-    return max(1, min(64, 8192 // block)), block
+    rows = max(1, min(64, 16384 // block))
+    return rows, block, 16 if rows * block >= 16384 else 8
 
 
 @functools.cache
