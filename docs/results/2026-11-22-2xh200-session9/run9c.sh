@@ -25,13 +25,13 @@ for d in site.getsitepackages()+sys.path:
     if h: print(os.path.dirname(h[0])); break")
 deepep() { env PYTHONPATH=$UPSTREAM LD_LIBRARY_PATH=$NVSHMEM:${LD_LIBRARY_PATH:-} timeout -k 5 60 "${RUN[@]}" tools/bench_deepep.py --upstream-dir $UPSTREAM --launcher torchrun --dist-backend nccl "${SHAPE[@]}" --num-sms $1 --json $R/deepep_sms$1.json > $R/deepep_sms$1.txt 2>&1; echo "=== deepep sms=$1 exit $?"; }
 TREES=${TREES:-"ab_before ab_own ."}
+name() { [ "$1" = . ] && echo tile || echo ${1#ab_}; }
 for sms in 20 32; do
   deepep $sms
-  for t in $TREES; do bench $t cuda ${t//[.\/]/}tile_sms${sms}_1 --num-sms $sms; done
-  for t in $TREES; do bench $t cuda ${t//[.\/]/}tile_sms${sms}_2 --num-sms $sms; done
+  for i in 1 2; do for t in $TREES; do bench $t cuda $(name $t)_sms${sms}_$i --num-sms $sms; done; done
 done
 deepep 64
 [ "${REF:-0}" = 1 ] && { bench ab_before reference ref_before; bench . reference ref_after; }
 bench . cuda prof --num-sms 20 --profile $R/profile_sms20.txt
-for f in $R/deepep_*.txt $R/*tile_*.txt $R/ref_*.txt; do echo "--- $f"; grep -E "^normal +(dispatch_cached|combine)" $f | cut -c1-120; done
+for f in $R/deepep_*.txt $R/before_*.txt $R/own_*.txt $R/tile_*.txt $R/ref_*.txt; do echo "--- $f"; grep -E "^normal +(dispatch_cached|combine)" $f | cut -c1-120; done
 cd $OUT && tar -czf run9c_$N.tgz run9c_$N && rm -rf run9c_$N
