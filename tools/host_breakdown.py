@@ -2,7 +2,7 @@
 kernel's Triton launch, the device barrier, the copy-out, the reduction) are wrapped with perf_counter, and
 rank 0 prints, per piece, when it starts after the call began and how long the host spends in it (medians
 over 30 calls, each after a barrier and a device sync, as tools/bench.py times them), for a fresh dispatch, a
-cached dispatch and a combine.
+cached dispatch and a combine; then the host's time per call when ten calls are issued back to back.
 
     CHECK=0 torchrun --standalone --nproc-per-node 4 tools/host_breakdown.py   # CHECK=1: with the agreement check
 
@@ -67,6 +67,7 @@ def main() -> None:
         (triton_jit.JITFunction, "run", "triton launch"),
         (peer_memory.SymmetricWorkspace, "barrier", "barrier"),
         (cuda_backend.CudaBackend, "_push", "_push"),
+        (cuda_backend.CudaBackend, "_pull", "_pull"),
         (reference.ReferenceBackend, "cached_dispatch", "backend.cached_dispatch"),
         (cuda_backend.CudaBackend, "combine", "backend.combine"),
         (cuda_backend, "ordered_gather_sum", "ordered_gather_sum"),
@@ -103,10 +104,20 @@ def main() -> None:
             for label, begin, end in MARKS:
                 seen[label] = seen.get(label, 0) + 1
                 pieces.setdefault(f"{label}#{seen[label]}", []).append((begin - start, end - begin))
+        # Issued back to back, as the benchmarks time them: the host's time per call, without the wrappers'.
+        bursts = []
+        for _ in range(10):
+            dist.all_reduce(torch.ones(1, device=device))
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(10):
+                call()
+            bursts.append((time.perf_counter() - start) / 10)
+        torch.cuda.synchronize()
         if rank == 0:
             print(
                 f"== {op} (check_agreement={buffer.check_agreement}): per piece, median start after the call began "
-                "and median host time, us"
+                f"and median host time, us; back to back (wrapped): {statistics.median(bursts) * 1e6:.1f} us per call"
             )
             for label, values in sorted(pieces.items(), key=lambda kv: statistics.median(v[0] for v in kv[1])):
                 began = statistics.median(v[0] for v in values) * 1e6

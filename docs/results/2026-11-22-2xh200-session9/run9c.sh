@@ -2,7 +2,8 @@
 # Ninth session: three versions of the cuda backend side by side with upstream DeepEP, one lease, NPROC ranks:
 #   ab_before/ = 3d458f7's code (the session's start), ab_own/ = the combine that leaves the own rows in place
 #   (its push tiles 8192 words, 8 warps), . = the commit that added this script (push tiles 16384 words, 16 warps).
-# ab_*/ are git archives carried untracked. Correctness of '.' first (self-test, harness cuda vs reference).
+# ab_*/ are git archives carried untracked. TREES, ROUNDS (2), REF=1 (the reference backend too), HB=1
+# (tools/host_breakdown.py with the agreement check) pick what runs. Correctness of '.' first (self-test, harness cuda vs reference).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
 N=${NPROC:-4}
@@ -28,10 +29,11 @@ TREES=${TREES:-"ab_before ab_own ."}
 name() { [ "$1" = . ] && echo tile || echo ${1#ab_}; }
 for sms in 20 32; do
   deepep $sms
-  for i in 1 2; do for t in $TREES; do bench $t cuda $(name $t)_sms${sms}_$i --num-sms $sms; done; done
+  for i in $(seq ${ROUNDS:-2}); do for t in $TREES; do bench $t cuda $(name $t)_sms${sms}_$i --num-sms $sms; done; done
 done
 deepep 64
-[ "${REF:-0}" = 1 ] && { bench ab_before reference ref_before; bench . reference ref_after; }
+[ "${REF:-0}" = 1 ] && bench . reference ref_after
+[ "${HB:-0}" = 1 ] && { CHECK=1 PYTHONPATH=. timeout -k 5 120 "${RUN[@]}" tools/host_breakdown.py > $R/host_breakdown_check1.txt 2>&1; echo "=== host_breakdown exit $?"; }
 bench . cuda prof --num-sms 20 --profile $R/profile_sms20.txt
 for f in $R/deepep_*.txt $R/before_*.txt $R/own_*.txt $R/tile_*.txt $R/ref_*.txt; do echo "--- $f"; grep -E "^normal +(dispatch_cached|combine)" $f | cut -c1-120; done
 cd $OUT && tar -czf run9c_$N.tgz run9c_$N && rm -rf run9c_$N
