@@ -6,6 +6,7 @@ buffers can still answer the size queries user code makes before building a `Buf
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -232,12 +233,18 @@ def dispatch_config(num_ranks: int, *, num_sms: int = 20) -> Config:
     `num_ranks >= 1` gets the entry of the smallest known size above it (1 -> 2, 5 -> 8, 40 -> 48), and sizes
     above 160 get the 160 entry. `num_sms` is the caller's `Buffer.num_sms`. `num_ranks < 1` is a ValueError.
     """
-    return Config(num_sms, *_DISPATCH_TABLE[_table_key(num_ranks)])
+    return _tuned_config("dispatch", _table_key(num_ranks), _as_int("num_sms", num_sms))
 
 
 def combine_config(num_ranks: int, *, num_sms: int = 20) -> Config:
     """DeepEP's recommended normal-mode combine `Config`; unknown sizes follow the `dispatch_config` rule."""
-    return Config(num_sms, *_COMBINE_TABLE[_table_key(num_ranks)])
+    return _tuned_config("combine", _table_key(num_ranks), _as_int("num_sms", num_sms))
+
+
+@functools.lru_cache(maxsize=64)
+def _tuned_config(kind: str, table_key: int, num_sms: int) -> Config:
+    # Every dispatch and combine without a config asks for one: Configs are immutable, so each is built once.
+    return Config(num_sms, *(_DISPATCH_TABLE if kind == "dispatch" else _COMBINE_TABLE)[table_key])
 
 
 def low_latency_rdma_size_hint(

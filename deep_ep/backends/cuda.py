@@ -28,6 +28,7 @@ module level, so `import deep_ep` keeps working on a CPU-only install.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 from collections.abc import Iterator
@@ -47,6 +48,15 @@ from .peer_memory import WORD, SymmetricWorkspace, word_deltas
 from .reference import ReferenceBackend
 
 log = logging.getLogger("deep_ep.cuda")
+
+
+@functools.cache
+def _normal_kernels() -> Any:
+    """deep_ep.kernels.triton_normal, imported at first use (it imports Triton) and then at no cost per call."""
+    from ..kernels import triton_normal
+
+    return triton_normal
+
 
 ROW_ALIGN = 16  # bytes: workspace rows start 16-byte aligned, so the kernel stores 16-byte vectors
 
@@ -447,8 +457,6 @@ class CudaBackend(ReferenceBackend):
         """Write the byte rows [num_rows, W] of each tensor into the ranks' workspaces per `plan` (one region per
         tensor), then one barrier. Returns this rank's received rows of each, [plan.received, W] views of its
         workspace, valid on the current stream until its call after next starts."""
-        from ..kernels.triton_normal import COMPANION_MAX_WORDS
-
         pitches = [max(align_up(rows.shape[1], ROW_ALIGN), ROW_ALIGN) for rows in tensors]
         # Same counts and row widths on every rank, so every rank asks for the same size.
         with self._call(plan.capacity * sum(pitches)) as (workspace, region):
@@ -461,7 +469,7 @@ class CudaBackend(ReferenceBackend):
                 area = workspace.local[region : region + plan.received * pitch]
                 received.append(area.view(plan.received, pitch)[:, : rows.shape[1]])
                 region += plan.capacity * pitch
-            if len(pushes) == 2 and pushes[1].src.shape[1] <= COMPANION_MAX_WORDS:
+            if len(pushes) == 2 and pushes[1].src.shape[1] <= _normal_kernels().COMPANION_MAX_WORDS:
                 self._launch(plan, words, deltas, pushes[0], pushes[1])  # one launch: the narrow one rides along
             else:
                 for push in pushes:
@@ -492,8 +500,6 @@ class CudaBackend(ReferenceBackend):
         """Copy this rank's byte rows [N, W] of each tensor into its own workspace (one region per tensor), one
         barrier, then read every received row from its source's workspace into `outputs` (int32 word rows
         [received, W / 4] and whether they are 16-byte aligned)."""
-        from ..kernels.triton_normal import COMPANION_MAX_WORDS
-
         pitches = [max(align_up(rows.shape[1], ROW_ALIGN), ROW_ALIGN) for rows in tensors]
         with self._call(plan.capacity * sum(pitches)) as (workspace, region):
             words = workspace.local.view(torch.int32)
@@ -507,7 +513,7 @@ class CudaBackend(ReferenceBackend):
                 region += plan.capacity * pitch
             # Every rank's rows are in its workspace once every rank has passed this point.
             workspace.barrier(self.comm.timeout_s)
-            if len(pulls) == 2 and pulls[1].src.shape[1] <= COMPANION_MAX_WORDS:
+            if len(pulls) == 2 and pulls[1].src.shape[1] <= _normal_kernels().COMPANION_MAX_WORDS:
                 self._launch_pull(plan, words, sources, pulls[0], pulls[1])
             else:
                 for pull in pulls:
@@ -517,13 +523,12 @@ class CudaBackend(ReferenceBackend):
         self, plan: PullPlan, words: torch.Tensor, sources: torch.Tensor, main: _Push, companion: _Push | None = None
     ) -> None:
         """One launch of the pull kernel into `main.src` (an output here), `companion`'s rows with it."""
-        from ..kernels.triton_normal import pull_rows_kernel, pull_tile_shape
-
+        kernels = _normal_kernels()
         out = main.src
-        tile_rows, block, warps = pull_tile_shape(out.shape[1])
+        tile_rows, block, warps = kernels.pull_tile_shape(out.shape[1])
         programs = max(1, min(self.num_sms, -(-out.shape[0] // tile_rows)))
         other, extra = _companion_arguments(main, companion, "OUT2_ALIGNED")
-        pull_rows_kernel[(programs,)](
+        kernels.pull_rows_kernel[(programs,)](
             out,
             plan.out_row,
             sources,
@@ -549,14 +554,13 @@ class CudaBackend(ReferenceBackend):
         self, plan: PushPlan, words: torch.Tensor, deltas: torch.Tensor, main: _Push, companion: _Push | None = None
     ) -> None:
         """One launch of the push kernel: `main`'s rows, and `companion`'s (the same rows, narrow) with them."""
-        from ..kernels.triton_normal import push_rows_kernel, tile_shape
-
+        kernels = _normal_kernels()
         src = main.src
         num_rows = src.shape[0] if plan.order is None else plan.order.shape[0]
-        tile_rows, block, warps = tile_shape(src.shape[1])
+        tile_rows, block, warps = kernels.tile_shape(src.shape[1])
         programs = max(1, min(self.num_sms, -(-num_rows // tile_rows)))
         other, extra = _companion_arguments(main, companion, "SRC2_ALIGNED")
-        push_rows_kernel[(programs,)](
+        kernels.push_rows_kernel[(programs,)](
             src,
             plan.dest,
             plan.dest if plan.order is None else plan.order,
