@@ -223,6 +223,11 @@ def _table_key(num_ranks: int) -> int:
     num_ranks = _as_int("num_ranks", num_ranks)
     if num_ranks < 1:
         raise ValueError(f"num_ranks={num_ranks} must be >= 1")
+    return _smallest_known_size(num_ranks)
+
+
+@functools.lru_cache(maxsize=64)
+def _smallest_known_size(num_ranks: int) -> int:
     return min((k for k in _DISPATCH_TABLE if k >= num_ranks), default=max(_DISPATCH_TABLE))
 
 
