@@ -261,6 +261,28 @@ def test_row_index_from_splits() -> None:
     assert row_index_from_splits(route.send_tokens[:0], [0, 0], 3).eq(-1).all()
 
 
+def test_row_index_own_received_points_into_the_received_rows() -> None:
+    # Every rank's view of one exchange: what rank r sent itself is the block of its received rows that follows
+    # the rows of lower sources, in token order; the own column must point there, the others stay unchanged.
+    gen = torch.Generator().manual_seed(6)
+    num_ranks, num_tokens = 4, 23
+    in_rank = [torch.rand(num_tokens, num_ranks, generator=gen) < 0.6 for _ in range(num_ranks)]
+    counts = torch.stack([m.sum(0) for m in in_rank])  # [source, destination]
+    for rank in range(num_ranks):
+        route = Route.exact(in_rank[rank], counts, rank)
+        index = route.row_index_own_received(rank)
+        assert index is route.row_index_own_received(rank)  # built once
+        others = [d for d in range(num_ranks) if d != rank]
+        assert torch.equal(index[:, others], route.row_index[:, others])
+        received_tokens = [t for s in range(num_ranks) for t in in_rank[s][:, rank].nonzero()[:, 0].tolist()]
+        received_from = [s for s in range(num_ranks) for _ in range(int(counts[s, rank]))]
+        for t in range(num_tokens):
+            row = int(index[t, rank])
+            assert (row >= 0) == bool(in_rank[rank][t, rank])
+            if row >= 0:
+                assert (received_from[row], received_tokens[row]) == (rank, t)
+
+
 def _run_in_interpreter(code: str) -> None:
     """Run `code` in a fresh interpreter with TRITON_INTERPRET=1 (set before Triton is imported)."""
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
