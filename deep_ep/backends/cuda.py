@@ -525,7 +525,7 @@ class CudaBackend(ReferenceBackend):
         """One launch of the pull kernel into `main.src` (an output here), `companion`'s rows with it."""
         kernels = _normal_kernels()
         out = main.src
-        tile_rows, block, warps = kernels.pull_tile_shape(out.shape[1])
+        tile_rows, block, warps = kernels.tile_shape(out.shape[1])
         programs = max(1, min(self.num_sms, -(-out.shape[0] // tile_rows)))
         other, extra = _companion_arguments(main, companion, "OUT2_ALIGNED")
         kernels.pull_rows_kernel[(programs,)](
