@@ -58,6 +58,9 @@ def _rank_main(
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout_s)
         )
+        # gloo's mesh can be complete on one rank while a peer still finishes its handshake: a rank whose `fn`
+        # needs no collective would otherwise tear the group down under that peer ("Connection closed by peer").
+        dist.barrier()
         result = fn(rank, world_size, *args, **kwargs)
         conn.send(("ok", result))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
