@@ -174,6 +174,27 @@ def test_timeline_of_a_trace() -> None:
     assert "busy 500 us (idle 150)" in bench.timeline(trace).splitlines()[1]
 
 
+def test_device_time_per_range_sums_the_ops_each_range_issued() -> None:
+    """Kernels count toward the range whose host span holds their launch, wherever they run on the device:
+    the dispatch's second kernel runs after the combine range began, and a graph launch issues two kernels."""
+    d, c = "deep_ep_bench.kernels.dispatch", "deep_ep_bench.kernels.combine"
+    events = [
+        {"name": d, "cat": "user_annotation", "ts": 0, "dur": 20},
+        {"name": "cuLaunchKernel", "cat": "cuda_driver", "ts": 5, "dur": 2, "args": {"correlation": 1}},
+        {"name": "cudaLaunchKernel", "cat": "cuda_runtime", "ts": 12, "dur": 2, "args": {"correlation": 2}},
+        {"name": c, "cat": "user_annotation", "ts": 30, "dur": 10},
+        {"name": "cudaGraphLaunch", "cat": "cuda_runtime", "ts": 31, "dur": 3, "args": {"correlation": 3}},
+        {"name": "cudaLaunchKernel", "cat": "cuda_runtime", "ts": 50, "dur": 2, "args": {"correlation": 4}},
+        {"name": "push", "cat": "kernel", "ts": 10, "dur": 7.5, "args": {"correlation": 1}},
+        {"name": "receive", "cat": "kernel", "ts": 33, "dur": 4, "args": {"correlation": 2}},
+        {"name": "graph a", "cat": "kernel", "ts": 40, "dur": 3, "args": {"correlation": 3}},
+        {"name": "graph b", "cat": "gpu_memcpy", "ts": 44, "dur": 1, "args": {"correlation": 3}},
+        {"name": "outside", "cat": "kernel", "ts": 55, "dur": 100, "args": {"correlation": 4}},
+        {"name": d, "cat": "user_annotation", "ts": 60, "dur": 5},
+    ]
+    assert bench.device_time_per_range({"traceEvents": events}) == {d: [11.5, 0.0], c: [4.0]}
+
+
 class _TickEvent:
     """EMULATION of torch.cuda.Event (the vendor API): records a tick counter that the timed calls advance
     instead of a device clock, so the samples say which calls were kept without timing anything."""

@@ -28,6 +28,7 @@ repository's `deep_ep` package (nothing here imports it at module level).
 from __future__ import annotations
 
 import argparse
+import bisect
 import cProfile
 import datetime
 import io
@@ -107,6 +108,15 @@ TIMING = (
     "while the host keeps ahead of it (where a call waits for the host, as a fresh dispatch does, it is not)."
 )
 BURST = 10  # back-to-back timing: calls per burst (candidates alternate burst by burst)
+KERNEL_CALLS = 20  # --ll-kernel-times: profiled calls per op
+KERNEL_TIMES = (
+    "'kernels <op>': the summed device durations of the kernels (and copies) that one call runs, per call, "
+    "from torch.profiler (CUPTI) on rank 0 (its median; the other ranks make the same calls unprofiled). "
+    "DeepEP's tests/test_low_latency.py reports this (bench_kineto: kernel durations by name), so gaps between "
+    "kernels and host time do not count. Calls are CUDA-graph replays of one op where the implementation allows "
+    "capturing it alone (deep_ep), else eager calls issued back to back (upstream DeepEP, whose buffer flips on "
+    "the host at every call)."
+)
 
 
 # ---- workload (DeepEP-style, seeded per rank) ---------------------------------------------------------
@@ -157,6 +167,8 @@ class Impl:
     """Builds DeepEP-API buffers for one implementation; everything else is the same DeepEP API."""
 
     index_dtype: torch.dtype = torch.int64
+    # Whether one low-latency op may be captured in a CUDA graph and replayed on its own (op 'graph dispatch').
+    ll_op_alone_capturable: bool = True
 
     def normal_buffer(self, group: dist.ProcessGroup, hidden: int, num_ranks: int) -> Any:
         raise NotImplementedError
@@ -256,7 +268,8 @@ class BenchConfig:
     profile: bool = False
     profile_calls: int = 1
     progress: bool = True
-    ll_graph: bool = False  # also time the low-latency pair captured in one CUDA graph (replays)
+    ll_graph: bool = False  # also time the low-latency pair captured in one CUDA graph (replays), and each op alone
+    ll_kernel_times: bool = False  # also the low-latency ops' summed kernel durations (KERNEL_TIMES)
     num_sms: int | None = None  # normal mode: Buffer.set_num_sms(num_sms) first (None: the library's default)
     timing: str = "idle"  # "idle": each call from an idle device; "back-to-back": DeepEP's way (see TIMING)
 
@@ -458,6 +471,35 @@ class RankBench:
         self._graphs = getattr(self, "_graphs", []) + [graph]  # keep it (and its memory) alive
         return graph.replay
 
+    def kernel_times(self, ops: dict[str, Callable[[], Any]], label: str) -> dict[str, list[float]]:
+        """KERNEL_TIMES on rank 0 (the others make the same calls unprofiled; every rank starting CUPTI while
+        its peers' kernels wait on it hung in the first try): per op, the seconds of device work of each of
+        KERNEL_CALLS calls (ops alternate), and a per-kernel table kept with the profiles."""
+        for fn in ops.values():  # warm-up, outside the profiler
+            fn()
+        self.barrier()
+        marks = {op: f"deep_ep_bench.kernels.{op}" for op in ops}
+        if self.rank != 0:
+            for _ in range(KERNEL_CALLS):
+                for fn in ops.values():
+                    fn()
+            self._sync()
+            return {}
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(KERNEL_CALLS):
+                for op, fn in ops.items():
+                    with torch.profiler.record_function(marks[op]):
+                        fn()
+            self._sync()
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+            with open(os.path.join(tmp, "trace.json")) as f:
+                per_call = device_time_per_range(json.load(f))
+        table = prof.key_averages().table(sort_by="device_time_total", row_limit=20, max_name_column_width=70)
+        self.profiles.append(f"== {label}: kernels of {KERNEL_CALLS} calls of each of {list(ops)} (rank 0) ==\n{table}")
+        return {op: [us / 1e6 for us in per_call.get(mark, [])] for op, mark in marks.items()}
+
     def raw_a2a(self, send_rows: int, recv_rows: int, row_bytes: int, in_splits: list[int], out_splits: list[int]):
         send = torch.empty(send_rows, row_bytes, dtype=torch.uint8, device=self.device)
         recv = torch.empty(recv_rows, row_bytes, dtype=torch.uint8, device=self.device)
@@ -658,15 +700,32 @@ class RankBench:
                 self.record(impl, "ll", "dispatch", dtype, t, d_times, d_acct, d_wire, announce=False)
                 self.record(impl, "ll", "combine", dtype, t, c_times, c_acct, c_wire, announce=False)
                 self.record(impl, "ll", "dispatch+combine", dtype, t, pair, pair_acct, pair_wire)
-            if cfg.ll_graph and self.device.type == "cuda":
-                try:
-                    replay = self.capture((dispatch, combine))
-                except Exception as error:  # a failed capture loses this figure only, not the run
-                    print(f"rank {rank}: {label} could not be captured in a CUDA graph: {error!r}", flush=True)
-                    torch.cuda.synchronize(self.device)
-                    continue
-                (times,) = self.measure((replay,))[0]
-                self.record(label, "ll", "graph dispatch+combine", dtype, t, times, pair_acct, None)
+            if self.device.type != "cuda":
+                continue
+            alone = self.impl.ll_op_alone_capturable
+            replays = {}
+            if cfg.ll_graph or (cfg.ll_kernel_times and alone):
+                wanted = {"dispatch+combine": (dispatch, combine)} if cfg.ll_graph else {}
+                if alone:
+                    wanted.update({"dispatch": (dispatch,), "combine": (combine,)})
+                for op, phases in wanted.items():
+                    try:
+                        replays[op] = self.capture(phases)
+                    except Exception as error:  # a failed capture loses this figure only, not the run
+                        print(f"rank {rank}: {label} {op} could not be captured in a CUDA graph: {error!r}", flush=True)
+                        torch.cuda.synchronize(self.device)
+            accts = {"dispatch": d_acct, "combine": c_acct, "dispatch+combine": pair_acct}
+            if cfg.ll_graph:
+                for op, replay in replays.items():
+                    (times,) = self.measure((replay,))[0]
+                    self.record(label, "ll", f"graph {op}", dtype, t, times, accts[op], None)
+            if cfg.ll_kernel_times:
+                ops = {"dispatch": dispatch, "combine": combine}
+                if alone and "dispatch" in replays and "combine" in replays:
+                    ops = {op: replays[op] for op in ops}
+                kernel_label = f"{label} low-latency {dtype} T={t}"
+                for op, times in self.kernel_times(ops, kernel_label).items():
+                    self.record(label, "ll", f"kernels {op}", dtype, t, times, accts[op], None)
         if profile:
             dtype = "fp8" if "fp8" in cfg.dtypes else cfg.dtypes[0]
             use_fp8 = dtype == "fp8"
@@ -771,6 +830,34 @@ def run_torchrun(fn: Callable, args: tuple, backend: str) -> list | None:
 
 
 # ---- aggregation and reports -------------------------------------------------------------------------
+def device_time_per_range(trace: dict) -> dict[str, list[float]]:
+    """For each host range (user annotation) of a torch.profiler Chrome trace, in order: the summed durations
+    (us) of the GPU operations issued from inside it (matched by the issuing call's correlation id; a CUDA graph's
+    kernels carry the correlation of its launch)."""
+    events = trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
+    issued = {
+        e["args"]["correlation"]: e["ts"]
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    }
+    ranges = sorted((e for e in events if e.get("cat") == "user_annotation"), key=lambda e: e["ts"])
+    totals = [0.0] * len(ranges)
+    starts = [r["ts"] for r in ranges]
+    for e in events:
+        if e.get("cat") not in GPU_TRACE_CATEGORIES:
+            continue
+        at = issued.get(e.get("args", {}).get("correlation"))
+        if at is None:
+            continue
+        i = bisect.bisect_right(starts, at) - 1  # the last range starting at or before the issue
+        if i >= 0 and at <= ranges[i]["ts"] + ranges[i]["dur"]:
+            totals[i] += e["dur"]
+    out: dict[str, list[float]] = {}
+    for r, total in zip(ranges, totals):
+        out.setdefault(r["name"], []).append(total)
+    return out
+
+
 def timeline(trace: dict) -> str:
     """Per profiled call (a CALL_MARK range in a torch.profiler Chrome trace): how long the host took to issue
     it, when its first GPU operation started relative to the call's start, how long its GPU operations span
@@ -907,6 +994,7 @@ def build_report(per_rank: list[dict], cfg: BenchConfig, impl: Impl, program: st
         "machine": machine_info(per_rank, cfg),
         "config": config,
         "timing": TIMING,
+        "kernel_times": KERNEL_TIMES,
         "byte_accounting": BYTE_ACCOUNTING,
         "records": [dict(r, program=program) for r in aggregate(per_rank)],
         "profile": "\n\n".join(p for result in per_rank for p in result.get("profiles", [])) or None,
@@ -926,6 +1014,7 @@ def merge_reports(reports: list[dict]) -> dict:
         "program": "merge",
         "sources": sources,
         "timing": TIMING,
+        "kernel_times": KERNEL_TIMES,
         "byte_accounting": BYTE_ACCOUNTING,
         "records": records,
         "profile": "\n\n".join(r["profile"] for r in reports if r.get("profile")) or None,
@@ -1138,7 +1227,15 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument(
         "--ll-graph",
         action="store_true",
-        help="GPUs: also time the low-latency dispatch+combine pair captured in one CUDA graph (op 'graph ...')",
+        help=(
+            "GPUs: also time the low-latency dispatch+combine pair captured in one CUDA graph, and each op alone "
+            "where the implementation allows (ops 'graph ...'; replays: device time and graph launch, no host)"
+        ),
+    )
+    parser.add_argument(
+        "--ll-kernel-times",
+        action="store_true",
+        help="GPUs: also the low-latency ops' summed kernel durations per call, DeepEP's metric (ops 'kernels ...')",
     )
     parser.add_argument(
         "--timing",
@@ -1206,6 +1303,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         profile_calls=max(1, args.profile_calls),
         progress=not args.quiet,
         ll_graph=args.ll_graph,
+        ll_kernel_times=args.ll_kernel_times,
         num_sms=args.num_sms,
         timing=args.timing,
     )

@@ -64,6 +64,9 @@ class UpstreamDeepEP(harness.Impl):
     """DeepEP's own `deep_ep` package, imported from `upstream_dir` (first on sys.path)."""
 
     upstream_dir: str | None = None
+    # DeepEP flips its low-latency buffer on the host at every call: a graph of one op alone would replay
+    # into one buffer and read the previous replay's signals.
+    ll_op_alone_capturable: bool = False
 
     def module(self) -> Any:
         if self.upstream_dir and (not sys.path or sys.path[0] != self.upstream_dir):
