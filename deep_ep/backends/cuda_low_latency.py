@@ -25,7 +25,11 @@ from .base import LowLatencyDispatchArgs
 from .peer_memory import WORD, word_deltas
 from .reference_low_latency import _dense
 
-BLOCK_WORDS = 1024  # words per vector copy step
+ROW_BLOCK_WORDS = 2048  # words per vector copy step: a 7168-wide bf16 row (1792 words) in one step
+# Launch shapes of the row-copy kernels, from the 4xH200 sweeps in docs/results/2026-11-22-h200-session10
+# (T=128, H=7168): few warps per program and many programs keep the most rows in flight.
+ROW_WARPS = 2  # warps per program
+PROGRAMS_PER_SM = 16  # receive and combine-push programs per SM (each loops over its rows)
 FUSED_CAST_ENV = "DEEP_EP_CUDA_FUSED_CAST"  # "0": make fp8 messages with deep_ep.quant's torch ops instead
 
 
@@ -205,10 +209,10 @@ class LowLatencyKernels:
         return workspace
 
     def _parts(self, experts: int, rows: int) -> int:
-        """Programs per local expert in the receive and combine-push grids: about two per SM in all."""
+        """Programs per local expert in the receive and combine-push grids: PROGRAMS_PER_SM per SM in all."""
         device = self.backend.device
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-        return max(1, min(rows, -(-2 * sms // max(experts, 1))))
+        return max(1, min(rows, -(-PROGRAMS_PER_SM * sms // max(experts, 1))))
 
     def dispatch(self, args: LowLatencyDispatchArgs) -> tuple[dict, CudaLowLatencyRoute, Pending]:
         from ..kernels import triton_low_latency as kernels
@@ -248,7 +252,7 @@ class LowLatencyKernels:
                     PITCH=layout.pitch,
                     WORDS=payload.shape[1],
                     K=num_topk,
-                    BLOCK=min(BLOCK_WORDS, _pow2(payload.shape[1])),
+                    **_row_copy(payload.shape[1]),
                 )
 
         recv_x = out["recv_x"]
@@ -290,7 +294,7 @@ class LowLatencyKernels:
                     R=num_ranks,
                     K=num_topk,
                     BLOCK_SLOTS=_pow2(rows),
-                    BLOCK=min(BLOCK_WORDS, _pow2(x_words)),
+                    **_row_copy(x_words),
                 )
                 self.dispatch_seq.add_(1)
 
@@ -328,7 +332,7 @@ class LowLatencyKernels:
                 layout.rows_size,
                 TK=layout.tokens_cap * layout.num_topk,
                 H_WORDS=hidden // 2,
-                BLOCK=min(BLOCK_WORDS, _pow2(hidden // 2)),
+                **_row_copy(hidden // 2),
             )
         topk = topk_idx.contiguous()
         weights = topk_weights.contiguous()
@@ -363,6 +367,12 @@ class LowLatencyKernels:
 
 def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _row_copy(words: int) -> dict:
+    """Launch options of a kernel that copies rows of `words` int32 words, one vector step per block."""
+    block = min(ROW_BLOCK_WORDS, _pow2(words))
+    return {"BLOCK": block, "num_warps": max(1, min(ROW_WARPS, block // 128))}  # 128 words: a warp's 16-byte stores
 
 
 def _no_fma(device: torch.device) -> dict:

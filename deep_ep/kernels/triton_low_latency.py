@@ -197,13 +197,15 @@ def ll_combine_reduce_kernel(
     parity = (tl.load(seq_ptr) & 1).to(tl.int64)
     rows = ws16 + rows_base16 + parity * rows_size16
     acc = tl.zeros([BLOCK], dtype=tl.float32)
+    # No branch per choice, so the K row loads are all in flight at once. A skipped choice adds +0.0, which
+    # leaves acc's bits unchanged: acc starts at +0.0 and a rounded sum is -0.0 only when both terms are, so acc
+    # is never -0.0, and x + 0.0 == x for every other x (a NaN acc is already the quiet NaN the add returns).
     for k in tl.static_range(K):
-        expert = tl.load(topk + token * K + k)
-        if expert >= 0:
-            weight = tl.load(weights + token * K + k)
-            bits = tl.load(rows + (token * K + k) * hidden + cols, mask=mask, other=0)
-            value = ((bits.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
-            acc = acc + weight * value
+        valid = tl.load(topk + token * K + k) >= 0
+        weight = tl.load(weights + token * K + k)
+        bits = tl.load(rows + (token * K + k) * hidden + cols, mask=mask, other=0)  # stale if not valid
+        value = ((bits.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        acc = acc + tl.where(valid, weight * value, 0.0)
     tl.store(out + token * out_stride + cols, _bf16_bits(acc), mask=mask)
 
 
