@@ -66,7 +66,7 @@ PY
 
     step "deep_ep reference backend, normal + low-latency, $DIST x$NPROC" 150 \
         "${RUN[@]}" tools/bench.py --launcher torchrun --dist-backend "$DIST" --backend reference --mode all \
-        "${NORMAL[@]}" "${LL[@]}" "${SHAPE[@]}" --ll-graph --json "$WORK/1_reference.json" \
+        "${NORMAL[@]}" "${LL[@]}" "${SHAPE[@]}" --ll-graph --ll-kernel-times --json "$WORK/1_reference.json" \
         --profile "$OUT/profile_reference.txt"
 
     step "install upstream DeepEP into $UPSTREAM" 60 \
@@ -93,11 +93,11 @@ PY
 
     local start=$SECONDS
     if ! step "upstream DeepEP, low-latency mode" 80 \
-        "${upstream[@]}" --mode ll "${LL[@]}" "${SHAPE[@]}" --ll-graph --json "$WORK/3_upstream_ll.json" \
+        "${upstream[@]}" --mode ll "${LL[@]}" "${SHAPE[@]}" --ll-graph --ll-kernel-times --json "$WORK/3_upstream_ll.json" \
         && (( SECONDS - start < 50 )); then
         # A quick failure is most likely NVSHMEM finding no RDMA transport: all peers are NVLink peers here.
         step "upstream DeepEP, low-latency mode, NVSHMEM_REMOTE_TRANSPORT=none" 50 \
-            env NVSHMEM_REMOTE_TRANSPORT=none "${upstream[@]}" --mode ll "${LL[@]}" "${SHAPE[@]}" --ll-graph \
+            env NVSHMEM_REMOTE_TRANSPORT=none "${upstream[@]}" --mode ll "${LL[@]}" "${SHAPE[@]}" --ll-graph --ll-kernel-times \
             --json "$WORK/3_upstream_ll.json"
     fi
 
@@ -106,7 +106,7 @@ PY
     # per-call checks (the default) and without them (DeepEP has none), labelled "(unchecked)".
     step "deep_ep cuda backend, normal + low-latency, $DIST x$NPROC" 120 \
         "${RUN[@]}" tools/bench.py --launcher torchrun --dist-backend "$DIST" --backend cuda --mode all \
-        "${NORMAL[@]}" "${LL[@]}" "${SHAPE[@]}" --ll-graph --json "$WORK/4_cuda.json" --profile "$OUT/profile_cuda.txt"
+        "${NORMAL[@]}" "${LL[@]}" "${SHAPE[@]}" --ll-graph --ll-kernel-times --json "$WORK/4_cuda.json" --profile "$OUT/profile_cuda.txt"
     step "deep_ep cuda backend, low-latency without per-call checks, $DIST x$NPROC" 60 \
         "${RUN[@]}" tools/bench.py --launcher torchrun --dist-backend "$DIST" --backend cuda --mode ll \
         "${LL[@]}" "${SHAPE[@]}" --no-agreement-check --no-value-checks --json "$WORK/5_cuda_unchecked.json"
