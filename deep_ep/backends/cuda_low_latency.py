@@ -28,7 +28,7 @@ from .reference_low_latency import _dense
 ROW_BLOCK_WORDS = 2048  # words per vector copy step: a 7168-wide bf16 row (1792 words) in one step
 # Launch shapes of the row-copy kernels, from the 4xH200 sweeps in docs/results/2026-11-22-h200-session10
 # (T=128, H=7168): few warps per program and many programs keep the most rows in flight.
-ROW_WARPS = 2  # warps per program
+ROW_WARPS = 1  # warps per program (1 and 2 tie on dispatch; 1 is ~1 us faster on combine: run10e, run10f)
 PROGRAMS_PER_SM = 16  # receive and combine-push programs per SM (each loops over its rows)
 FUSED_CAST_ENV = "DEEP_EP_CUDA_FUSED_CAST"  # "0": make fp8 messages with deep_ep.quant's torch ops instead
 
