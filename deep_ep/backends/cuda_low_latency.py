@@ -4,8 +4,8 @@ Dispatch: one push kernel writes every (token, choice) message straight into its
 expert's rank, with a flag; a device barrier; one receive kernel per rank turns its flagged slots into the
 SPEC 6 outputs (rows per local expert in source, token order). Combine: one push kernel sends every
 received row back into its source rank's `[T*K, H]` area; a barrier; one kernel sums each token's rows in
-k order. Four launches per call plus the barriers and a counter increment; sizes depend only on T, H, E, K
-and R, so the calls are CUDA-graph capturable once the workspace exists. Results are the reference
+k order. Four launches per call plus the barriers (an op's last kernel advances its call counter); sizes depend
+only on T, H, E, K and R, so the calls are CUDA-graph capturable once the workspace exists. Results are the reference
 backend's bit for bit (the same bytes land in the same rows; the combine does the SPEC's fp32 arithmetic).
 Kernels: deep_ep/kernels/triton_low_latency.py; design and memory ordering: docs/CUDA.md.
 """
@@ -184,8 +184,10 @@ class LowLatencyKernels:
         self._mapping: tuple[int, int] | None = None  # (local pointer, size) the offsets were computed for
         self.peer_delta: torch.Tensor | None = None
         device = backend.device
-        self.dispatch_seq = torch.zeros(1, dtype=torch.int32, device=device)
-        self.combine_seq = torch.zeros(1, dtype=torch.int32, device=device)
+        # Call counters (their parity picks the workspace half, the dispatch flags hold seq + 1), each with the
+        # copy that the op's first kernel leaves for its last one, which advances the counter.
+        self.dispatch_seq = torch.zeros(2, dtype=torch.int32, device=device)
+        self.combine_seq = torch.zeros(2, dtype=torch.int32, device=device)
 
     def _device_guard(self) -> Any:
         device = self.backend.device
@@ -254,6 +256,8 @@ class LowLatencyKernels:
                     K=num_topk,
                     **_row_copy(payload.shape[1]),
                 )
+            else:  # no push kernel to leave the receive kernel its copy of the counter
+                self.dispatch_seq[1:].copy_(self.dispatch_seq[:1])
 
         recv_x = out["recv_x"]
         scales = out.get("recv_scales")
@@ -296,7 +300,6 @@ class LowLatencyKernels:
                     BLOCK_SLOTS=_pow2(rows),
                     **_row_copy(x_words),
                 )
-                self.dispatch_seq.add_(1)
 
         return out, route, Pending(backend.comm, "low_latency_dispatch", [], [receive], on_host=False)
 
@@ -358,9 +361,10 @@ class LowLatencyKernels:
                         BLOCK=block,
                         **_no_fma(backend.device),
                     )
+                else:  # no reduce kernel to advance the counter
+                    self.combine_seq[:1].add_(1)
                 if target is not out:
                     out.copy_(target)
-                self.combine_seq.add_(1)
 
         return Pending(backend.comm, "low_latency_combine", [], [reduce], on_host=False)
 

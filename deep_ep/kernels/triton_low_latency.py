@@ -28,7 +28,7 @@ def ll_dispatch_push_kernel(
     topk,  # int64 [N, K]
     ws,  # int32 words: this rank's workspace
     peer_delta,  # int64 [R], multiples of 4 words
-    seq_ptr,  # int32 [1]: the dispatch call counter
+    seq_ptr,  # int32 [2]: the dispatch call counter, then the copy of it that the receive kernel reads
     rank,
     payload_stride,
     TOKENS_CAP: tl.constexpr,
@@ -46,8 +46,10 @@ def ll_dispatch_push_kernel(
     token = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
     expert = tl.load(topk + token * K + k)
+    seq = tl.load(seq_ptr)
+    if token == 0 and k == 0:
+        tl.store(seq_ptr + 1, seq)  # for the receive kernel, which advances the counter (see there)
     if expert >= 0:
-        seq = tl.load(seq_ptr)
         parity = (seq & 1).to(tl.int64)
         rows_per_expert: tl.constexpr = SLOTS // EXPERTS_PER_RANK
         slot = (expert % EXPERTS_PER_RANK) * rows_per_expert + rank * TOKENS_CAP + token
@@ -67,7 +69,7 @@ def ll_dispatch_push_kernel(
 @triton.jit
 def ll_dispatch_receive_kernel(
     ws,
-    seq_ptr,
+    seq_ptr,  # int32 [2]: the dispatch call counter, then the push kernel's copy of it
     recv_x,  # int32 words [L * R*T, X_WORDS]
     scales,  # int32 words: recv_scales (any strides), or a dummy when SCALE_WORDS == 0
     recv_count,  # int32 [L]
@@ -97,11 +99,15 @@ def ll_dispatch_receive_kernel(
     """Program (l, j) copies rows j, j + G, j + 2G, ... of local expert l (G = grid dim 1) into the outputs.
 
     Row p of expert l is the p-th flagged slot in slot order (source ascending, token ascending: SPEC 6).
+    Program (0, 0) also advances the call counter: every program here reads the push kernel's copy of it, and
+    the counter's own readers are earlier kernels on the stream, so no separate launch and no atomic.
     """
     expert = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     parts = tl.num_programs(1)
-    seq = tl.load(seq_ptr)
+    seq = tl.load(seq_ptr + 1)
+    if expert == 0 and part == 0:
+        tl.store(seq_ptr, seq + 1)
     parity = (seq & 1).to(tl.int64)
     messages = ws + msg_base + parity * msg_size
     flags = ws + flag_base + parity * flag_size
@@ -144,7 +150,7 @@ def ll_combine_push_kernel(
     y,  # int32 words: x of low_latency_combine, [L, R*T, H] bf16
     ws,
     peer_delta,
-    seq_ptr,  # int32 [1]: the combine call counter
+    seq_ptr,  # int32 [2]: the combine call counter, then the copy of it that the reduce kernel reads
     route_count,
     route_target,
     rows_per_expert,
@@ -160,7 +166,10 @@ def ll_combine_push_kernel(
     expert = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     parts = tl.num_programs(1)
-    parity = (tl.load(seq_ptr) & 1).to(tl.int64)
+    seq = tl.load(seq_ptr)
+    if expert == 0 and part == 0:
+        tl.store(seq_ptr + 1, seq)  # for the reduce kernel, which advances the counter
+    parity = (seq & 1).to(tl.int64)
     count = tl.load(route_count + expert)
     for row in range(part, count, parts):
         target = tl.load(route_target + expert * rows_per_expert + row).to(tl.int64)
@@ -179,7 +188,7 @@ def ll_combine_push_kernel(
 @triton.jit
 def ll_combine_reduce_kernel(
     ws16,  # int16 view of this rank's workspace
-    seq_ptr,
+    seq_ptr,  # int32 [2]: the combine call counter, then the push kernel's copy of it
     topk,  # int64 [N, K]
     weights,  # float32 [N, K]
     out,  # int16 view of the bf16 output [N, H]
@@ -190,11 +199,15 @@ def ll_combine_reduce_kernel(
     K: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """out[t] = bf16(sum over valid k, in k order, of fp32(w[t, k]) * fp32(row(t, k))), from +0.0."""
+    """out[t] = bf16(sum over valid k, in k order, of fp32(w[t, k]) * fp32(row(t, k))), from +0.0. Program (0, 0)
+    advances the call counter (as the dispatch's receive kernel does)."""
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < hidden
-    parity = (tl.load(seq_ptr) & 1).to(tl.int64)
+    seq = tl.load(seq_ptr + 1)
+    if token == 0 and tl.program_id(1) == 0:
+        tl.store(seq_ptr, seq + 1)
+    parity = (seq & 1).to(tl.int64)
     rows = ws16 + rows_base16 + parity * rows_size16
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     # No branch per choice, so the K row loads are all in flight at once. A skipped choice adds +0.0, which
