@@ -1,8 +1,8 @@
 """Low-latency mode of the cuda backend: Triton kernels writing into peer memory, no host round trip.
 
-Dispatch: one push kernel writes every (token, choice) message straight into its expert's slot on the
-expert's rank, with a flag; a device barrier; one receive kernel per rank turns its flagged slots into the
-SPEC 6 outputs (rows per local expert in source, token order). Combine: one push kernel sends every
+Dispatch: one push kernel writes each token's message once into every rank its experts are on, and flags
+the slot of every (token, choice) there; a device barrier; one receive kernel per rank turns its flagged slots
+into the SPEC 6 outputs (rows per local expert in source, token order). Combine: one push kernel sends every
 received row back into its source rank's `[T*K, H]` area; a barrier; one kernel sums each token's rows in
 k order. Four launches per call plus the barriers (an op's last kernel advances its call counter); sizes depend
 only on T, H, E, K and R, so the calls are CUDA-graph capturable once the workspace exists. Results are the reference
@@ -62,7 +62,8 @@ class LowLatencyLayout:
 
     @property
     def msg_size(self) -> int:
-        return self.slots * self.pitch
+        """Words of one parity's messages: one row per (source rank, token), shared by its local experts."""
+        return self.rows_per_expert * self.pitch
 
     @property
     def flag_base(self) -> int:
@@ -254,6 +255,7 @@ class LowLatencyKernels:
                     PITCH=layout.pitch,
                     WORDS=payload.shape[1],
                     K=num_topk,
+                    K_POW2=_pow2(num_topk),
                     **_row_copy(payload.shape[1]),
                 )
             else:  # no push kernel to leave the receive kernel its copy of the counter

@@ -6,9 +6,11 @@ host, so every launch is CUDA-graph capturable; the call counters live on the de
 
 Workspace regions, two copies of each that alternate with the parity of the call counter (`LowLatencyLayout`
 in deep_ep/backends/cuda_low_latency.py computes the offsets):
-- dispatch messages `[L, R*T, PITCH]`: slot `(l, s*T + t)` holds rank s's token t for local expert l;
-- dispatch flags `[L, R*T]`: `seq + 1` in the slots written by the call numbered `seq` (stale values from
-  earlier calls never equal it, so nothing has to be cleared), then dispatch meta `[L, R*T]`: `t*K + k`;
+- dispatch messages `[R*T, PITCH]`: row `s*T + t` holds rank s's token t, once however many of this rank's
+  experts the token chose (every local expert that chose it reads the same row);
+- dispatch flags `[L, R*T]`: `seq + 1` in slot `(l, s*T + t)` when rank s's token t chose local expert l in the
+  call numbered `seq` (stale values from earlier calls never equal it, so nothing has to be cleared), then
+  dispatch meta `[L, R*T]`: `t*K + k`;
 - combine rows `[T*K, H]` bf16: row `t*K + k` is the expert output for this rank's token t, choice k.
 
 The combine's float arithmetic is spelled out so that it is SPEC 6.3's on the GPU and in Triton's CPU
@@ -40,9 +42,11 @@ def ll_dispatch_push_kernel(
     PITCH: tl.constexpr,
     WORDS: tl.constexpr,
     K: tl.constexpr,
+    K_POW2: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Program (t, k) writes token t's message into the slot of its k-th expert on that expert's rank."""
+    """Program (t, k) flags token t in the slot of its k-th expert on that expert's rank; the first of the token's
+    choices on that rank also writes the token's message into the rank's row for it."""
     token = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
     expert = tl.load(topk + token * K + k)
@@ -51,16 +55,23 @@ def ll_dispatch_push_kernel(
         tl.store(seq_ptr + 1, seq)  # for the receive kernel, which advances the counter (see there)
     if expert >= 0:
         parity = (seq & 1).to(tl.int64)
+        dest = expert // EXPERTS_PER_RANK
+        row = rank * TOKENS_CAP + token
+        delta = tl.load(peer_delta + dest)
+        # Earlier choices of this token on the same rank: the row is theirs to send (-1 choices name no rank).
+        ks = tl.arange(0, K_POW2)
+        earlier = tl.load(topk + token * K + ks, mask=ks < k, other=-1)
+        repeats = tl.sum(((earlier >= 0) & (earlier // EXPERTS_PER_RANK == dest)).to(tl.int32), axis=0)
+        if repeats == 0:
+            # Every term is a multiple of 4 words, so each row starts 16-byte aligned: vector stores over NVLink.
+            target = tl.multiple_of(delta + parity * MSG_SIZE + row * PITCH, 4)
+            source = tl.multiple_of(token * payload_stride, 4) if WORDS % 4 == 0 else token * payload_stride
+            for start in tl.static_range(0, WORDS, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < WORDS
+                tl.store(ws + target + cols, tl.load(payload + source + cols, mask=mask), mask=mask)
         rows_per_expert: tl.constexpr = SLOTS // EXPERTS_PER_RANK
-        slot = (expert % EXPERTS_PER_RANK) * rows_per_expert + rank * TOKENS_CAP + token
-        delta = tl.load(peer_delta + expert // EXPERTS_PER_RANK)
-        # Every term is a multiple of 4 words, so each row starts 16-byte aligned: vector stores over NVLink.
-        target = tl.multiple_of(delta + parity * MSG_SIZE + slot * PITCH, 4)
-        source = tl.multiple_of(token * payload_stride, 4) if WORDS % 4 == 0 else token * payload_stride
-        for start in tl.static_range(0, WORDS, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < WORDS
-            tl.store(ws + target + cols, tl.load(payload + source + cols, mask=mask), mask=mask)
+        slot = (expert % EXPERTS_PER_RANK) * rows_per_expert + row
         flags = FLAG_BASE + parity * FLAG_SIZE + delta
         tl.store(ws + flags + slot, seq + 1)
         tl.store(ws + flags + SLOTS + slot, (token * K + k).to(tl.int32))
@@ -128,7 +139,7 @@ def ll_dispatch_receive_kernel(
     for row in range(part, count, parts):
         # The slot holding row `row`: the number of slots whose inclusive count is <= row.
         slot = tl.sum(((inclusive <= row) & in_range).to(tl.int32), axis=0).to(tl.int64)
-        source_msg = messages + (expert * rows_per_expert + slot) * PITCH
+        source_msg = messages + slot * PITCH  # the token's one row, shared by the experts that chose it
         out_row = expert * rows_per_expert + row
         for start in tl.static_range(0, X_WORDS, BLOCK):
             cols = start + tl.arange(0, BLOCK)
