@@ -1,13 +1,16 @@
-"""Where the host's time goes in one cuda-backend call, without a profiler: the backend's pieces (the push
-kernel's Triton launch, the device barrier, the copy-out, the reduction) are wrapped with perf_counter, and
-rank 0 prints, per piece, when it starts after the call began and how long the host spends in it (medians
-over 30 calls, each after a barrier and a device sync, as tools/bench.py times them), for a fresh dispatch, a
-cached dispatch and a combine; then the host's time per call when ten calls are issued back to back.
+"""Where the host's time goes in one call of the cuda or reference backend, without a profiler: the backend's
+pieces (cuda: the push kernel's Triton launch, the device barrier, the copy-out, the reduction; reference: the
+row gathers, the all-to-all's issue, the ordered sum's launch) are wrapped with perf_counter, and rank 0
+prints, per piece, when it starts after the call began and how long the host spends in it (medians over 30
+calls, each after a barrier and a device sync, as tools/bench.py times them), for a fresh dispatch, a cached
+dispatch and a combine; then the host's time per call when ten calls are issued back to back.
 
     CHECK=0 torchrun --standalone --nproc-per-node 4 tools/host_breakdown.py   # CHECK=1: with the agreement check
+    BACKEND=reference CHECK=1 torchrun --standalone --nproc-per-node 4 tools/host_breakdown.py
 
-4096 tokens x 7168 bf16, top-8 of 256 experts (tools/bench.py's routing). Needs a host where the cuda backend
-is available. Results: docs/results/2026-11-22-4xh200-session4/.
+4096 tokens x 7168 bf16, top-8 of 256 experts (tools/bench.py's routing). Needs a CUDA host (for the cuda
+backend, one where it is available). Results: docs/results/2026-11-22-4xh200-session4/ (cuda),
+docs/results/2026-11-22-session12/ (reference).
 """
 
 from __future__ import annotations
@@ -33,6 +36,42 @@ from tools.bench import make_routing, make_x  # noqa: E402
 
 MARKS: list[tuple[str, float, float]] = []
 
+# (owner, attribute, label) of the pieces timed: the façade's and the fresh dispatch's, then each backend's own.
+COMMON_PIECES = (
+    (deep_ep.Buffer, "_agree", "agreement check"),
+    (base.DispatchArgs, "expert_id_range", "expert id range"),
+    (comm.Comm, "all_gather_host", "count exchange"),
+    (routing.Route, "exact", "Route.exact"),
+    (reference, "_send_head", "_send_head"),
+    (reference.ReferenceBackend, "dispatch", "backend.dispatch"),
+    (comm.Pending, "wait", "Pending.wait"),
+    (triton_jit.JITFunction, "run", "triton launch"),
+    (reference.ReferenceBackend, "cached_dispatch", "backend.cached_dispatch"),
+)
+CUDA_PIECES = (
+    (cuda_backend.CudaBackend, "_forward", "backend._forward"),
+    (cuda_backend, "dispatch_push_plan", "dispatch_push_plan"),
+    (cuda_backend, "combine_push_plan", "combine_push_plan"),
+    (packing.RowFormat, "unpack_into", "unpack_into"),
+    (peer_memory.SymmetricWorkspace, "barrier", "barrier"),
+    (cuda_backend.CudaBackend, "_push", "_push"),
+    (cuda_backend.CudaBackend, "_pull", "_pull"),
+    (cuda_backend.CudaBackend, "combine", "backend.combine"),
+    (cuda_backend, "ordered_gather_sum", "ordered_gather_sum"),
+    (torch.Tensor, "copy_", "copy_"),
+)
+REFERENCE_PIECES = (
+    (reference.ReferenceBackend, "combine", "backend.combine"),
+    (routing.Route, "forward", "Route.forward"),
+    (routing.Route, "backward", "Route.backward"),
+    (routing, "gather_rows", "gather_rows"),
+    (comm.Comm, "all_to_all", "Comm.all_to_all"),
+    (dist, "all_to_all_single", "dist.all_to_all_single"),
+    (reference, "_sum_returned", "_sum_returned"),
+    (reference, "ordered_gather_sum", "ordered_gather_sum"),
+    (reference.ReferenceBackend, "_empty", "_empty"),
+)
+
 
 def time_calls(owner: object, name: str, label: str) -> None:
     original = getattr(owner, name)
@@ -52,32 +91,13 @@ def main() -> None:
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=device)
-    for owner, name, label in (
-        (deep_ep.Buffer, "_agree", "agreement check"),
-        (base.DispatchArgs, "expert_id_range", "expert id range"),
-        (comm.Comm, "all_gather_host", "count exchange"),
-        (routing.Route, "exact", "Route.exact"),
-        (reference, "_send_head", "_send_head"),
-        (reference.ReferenceBackend, "dispatch", "backend.dispatch"),
-        (cuda_backend.CudaBackend, "_forward", "backend._forward"),
-        (cuda_backend, "dispatch_push_plan", "dispatch_push_plan"),
-        (cuda_backend, "combine_push_plan", "combine_push_plan"),
-        (packing.RowFormat, "unpack_into", "unpack_into"),
-        (comm.Pending, "wait", "Pending.wait"),
-        (triton_jit.JITFunction, "run", "triton launch"),
-        (peer_memory.SymmetricWorkspace, "barrier", "barrier"),
-        (cuda_backend.CudaBackend, "_push", "_push"),
-        (cuda_backend.CudaBackend, "_pull", "_pull"),
-        (reference.ReferenceBackend, "cached_dispatch", "backend.cached_dispatch"),
-        (cuda_backend.CudaBackend, "combine", "backend.combine"),
-        (cuda_backend, "ordered_gather_sum", "ordered_gather_sum"),
-        (torch.Tensor, "copy_", "copy_"),
-    ):
+    backend = os.environ.get("BACKEND", "cuda")
+    for owner, name, label in (*COMMON_PIECES, *(CUDA_PIECES if backend == "cuda" else REFERENCE_PIECES)):
         time_calls(owner, name, label)
     tokens, hidden, experts, topk = 4096, 7168, 256, 8
     topk_idx, weights = (t.to(device) for t in make_routing(rank, tokens, experts, topk))
     x = make_x(rank, tokens, hidden).to(device)
-    buffer = deep_ep.Buffer(dist.group.WORLD, backend="cuda")
+    buffer = deep_ep.Buffer(dist.group.WORLD, backend=backend)
     buffer.check_agreement = os.environ.get("CHECK", "0") == "1"
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, experts)
     layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
