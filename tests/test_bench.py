@@ -92,6 +92,15 @@ def test_report_schema(report: dict) -> None:
         for op in ("dispatch", "combine", "dispatch+combine"):
             assert (ours, "ll", op, dtype) in ops and (bench.RAW, "ll", op, dtype) in ops
     assert (ours, "normal", "layout", "-") in ops and (ours, "normal", "combine", "bfloat16") in ops
+    # The round trip (issue 7's dispatch + combine) is the sum of its two figures, the baseline's likewise.
+    by = {(r["impl"], r["op"], r["dtype"]): r for r in report["records"] if r["mode"] == "normal"}
+    for impl, first in ((ours, "dispatch_cached"), (bench.RAW, "dispatch")):
+        for dtype in ("bfloat16", "fp8"):
+            pair, a, b = by[impl, bench.ROUND_TRIP, dtype], by[impl, first, dtype], by[impl, "combine", "bfloat16"]
+            assert pair["time_ms"] == pytest.approx(a["time_ms"] + b["time_ms"])
+            assert pair["bytes_each_rank"] == [x + y for x, y in zip(a["bytes_each_rank"], b["bytes_each_rank"])]
+            raw = by[bench.RAW, bench.ROUND_TRIP, dtype]["time_ms"]
+            assert impl == bench.RAW or pair["ratio_to_raw_a2a"] == pytest.approx(pair["time_ms"] / raw)
     for rec in report["records"]:
         assert RECORD_FIELDS <= set(rec), RECORD_FIELDS - set(rec)
         assert rec["time_ms"] > 0 and len(rec["time_ms_rank_medians"]) == RANKS and len(rec["samples_ms_rank0"]) == 1
@@ -118,7 +127,9 @@ def test_normal_bytes_match_an_independent_count(report: dict) -> None:
     for rec in report["records"]:
         if rec["mode"] != "normal" or rec["op"] == "layout":
             continue
-        row = COMBINE_ROW if rec["op"] == "combine" else NORMAL_ROW[rec["dtype"]]
+        row = {"combine": COMBINE_ROW, bench.ROUND_TRIP: NORMAL_ROW[rec["dtype"]] + COMBINE_ROW}.get(
+            rec["op"], NORMAL_ROW.get(rec["dtype"])
+        )
         assert rec["bytes_each_rank"] == [received[d] * row for d in range(RANKS)], rec["op"]
         assert rec["cross_bytes_each_rank"] == [(received[d] - own[d]) * row for d in range(RANKS)], rec["op"]
         assert rec["bytes_per_rank"] == sum(received) * row / RANKS
