@@ -973,18 +973,18 @@ def with_round_trips(records: list[dict]) -> list[dict]:
         for dtype in DTYPES:
             first = by_key.get((rec["impl"], rec.get("program"), "normal", dispatch_op, dtype, rec["tokens"]))
             if first is not None:
-                out.append(_summed(first, rec, dtype))
+                out.append(_summed(first, rec))
     return out
 
 
-def _summed(a: dict, b: dict, dtype: str) -> dict:
+def _summed(a: dict, b: dict) -> dict:
     def add(key: str) -> Any:
         x, y = a[key], b[key]
         if x is None or y is None:
             return None
         return [u + v for u, v in zip(x, y)] if isinstance(x, list) else x + y
 
-    out = dict(a, op=ROUND_TRIP, dtype=dtype, raw_a2a_ms=None, ratio_to_raw_a2a=None)
+    out = dict(a, op=ROUND_TRIP, raw_a2a_ms=None, ratio_to_raw_a2a=None)
     for key in ("time_ms", "time_ms_rank_medians", "samples_ms_rank0", "bytes_per_rank", "bytes_each_rank",
                 "cross_bytes_per_rank", "cross_bytes_each_rank", "wire_cross_bytes_per_rank",
                 "wire_cross_bytes_each_rank"):  # fmt: skip
