@@ -238,3 +238,22 @@ def test_back_to_back_timing_keeps_all_but_the_first_call_of_each_burst(monkeypa
     bursts = [list(range(2, bench.BURST + 2))] * (cfg.iters // bench.BURST)
     bursts.append(list(range(2, cfg.iters % bench.BURST + 2)))
     assert samples == [float(t) for burst in bursts for t in burst]  # 23 samples; each burst's first dropped
+
+
+def _wire_of_both_forms(rank: int, world: int) -> list:
+    import torch
+    import torch.distributed as dist
+
+    runner = bench.RankBench(rank, world, bench.BenchConfig(tokens=[1], ll_tokens=[1], ranks=world), impl=None)
+    rows = torch.zeros(world * 3, 5, dtype=torch.uint8)  # 3 rows of 5 bytes to every rank
+    single = runner.wire_bytes(lambda: dist.all_to_all_single(torch.empty_like(rows), rows))
+    blocks = list(rows.split(3))
+    listed = runner.wire_bytes(lambda: dist.all_to_all([torch.empty_like(b) for b in blocks], blocks))
+    return [single, listed, runner.wire_bytes(lambda: None)]
+
+
+def test_wire_bytes_counts_both_all_to_all_forms() -> None:
+    from deep_ep.testing import run_ranks
+
+    for single, listed, nothing in run_ranks(3, _wire_of_both_forms):
+        assert single == listed == 2 * 3 * 5 and nothing is None

@@ -88,7 +88,7 @@ BYTE_ACCOUNTING = {
     "cross": "the same count restricted to rows/messages whose source and destination ranks differ.",
     "wire": (
         "wire_cross_bytes_per_rank: what the implementation itself sent to other ranks through "
-        "torch.distributed.all_to_all_single in one untimed call (counted by wrapping that function; packed "
+        "torch.distributed.all_to_all_single or all_to_all in one untimed call (counted by wrapping them; packed "
         "metadata, padding and fixed-size slots included). None where the implementation moves data otherwise "
         "(upstream DeepEP's NVLink kernels). Per rank it is the sending side; DeepEP's per-rank counts take the "
         "receiving side for normal dispatch and low-latency combine, so compare means (totals), not single ranks."
@@ -429,9 +429,10 @@ class RankBench:
         return entry[1] if entry is not None and entry[0] is times else None
 
     def wire_bytes(self, fn: Callable[[], Any]) -> int | None:
-        """Bytes that one call of fn sends to other ranks through torch.distributed.all_to_all_single (every
-        rank calls this together). None when fn makes no such call (e.g. DeepEP's own NVLink kernels)."""
-        original = dist.all_to_all_single
+        """Bytes that one call of fn sends to other ranks through torch.distributed's all-to-alls (the single
+        tensor form and the list form; every rank calls this together). None when fn makes no such call (e.g.
+        DeepEP's own NVLink kernels)."""
+        original_single, original_list = dist.all_to_all_single, dist.all_to_all
         rank, world = self.rank, self.world
         sent: list[int] = []
 
@@ -440,15 +441,19 @@ class RankBench:
             row_bytes = input.numel() * input.element_size() // rows if rows else 0
             splits = list(input_split_sizes) if input_split_sizes else [rows // world] * world
             sent.append(sum(int(s) for d, s in enumerate(splits) if d != rank) * row_bytes)
-            return original(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+            return original_single(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+        def counting_list(outputs, inputs, group=None, async_op=False):
+            sent.append(sum(t.numel() * t.element_size() for d, t in enumerate(inputs) if d != rank))
+            return original_list(outputs, inputs, group=group, async_op=async_op)
 
         self.barrier()
-        dist.all_to_all_single = counting
+        dist.all_to_all_single, dist.all_to_all = counting, counting_list
         try:
             fn()
             self._sync()
         finally:
-            dist.all_to_all_single = original
+            dist.all_to_all_single, dist.all_to_all = original_single, original_list
         return sum(sent) if sent else None
 
     def gather_ints(self, values: list[int]) -> list[list[int]]:
@@ -1142,7 +1147,7 @@ def format_table(report: dict, markdown: bool = False) -> str:
         "bytes/rank: DeepEP's accounting (received rows incl. own rank; LL: selections x message bytes), mean over "
         "ranks; cross/rank: the part between different ranks; ms: max over ranks of the per-rank median; "
         "X/raw: time / the raw all_to_all_single of the same payload in the same process; X wire: bytes X's own "
-        "all_to_all_single calls sent to other ranks per rank ('-': not through torch.distributed)."
+        "all-to-all calls sent to other ranks per rank ('-': not through torch.distributed)."
     )
     if differing:
         notes += "\n* the implementations moved different byte counts here (different workloads?); the first is shown."
