@@ -12,6 +12,9 @@ calls back to back (events on the caller's stream), median of 3 bursts; the slow
 - list: every rank gathers only the rows for the peers and sends them in a list all_to_all (its own block
   empty), then gathers its own rows into the output (the `middle-ranks` branch of the thirteenth session).
 - list+prio: list, with the all-to-all on the high-priority stream.
+- main+4chunks, main+8chunks: main, with the first and last rank's own-row gather cut into 4 or 8 index_selects,
+  so that NCCL's kernel can start between two of them instead of after all.
+Also each variant's host time per call (issuing 30 calls back to back, per rank).
 
     torchrun --standalone --nproc-per-node 4 docs/results/2026-11-22-session14/own_rows_bench.py
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -59,10 +63,13 @@ def main() -> None:
     ends = rank in (0, world - 1)
     prio = torch.cuda.Stream(device, priority=-1)  # CUDA: lower numbers are higher priorities; the default is 0
 
-    def own_into(out: torch.Tensor) -> None:
-        gather_rows(rows, own_tokens, out=out[recv_begin : recv_begin + send_splits[rank]])
+    def own_into(out: torch.Tensor, chunks: int = 1) -> None:
+        own = out[recv_begin : recv_begin + send_splits[rank]]
+        step = -(-own_tokens.shape[0] // chunks)
+        for begin in range(0, own_tokens.shape[0], step):
+            gather_rows(rows, own_tokens[begin : begin + step], out=own[begin : begin + step])
 
-    def main_form(high: bool) -> torch.Tensor:
+    def main_form(high: bool, chunks: int = 1) -> torch.Tensor:
         out = torch.empty_like(expected)
         flat = out.view(torch.uint8)
         if not ends:
@@ -87,7 +94,7 @@ def main() -> None:
             current.wait_stream(prio)
         else:
             work = dist.all_to_all_single(others, send, r, s, async_op=True)
-            own_into(flat)
+            own_into(flat, chunks)
             work.wait()
         return out
 
@@ -116,6 +123,8 @@ def main() -> None:
     variants = {
         "main": lambda: main_form(False),
         "main+prio": lambda: main_form(True),
+        "main+4chunks": lambda: main_form(False, 4),
+        "main+8chunks": lambda: main_form(False, 8),
         "list": lambda: list_form(False),
         "list+prio": lambda: list_form(True),
     }
@@ -128,6 +137,7 @@ def main() -> None:
         if rank == 0 and not flags.item():
             print(f"{name}: MISMATCH on some rank", flush=True)
     results = {name: [] for name in variants}
+    host = {name: [] for name in variants}
     for _ in range(BURSTS):
         for name, call in variants.items():  # interleaved, so drift hits every variant alike
             for _ in range(5):
@@ -136,19 +146,24 @@ def main() -> None:
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             for _ in range(CALLS):
                 call()
+            host[name].append((time.perf_counter() - t0) * 1e6 / CALLS)
             end.record()
             end.synchronize()
             results[name].append(start.elapsed_time(end) * 1e3 / CALLS)
-    mine = torch.tensor([statistics.median(v) for v in results.values()], device=device)
+    mine = torch.tensor(
+        [statistics.median(v) for v in results.values()] + [statistics.median(v) for v in host.values()], device=device
+    )
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine)
     if rank == 0:
         print(f"{world} ranks; us per cached-dispatch transfer, back to back ({CALLS} calls, median of {BURSTS}):")
         for i, name in enumerate(variants):
             per_rank = " ".join(f"{float(e[i]):7.1f}" for e in everyone)
-            print(f"  {name:10s} max {max(float(e[i]) for e in everyone):7.1f}   by rank: {per_rank}")
+            issue = " ".join(f"{float(e[len(variants) + i]):6.1f}" for e in everyone)
+            print(f"  {name:12s} max {max(float(e[i]) for e in everyone):7.1f}   by rank: {per_rank}  host: {issue}")
     dist.destroy_process_group()
 
 
