@@ -158,37 +158,12 @@ class Comm:
         op: str,
         out_splits: list[int] | None = None,
         in_splits: list[int] | None = None,
-        beside: bool = False,
     ) -> Pending:
-        """Start `all_to_all_single` of rows (equal splits when none are given); `out` is filled on wait().
-
-        `beside`: the caller queues device work next that can run during the transfer. On CUDA the transfer then
-        runs on a high-priority stream, so that the GPU starts NCCL's kernel first: behind work queued on another
-        stream of equal priority it waited for all of that work (a 30 us gather on 4xH200, fourteenth session)."""
+        """Start `all_to_all_single` of rows (equal splits when none are given); `out` is filled on wait()."""
         wire = self.wire_device(inp.device)
-        if wire == inp.device and beside and wire.type == "cuda":
-            return self._all_to_all_first(out, inp, op, out_splits, in_splits)
         if wire == inp.device:
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
             return Pending(self, op, [work], [], on_host=wire.type == "cpu")
         staged_out = torch.empty(out.shape, dtype=out.dtype, device=wire)
         work = dist.all_to_all_single(staged_out, inp.to(wire), out_splits, in_splits, group=self.group, async_op=True)
         return Pending(self, op, [work], [lambda: out.copy_(staged_out)], on_host=True)
-
-    def _all_to_all_first(
-        self, out: torch.Tensor, inp: torch.Tensor, op: str, out_splits: list[int] | None, in_splits: list[int] | None
-    ) -> Pending:
-        """`all_to_all` on this device's high-priority stream, after the caller's queued work; wait() joins it back."""
-        device = inp.device
-        streams = self.__dict__.setdefault("_priority_streams", {})
-        if device not in streams:
-            streams[device] = torch.cuda.Stream(device, priority=-1)  # lower is higher; the default stream's is 0
-        stream = streams[device]
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            # Synchronous: torch >= 2.8 issues it on the current stream, this one (older versions on NCCL's own
-            # stream, then make this one wait for it; the order holds either way).
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
-        for tensor in (out, inp):  # the caching allocator must not hand their memory out before the transfer ends
-            tensor.record_stream(stream)
-        return Pending(self, op, [], [lambda: torch.cuda.current_stream(device).wait_stream(stream)], on_host=False)

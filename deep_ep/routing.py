@@ -168,7 +168,7 @@ class Route:
         else:
             begin = self.num_recv - own
             own_tokens, own_rows, others = self.send_tokens[sent.shape[0] :], out[begin:], out[:begin]
-        pending = comm.all_to_all(others, send, op, recv_splits, splits, beside=True) if comm.size > 1 else None
+        pending = comm.all_to_all(others, send, op, recv_splits, splits) if comm.size > 1 else None
         gather_rows(rows, own_tokens, out=own_rows)
         return pending or Pending(comm, op, [], [], on_host=rows.device.type == "cpu")
 
