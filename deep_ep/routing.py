@@ -155,7 +155,8 @@ class Route:
     ) -> Pending:
         """forward() of an exact route on the first or last rank, whose own rows are the first or last block of
         both `send_tokens` and `out`: the other blocks travel, and while they do this rank gathers its own rows
-        straight into `out` (one pass, where the all-to-all would gather them and then copy them)."""
+        straight into `out` (one pass, where the all-to-all would gather them and then copy them), on few SMs so
+        that NCCL's kernel need not wait for it."""
         rank = comm.rank
         own = self.send_splits[rank]
         sent = self.send_tokens[own:] if rank == 0 else self.send_tokens[: self.send_tokens.shape[0] - own]
@@ -169,7 +170,9 @@ class Route:
             begin = self.num_recv - own
             own_tokens, own_rows, others = self.send_tokens[sent.shape[0] :], out[begin:], out[:begin]
         pending = comm.all_to_all(others, send, op, recv_splits, splits) if comm.size > 1 else None
-        gather_rows(rows, own_tokens, out=own_rows)
+        from .kernels.row_gather import gather_rows_beside  # (the kernels import this module)
+
+        gather_rows_beside(rows, own_tokens, own_rows)
         return pending or Pending(comm, op, [], [], on_host=rows.device.type == "cpu")
 
     def backward(

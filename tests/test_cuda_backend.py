@@ -319,6 +319,38 @@ def test_triton_kernel_logic_in_the_interpreter() -> None:
     _run_in_interpreter(code)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed (an extra check)")
+def test_row_gather_kernel_in_the_interpreter() -> None:
+    # The few-SM row gather (the reference's own rows beside its all-to-all) in Triton's CPU interpreter: word
+    # types of every width, strided source and output rows, rows wider than one block (column chunks), row counts
+    # that leave a tile partly empty, fewer programs than tiles, repeated and skipped source rows; against
+    # index_select.
+    code = (
+        "import torch\n"
+        "from deep_ep.kernels import triton_row_gather as k\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for dtype, words, n, programs in ((torch.int64, 1792, 9, 2), (torch.int32, 9000, 5, 1),\n"
+        "                                  (torch.int16, 7, 37, 3), (torch.uint8, 33, 1, 16)):\n"
+        "    src = torch.randint(-100, 100, (23, words + 5), generator=g).to(dtype)[:, :words]\n"
+        "    index = torch.randint(0, 23, (n,), generator=g)\n"
+        "    out = torch.full((n, words + 3), 7, dtype=dtype)[:, :words]\n"
+        "    assert k.gather_rows(src, index, out, programs) is out\n"
+        "    assert torch.equal(out, src.index_select(0, index)), (dtype, words, n, programs)\n"
+    )
+    _run_in_interpreter(code)
+
+
+def test_row_gather_beside_on_the_host_is_index_select() -> None:
+    # Host rows take the torch path (the kernel is for CUDA gathers that run beside an all-to-all).
+    from deep_ep.kernels.row_gather import gather_rows_beside
+
+    rows = torch.randint(0, 256, (40, 14336), dtype=torch.uint8)
+    index = torch.tensor([3, 3, 0, 39, 17])
+    out = torch.empty(5, 14336, dtype=torch.uint8)
+    assert gather_rows_beside(rows, index, out) is out
+    assert torch.equal(out, rows[index])
+
+
 # ---- the whole backend on a CPU stand-in for symmetric memory ----------------------------------------------
 def _sim_round(rank: int, world: int, opts: cuda_selftest.Options) -> tuple:
     # One world for both checks (worlds cost seconds on a loaded 2-core machine); availability first, before

@@ -1,0 +1,63 @@
+"""`gather_rows_beside(rows, index, out)`: out[i] = rows[index[i]], for a gather that runs beside an all-to-all.
+
+On a GPU, torch's `index_select` fills every SM; queued on the caller's stream next to an all-to-all on NCCL's
+stream it usually starts first and NCCL's kernel waits for its blocks to drain (the reference's cached dispatch
+on the first and last rank: docs/PERFORMANCE.md, fourteenth and fifteenth sessions). Large CUDA gathers
+therefore take a Triton kernel on `PROGRAMS` SMs when Triton is importable; everything else, and any gather
+after a failed launch, takes `deep_ep.routing.gather_rows`. Both move the same bytes to the same rows.
+`DEEP_EP_TRITON=0` forces the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+from ..routing import _words, gather_rows
+
+__all__ = ["gather_rows_beside"]
+
+log = logging.getLogger("deep_ep.kernels")
+PROGRAMS = 16  # SMs the kernel may occupy; NCCL's all-to-all needs at most 32 of the GPU's
+MIN_BYTES = 16 << 20  # smaller gathers take index_select: a Triton launch costs the host more
+_error: str | None = None  # set when a launch raised: later calls take the torch path
+
+
+@functools.lru_cache(maxsize=1)
+def _importable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        from . import triton_row_gather  # noqa: F401
+    except Exception:  # a broken Triton install must leave the torch path working
+        return False
+    return True
+
+
+def gather_rows_beside(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[i] = rows[index[i]] for byte rows [M, W] (out [len(index), W]), on few SMs where it pays."""
+    global _error
+    words, out_words = _words(rows), _words(out)
+    usable = (
+        rows.is_cuda
+        and out.numel() >= MIN_BYTES
+        and words.dtype == out_words.dtype
+        and words.stride(1) == out_words.stride(1) == 1
+        and _error is None
+        and os.environ.get("DEEP_EP_TRITON", "1") != "0"
+        and _importable()
+    )
+    if usable:
+        from . import triton_row_gather
+
+        try:
+            triton_row_gather.gather_rows(words, index, out_words, PROGRAMS)
+            return out
+        except Exception as error:  # compile or launch refused (raised before any GPU work): same bytes below
+            _error = f"{type(error).__name__}: {error}"[:500]
+            log.warning("deep_ep: the Triton row-gather kernel failed; using index_select from now on: %s", error)
+    return gather_rows(rows, index, out=out)
