@@ -1,9 +1,9 @@
-"""Where the host's time goes in one call of the cuda or reference backend, without a profiler: the backend's
-pieces (cuda: the push kernel's Triton launch, the device barrier, the copy-out, the reduction; reference: the
-row gathers, the all-to-all's issue, the ordered sum's launch) are wrapped with perf_counter, and rank 0
-prints, per piece, when it starts after the call began and how long the host spends in it (medians over 30
-calls, each after a barrier and a device sync, as tools/bench.py times them), for a fresh dispatch, a cached
-dispatch and a combine; then the host's time per call when ten calls are issued back to back.
+"""Where the host's time goes in one call of the cuda or reference backend, without a profiler: the backend's pieces
+(cuda: the push kernel's Triton launch, the device barrier, the copy-out, the reduction; reference: the row
+gathers (the own rows' few-SM gather too), the all-to-all's issue, the ordered sum's launch) are wrapped with
+perf_counter, and rank 0 prints, per piece, when it starts after the call began and how long the host spends in it
+(medians over 30 calls, each after a barrier and a device sync, as tools/bench.py times them), for a fresh
+dispatch, a cached dispatch and a combine; then the host's time per call when ten calls are issued back to back.
 
     CHECK=0 torchrun --standalone --nproc-per-node 4 tools/host_breakdown.py   # CHECK=1: with the agreement check
     BACKEND=reference CHECK=1 torchrun --standalone --nproc-per-node 4 tools/host_breakdown.py
@@ -32,6 +32,7 @@ import deep_ep  # noqa: E402
 from deep_ep import comm, packing, routing  # noqa: E402
 from deep_ep.backends import base, peer_memory, reference  # noqa: E402
 from deep_ep.backends import cuda as cuda_backend  # noqa: E402
+from deep_ep.kernels import row_gather  # noqa: E402
 from tools.bench import make_routing, make_x  # noqa: E402
 
 MARKS: list[tuple[str, float, float]] = []
@@ -65,6 +66,7 @@ REFERENCE_PIECES = (
     (routing.Route, "forward", "Route.forward"),
     (routing.Route, "backward", "Route.backward"),
     (routing, "gather_rows", "gather_rows"),
+    (row_gather, "gather_rows_beside", "gather_rows_beside"),
     (comm.Comm, "all_to_all", "Comm.all_to_all"),
     (dist, "all_to_all_single", "dist.all_to_all_single"),
     (reference, "_sum_returned", "_sum_returned"),

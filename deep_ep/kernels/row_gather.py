@@ -1,11 +1,12 @@
 """`gather_rows_beside(rows, index, out)`: out[i] = rows[index[i]], for a gather that runs beside an all-to-all.
 
 On a GPU, torch's `index_select` fills every SM; queued on the caller's stream next to an all-to-all on NCCL's
-stream it usually starts first and NCCL's kernel waits for its blocks to drain (the reference's cached dispatch
-on the first and last rank: docs/PERFORMANCE.md, fourteenth and fifteenth sessions). Large CUDA gathers
-therefore take a Triton kernel on `PROGRAMS` SMs when Triton is importable; everything else, and any gather
-after a failed launch, takes `deep_ep.routing.gather_rows`. Both move the same bytes to the same rows.
-`DEEP_EP_TRITON=0` forces the torch path.
+stream it usually starts first and NCCL's kernel waits for its blocks to drain (the reference's dispatch on the
+first and last rank: docs/PERFORMANCE.md, fourteenth and fifteenth sessions). Large CUDA gathers therefore take
+a Triton kernel on `PROGRAMS` SMs when Triton is importable; smaller ones (where the device gains less than a
+Triton launch costs the host), host tensors, and any gather after a failed launch take
+`deep_ep.routing.gather_rows`. Both move the same bytes to the same rows. `DEEP_EP_TRITON=0` forces the torch
+path.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ __all__ = ["gather_rows_beside"]
 
 log = logging.getLogger("deep_ep.kernels")
 PROGRAMS = 16  # SMs the kernel may occupy; NCCL's all-to-all needs at most 32 of the GPU's
-MIN_BYTES = 16 << 20  # smaller gathers take index_select: a Triton launch costs the host more
+MIN_BYTES = 32 << 20  # smaller gathers take index_select: a Triton launch costs the host more (33-80 us)
 _error: str | None = None  # set when a launch raised: later calls take the torch path
 
 
