@@ -322,20 +322,21 @@ def test_triton_kernel_logic_in_the_interpreter() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed (an extra check)")
 def test_row_gather_kernel_in_the_interpreter() -> None:
     # The few-SM row gather (the reference's own rows beside its all-to-all) in Triton's CPU interpreter: word
-    # types of every width, strided source and output rows, rows wider than one block (column chunks), row counts
-    # that leave a tile partly empty, fewer programs than tiles, repeated and skipped source rows; against
-    # index_select.
+    # types of every width, int32 and int64 indices, strided source and output rows, rows wider than one block
+    # (column chunks), row counts that leave a tile partly empty, fewer programs than tiles, repeated and skipped
+    # source rows; against index_select.
     code = (
         "import torch\n"
         "from deep_ep.kernels import triton_row_gather as k\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "for dtype, words, n, programs in ((torch.int64, 1792, 9, 2), (torch.int32, 9000, 5, 1),\n"
-        "                                  (torch.int16, 7, 37, 3), (torch.uint8, 33, 1, 16)):\n"
+        "for dtype, words, n, programs, itype in ((torch.int64, 1792, 9, 2, torch.int64),\n"
+        "        (torch.int32, 9000, 5, 1, torch.int32), (torch.int16, 7, 37, 3, torch.int64),\n"
+        "        (torch.uint8, 33, 1, 16, torch.int32)):\n"
         "    src = torch.randint(-100, 100, (23, words + 5), generator=g).to(dtype)[:, :words]\n"
-        "    index = torch.randint(0, 23, (n,), generator=g)\n"
+        "    index = torch.randint(0, 23, (n,), generator=g).to(itype)\n"
         "    out = torch.full((n, words + 3), 7, dtype=dtype)[:, :words]\n"
         "    assert k.gather_rows(src, index, out, programs) is out\n"
-        "    assert torch.equal(out, src.index_select(0, index)), (dtype, words, n, programs)\n"
+        "    assert torch.equal(out, src.index_select(0, index.long())), (dtype, words, n, programs)\n"
     )
     _run_in_interpreter(code)
 

@@ -16,12 +16,12 @@ else the torch implementation below runs. Set `DEEP_EP_TRITON=0` to force the to
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import logging
 import os
 
 import torch
+
+from . import triton_importable
 
 __all__ = ["ordered_gather_sum", "row_index_from_splits", "status", "triton_usable"]
 
@@ -51,17 +51,6 @@ def row_index_from_splits(send_tokens: torch.Tensor, send_splits: list[int], num
     return index
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_importable() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        from . import triton_ordered_sum  # noqa: F401  (compiles nothing yet; kernels compile at first launch)
-    except Exception:  # a broken Triton install must leave the torch path working
-        return False
-    return True
-
-
 def triton_usable(rows: torch.Tensor) -> bool:
     """Whether `ordered_gather_sum` would run the Triton kernel for these rows."""
     return (
@@ -69,7 +58,7 @@ def triton_usable(rows: torch.Tensor) -> bool:
         and rows.dtype in _TRITON_DTYPES
         and _triton_error is None
         and os.environ.get("DEEP_EP_TRITON", "1") != "0"
-        and _triton_importable()
+        and triton_importable("triton_ordered_sum")
     )
 
 
@@ -79,7 +68,7 @@ def status() -> str:
         return "torch (DEEP_EP_TRITON=0)"
     if _triton_error is not None:
         return f"torch (the Triton launch failed: {_triton_error})"
-    if not _triton_importable():
+    if not triton_importable("triton_ordered_sum"):
         return "torch (Triton cannot be imported)"
     return "triton"
 

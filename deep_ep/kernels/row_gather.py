@@ -11,32 +11,20 @@ path.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import logging
 import os
 
 import torch
 
 from ..routing import _words, gather_rows
+from . import triton_importable
 
 __all__ = ["gather_rows_beside"]
 
 log = logging.getLogger("deep_ep.kernels")
-PROGRAMS = 16  # SMs the kernel may occupy; NCCL's all-to-all needs at most 32 of the GPU's
+PROGRAMS = 16  # SMs the kernel may occupy (of 132 on an H200): 8 to 64 did as well on 2xH200, 4 were too few
 MIN_BYTES = 32 << 20  # smaller gathers take index_select: a Triton launch costs the host more (33-80 us)
 _error: str | None = None  # set when a launch raised: later calls take the torch path
-
-
-@functools.lru_cache(maxsize=1)
-def _importable() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        from . import triton_row_gather  # noqa: F401
-    except Exception:  # a broken Triton install must leave the torch path working
-        return False
-    return True
 
 
 def gather_rows_beside(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -50,7 +38,7 @@ def gather_rows_beside(rows: torch.Tensor, index: torch.Tensor, out: torch.Tenso
         and words.stride(1) == out_words.stride(1) == 1
         and _error is None
         and os.environ.get("DEEP_EP_TRITON", "1") != "0"
-        and _importable()
+        and triton_importable("triton_row_gather")
     )
     if usable:
         from . import triton_row_gather

@@ -20,7 +20,7 @@ import triton.language as tl
 @triton.jit
 def _gather_rows_kernel(
     src,  # [*, WORDS] elements, row stride `src_stride`
-    index,  # int64 [num_rows]: the src row of each output row
+    index,  # int32 or int64 [num_rows]: the src row of each output row
     out,  # [num_rows, WORDS] elements, row stride `out_stride`
     num_rows,
     src_stride,
@@ -34,7 +34,7 @@ def _gather_rows_kernel(
     for first in range(tl.program_id(0) * ROWS, num_rows, step):
         rows = first + tl.arange(0, ROWS)
         live = rows < num_rows
-        source = tl.load(index + rows, mask=live, other=0)
+        source = tl.load(index + rows, mask=live, other=0).to(tl.int64)
         for start in tl.static_range(0, WORDS, BLOCK):
             mask = live[:, None] & (start + cols < WORDS)[None, :]
             values = tl.load(src + source[:, None] * src_stride + (start + cols)[None, :], mask=mask)
@@ -42,7 +42,7 @@ def _gather_rows_kernel(
 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, programs: int) -> torch.Tensor:
-    """out[i] = src[index[i]] for 2-D src/out of one dtype (unit column stride) and int64 index, on at most
+    """out[i] = src[index[i]] for 2-D src/out of one dtype (unit column stride) and an integer index, on at most
     `programs` programs, on the current stream of src's device."""
     num_rows, words = out.shape
     if num_rows == 0 or words == 0:
