@@ -1,8 +1,9 @@
 """The library's cached dispatch and combine (4096 x 7168 bf16, top-8 of 256, bench.py's routing) timed two ways
 per burst of 20 calls: as issued (what bench.py's back-to-back timing sees, host pacing included) and queued
 behind a GPU sleep (the host issues the whole burst first, so the figure is the device's time per call alone).
-Also the host's time per call. Median of 5 bursts, the slowest rank's. First a check that the cached dispatch gives
-the same bits with the torch path forced (DEEP_EP_TRITON=0) as by default. Run from the root of the tree to measure:
+Also the host's time per call. Median of 5 bursts, the slowest rank's. First a check that the cached and the fresh
+dispatch give the same bits with the torch path forced (DEEP_EP_TRITON=0) as by default. Run from the root of the
+tree to measure:
 
     torchrun --standalone --nproc-per-node 4 docs/results/2026-11-22-session15/queued.py
 """
@@ -40,16 +41,26 @@ def main() -> None:
         "cached dispatch": lambda: buffer.dispatch(x, handle=handle),
         "combine": lambda: buffer.combine(recv_x, handle),
     }
-    # The same cached dispatch with the torch path forced (DEEP_EP_TRITON=0 turns the few-SM row gather off)
-    # and with the default: the same bits on every rank.
-    os.environ["DEEP_EP_TRITON"] = "0"
-    expected = buffer.dispatch(x, handle=handle)[0]
-    del os.environ["DEEP_EP_TRITON"]
-    same = torch.equal(buffer.dispatch(x, handle=handle)[0].view(torch.uint8), expected.view(torch.uint8))
-    flags = torch.tensor([int(same)], device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    if rank == 0:
-        print(f"cached dispatch, torch path vs default: {'same bits on every rank' if flags.item() else 'MISMATCH'}")
+    # The cached and the fresh dispatch with the torch path forced (DEEP_EP_TRITON=0 turns the few-SM row gather
+    # off) and with the default: the same bits on every rank.
+    fresh = dict(topk_idx=topk_idx, topk_weights=weights, **layout)
+    for op, call in (
+        ("cached dispatch", lambda: buffer.dispatch(x, handle=handle)),
+        ("dispatch", lambda: buffer.dispatch(x, **fresh)),
+    ):
+        os.environ["DEEP_EP_TRITON"] = "0"
+        expected = call()
+        del os.environ["DEEP_EP_TRITON"]
+        got = call()
+        same = all(
+            torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+            for a, b in zip(got[:3], expected[:3])  # recv_x, recv_topk_idx, recv_topk_weights
+            if a is not None
+        )
+        flags = torch.tensor([int(same)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        if rank == 0:
+            print(f"{op}, torch path vs default: {'same bits on every rank' if flags.item() else 'MISMATCH'}")
     names = [f"{op} {how}" for op in ops for how in ("as issued", "queued")]
     device_us = {name: [] for name in names}
     host_us = {name: [] for name in names}
