@@ -6,10 +6,12 @@ into the output beside it on the caller's stream, by
 - 4 index_selects (the fourteenth session's `main+4chunks`),
 - the Triton row gather on 4 / 8 / 16 / 32 / 64 programs (`deep_ep/kernels/triton_row_gather.py`).
 
-The middle ranks do as the library does (gather all rows, own included, then the all-to-all). Same bytes in every
-variant (checked on every rank). Per call: device time of 30 calls back to back (events on the caller's stream),
-median of 3 bursts, the slowest rank's; and the host time per call. Twice: as issued, and with each burst
-queued behind a GPU sleep (the device's time alone, where the host would otherwise pace the calls).
+The middle ranks do as the library does (gather all rows, own included, then the all-to-all). Two more variants
+(`list, ...`) keep every rank's own rows home, the middle ranks' too: the peers' blocks travel in a list
+all_to_all and the own rows are gathered beside it by index_select or by the Triton gather on 16 programs. Same
+bytes in every variant (checked on every rank). Per call: device time of 30 calls back to back (events on the
+caller's stream), median of 3 bursts, the slowest rank's; and the host time per call. Twice: as issued, and with
+each burst queued behind a GPU sleep (the device's time alone, where the host would otherwise pace the calls).
 
     torchrun --standalone --nproc-per-node 4 docs/results/2026-11-22-session15/own_rows_few_sms.py
 """
@@ -82,10 +84,27 @@ def main() -> None:
         work.wait()
         return out
 
+    def listed(own_gather) -> torch.Tensor:
+        # Every rank, middle ones too, keeps its own rows home: the peers' blocks in a list all-to-all (torch's
+        # all_to_all; the thirteenth session's `middle-ranks` branch), the own rows gathered beside it.
+        out = torch.empty_like(expected)
+        flat = out.view(torch.uint8)
+        send = torch.empty((to_peers.shape[0], rows.shape[1]), dtype=torch.uint8, device=device)
+        gather_rows(rows, to_peers, out=send)
+        outs = list(flat.split(recv_splits))
+        own, outs[rank] = outs[rank], flat[:0]
+        ins = list(send.split([0 if d == rank else c for d, c in enumerate(send_splits)]))
+        work = dist.all_to_all(outs, ins, async_op=True)
+        own_gather(own)
+        work.wait()
+        return out
+
     variants = {
         "index_select": lambda: transfer(index_select),
         "4 index_selects": lambda: transfer(lambda own: index_select(own, 4)),
         **{f"triton {p} SMs": (lambda p=p: transfer(lambda own: triton(own, p))) for p in (4, 8, 16, 32, 64)},
+        "list, index_select": lambda: listed(index_select),
+        "list, triton 16": lambda: listed(lambda own: triton(own, 16)),
     }
     for name, call in variants.items():
         got = call()
@@ -133,7 +152,7 @@ def measure(variants: dict, queued: bool, rank: int, world: int, device: torch.d
         for i, name in enumerate(variants):
             per_rank = " ".join(f"{float(e[i]):7.1f}" for e in everyone)
             issue = " ".join(f"{float(e[len(variants) + i]):6.1f}" for e in everyone)
-            print(f"  {name:16s} max {max(float(e[i]) for e in everyone):7.1f}   by rank: {per_rank}  host: {issue}")
+            print(f"  {name:18s} max {max(float(e[i]) for e in everyone):7.1f}   by rank: {per_rank}  host: {issue}")
 
 
 if __name__ == "__main__":
