@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 _PRELOAD = ["torch", "torch.distributed", "deep_ep"]
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class RankFailure(AssertionError):
@@ -29,6 +30,14 @@ class RankFailure(AssertionError):
 
 
 def _context() -> multiprocessing.context.BaseContext:
+    # The forkserver that starts the ranks imports deep_ep by name from the interpreter's default sys.path (the
+    # current directory, PYTHONPATH, site-packages), not from this process's (Python 3.11 ignores the path it is
+    # handed): put the directory this deep_ep came from first on PYTHONPATH, so that a checkout other than the
+    # installed one reaches the ranks too. `_rank_main` refuses to run a different one (a deep_ep in the current
+    # directory still comes first).
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if paths[0] != _PACKAGE_ROOT:
+        os.environ["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *filter(None, paths)])
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
@@ -45,6 +54,7 @@ def _rank_main(
     fn: Callable[..., Any],
     args: tuple,
     kwargs: dict,
+    caller_package_root: str,
 ) -> None:
     os.environ.update(env)
     import torch
@@ -52,6 +62,12 @@ def _rank_main(
 
     torch.set_num_threads(1)
     try:
+        if _PACKAGE_ROOT != caller_package_root:
+            raise RuntimeError(
+                f"this rank imported deep_ep from {_PACKAGE_ROOT}, the caller from {caller_package_root}: the ranks "
+                "start from a forkserver that imports deep_ep by name, the current directory first; run from a "
+                "directory without another deep_ep"
+            )
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         store = dist.FileStore(store_path, world_size)
@@ -97,7 +113,19 @@ def run_ranks(
             parent_end, child_end = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=_rank_main,
-                args=(rank, world_size, store_path, backend, timeout, dict(env or {}), child_end, fn, args, kwargs),
+                args=(
+                    rank,
+                    world_size,
+                    store_path,
+                    backend,
+                    timeout,
+                    dict(env or {}),
+                    child_end,
+                    fn,
+                    args,
+                    kwargs,
+                    _PACKAGE_ROOT,
+                ),
                 name=f"deep_ep-rank{rank}",
                 daemon=True,
             )
