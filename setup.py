@@ -61,6 +61,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["deep_ep", "deep_ep.*"]),
+    package_data={"deep_ep.kernels": ["*.c"]},  # the host kernel's source, compiled on first use
     # Any torch from 2.4 on: an installed torch is never upgraded by this requirement.
     install_requires=["torch>=2.4"],
     extras_require={

@@ -236,12 +236,15 @@ class DeepEPPortable(Impl):
 
     def metadata(self) -> dict:
         module = self.module()
+        from deep_ep.kernels import host_ordered_sum
+
         return {
             "package": "deep_ep (this repository)",
             "version": module.__version__,
             "backend": self.backend,
             "check_agreement": self.check_agreement,
             "check_values": self.check_values,
+            "host_ordered_sum": host_ordered_sum.status(),  # which combine sum bf16 host rows get
         }
 
     def launch_local(self, world: int, fn: Callable[..., Any], args: tuple, backend: str, timeout: float) -> list:
@@ -1158,13 +1161,14 @@ def _describe(report: dict) -> list[str]:
     sources = report.get("sources") or [report]
     lines = []
     for src in sources:
-        cfg, machine = src.get("config", {}), src.get("machine", {})
+        cfg, machine, impl = src.get("config", {}), src.get("machine", {}), src.get("impl", {})
+        host_sum = f"; host ordered sum: {impl['host_ordered_sum']}" if "host_ordered_sum" in impl else ""
         lines.append(
             f"{src.get('program', '?')}: ranks={machine.get('ranks')} {machine.get('dist_backend')} on "
             f"{machine.get('device')} ({machine.get('device_name')}), torch {machine.get('torch')}; hidden="
             f"{cfg.get('hidden')} top-{cfg.get('topk')} of {cfg.get('experts')} experts, drop={cfg.get('drop')}, "
             f"iters={cfg.get('iters')} warmup={cfg.get('warmup')} seed={cfg.get('seed')}, "
-            f"timing={cfg.get('timing', 'idle')}"
+            f"timing={cfg.get('timing', 'idle')}{host_sum}"
         )
     return lines
 

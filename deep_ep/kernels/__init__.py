@@ -1,4 +1,5 @@
-"""Device kernels written in Python (Triton), each next to a torch fallback that gives the same bits.
+"""Kernels, each next to a torch fallback that gives the same bits: device kernels written in Python (Triton),
+and one host kernel in C (`host_ordered_sum`, compiled on first use where a C compiler is).
 
 Importing this package (or any module in it but the `triton_*` ones) never imports Triton: a CPU install
 must keep working, and the fallbacks are what the CPU tests check the kernels' contracts against.

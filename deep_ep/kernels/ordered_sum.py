@@ -10,8 +10,9 @@ Adding +0.0 where a row is absent instead of skipping it gives the same bits: th
 `acc + 0.0 == acc` bit for bit (NaN and infinities included). Both implementations rely on that to stay
 branch-free.
 
-On CUDA tensors of bf16/fp16/fp32 with Triton importable, a Triton kernel reads each row once; anywhere
-else the torch implementation below runs. Set `DEEP_EP_TRITON=0` to force the torch implementation.
+On CUDA tensors of bf16/fp16/fp32 with Triton importable, a Triton kernel reads each row once; on bf16 host
+tensors, a C kernel does (`host_ordered_sum`, compiled on first use where a C compiler is); anywhere else the
+torch implementation below runs. `DEEP_EP_TRITON=0` / `DEEP_EP_HOST_KERNEL=0` force the torch implementation.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 
 import torch
 
-from . import triton_importable
+from . import host_ordered_sum, triton_importable
 
 __all__ = ["ordered_gather_sum", "row_index_from_splits", "status", "triton_usable"]
 
@@ -85,9 +86,15 @@ def _check(
         column, own_rows = own
         if not 0 <= column < row_index.shape[1]:
             raise ValueError(f"own: column {column} is not a source of row_index [N, {row_index.shape[1]}]")
-        if own_rows.dim() != 2 or own_rows.shape[1] != rows.shape[1] or own_rows.dtype != rows.dtype:
+        if (
+            own_rows.dim() != 2
+            or own_rows.shape[1] != rows.shape[1]
+            or own_rows.dtype != rows.dtype
+            or own_rows.device != rows.device
+        ):
             raise ValueError(
-                f"own: rows must be {rows.dtype} [M, {rows.shape[1]}], got {own_rows.dtype} {list(own_rows.shape)}"
+                f"own: rows must be {rows.dtype} [M, {rows.shape[1]}] on {rows.device}, "
+                f"got {own_rows.dtype} {list(own_rows.shape)} on {own_rows.device}"
             )
     if row_index.dim() != 2 or row_index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"row_index must be int32/int64 [N, R], got {row_index.dtype} {list(row_index.shape)}")
@@ -130,6 +137,8 @@ def ordered_gather_sum(
         except Exception as error:  # compile or launch refused (raised before any GPU work): same bits below
             _triton_error = f"{type(error).__name__}: {error}"[:500]
             log.warning("deep_ep: the Triton ordered-sum kernel failed; using torch ops from now on: %s", error)
+    if host_ordered_sum.usable(rows):
+        return host_ordered_sum.ordered_gather_sum(rows, row_index, biases, out, own)
     result = torch_ordered_gather_sum(rows, row_index, biases, own)
     return result if out is None else out.copy_(result)
 
