@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -140,3 +141,16 @@ def test_without_the_kernel_the_torch_sum_runs_and_status_says_why(tmp_path, env
     done = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("torch (") and why in done.stdout, done.stdout
+
+
+def test_a_read_only_home_builds_in_a_temp_directory() -> None:
+    code = "from deep_ep.kernels import host_ordered_sum as h\nprint(h.status())\n"
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    env = {k: v for k, v in os.environ.items() if k not in ("DEEP_EP_CACHE_DIR", "XDG_CACHE_HOME")}
+    env.update(PYTHONPATH=path, HOME="/proc")  # ~/.cache cannot be created under /proc
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    if shutil.which("cc") or shutil.which("gcc") or os.environ.get("CC"):
+        assert done.stdout.startswith(f"c ({tempfile.gettempdir()}/deep_ep-"), done.stdout
+    else:
+        assert "no C compiler" in done.stdout, done.stdout
