@@ -5,10 +5,10 @@ term by term with torch ops it took 6-9 ms per 512 tokens x 7168 on one core; on
 and keeps the float32 sums in registers takes 2-3 ms.
 
 The C file is compiled on first use with the system C compiler (`$CC`, else `cc`/`gcc`; about 0.3 s) into
-`$DEEP_EP_CACHE_DIR` (default `~/.cache/deep_ep`, else a temp directory), named by a hash of the source and flags, and loaded with
-ctypes (which releases the GIL during the call). Where there is no compiler, the build fails, or
-`DEEP_EP_HOST_KERNEL=0` is set, `usable` is False and callers take the torch implementation; `status()` says
-which and why. Every index is range-checked here before the C code reads memory.
+`$DEEP_EP_CACHE_DIR` (default `~/.cache/deep_ep`, else a temp directory), named by a hash of the source and
+flags, and loaded with ctypes (which releases the GIL during the call). Where there is no compiler, the build
+fails, or `DEEP_EP_HOST_KERNEL=0` is set, `usable` is False and callers take the torch implementation;
+`status()` says which and why. Every index is range-checked here before the C code reads memory.
 """
 
 from __future__ import annotations
