@@ -111,6 +111,9 @@ def test_c_kernel_refuses_rows_outside_the_index_range() -> None:
     row_index = torch.tensor([[0, 4], [2, 1]], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"column 1 holds rows outside \[-1, 3\)"):
         host_ordered_sum.ordered_gather_sum(rows, row_index, own=(1, rows[:3]))
+    # Own rows elsewhere than the rows (a pointer the C code must not get) are refused before any index check.
+    with pytest.raises(ValueError, match=r"own: rows must be torch.bfloat16 \[M, 8\] on cpu"):
+        ordered_gather_sum(rows, row_index, own=(1, torch.empty(3, 8, dtype=torch.bfloat16, device="meta")))
     good = torch.tensor([[0, 2], [2, -1]], dtype=torch.int32)
     want = torch_ordered_gather_sum(rows, good, own=(1, rows[:3]))
     assert_bit_equal("after refusals", host_ordered_sum.ordered_gather_sum(rows, good, own=(1, rows[:3])), want)

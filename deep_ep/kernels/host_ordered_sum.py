@@ -50,10 +50,17 @@ def _cache_dir() -> Path:
 
 @functools.cache
 def _library() -> ctypes.CDLL | str:
-    """The loaded library, or why there is none."""
+    """The loaded library, or why there is none (a compiler that fails is worth a warning: the sum is slower)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return "no C compiler ($CC, cc or gcc) on PATH"
+    library = _build_and_load(compiler)
+    if isinstance(library, str):
+        log.warning("deep_ep: the host C ordered sum is unavailable, torch ops sum instead: %s", library)
+    return library
+
+
+def _build_and_load(compiler: str) -> ctypes.CDLL | str:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([*_FLAGS, platform.machine()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"host_ordered_sum-{key}.so"
