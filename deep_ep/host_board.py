@@ -152,6 +152,8 @@ class HostBoard:
                 next_look = waited + _LOOK_FOR_DEAD_S
                 late = [rank for rank, i in enumerate(seq_words) if words[i] != call]
                 gone = [rank for rank in late if _process_gone(self._pids[rank])]
+                # A peer may post and exit between the two looks: gone means exited with its slot still unposted.
+                gone = [rank for rank in gone if words[seq_words[rank]] != call]
                 if gone:
                     raise CommTimeoutError(f"{op}: ranks {gone} went away (their processes exited), {where}")
             # Yield the core first (ranks may outnumber cores), then sleep so a long wait costs no CPU.
