@@ -13,7 +13,14 @@ import torch.distributed as dist
 import deep_ep
 import reference
 from deep_ep import Buffer, Config
-from deep_ep.backends import base, get_backend_class, register_backend, select_backend, unregister_backend
+from deep_ep.backends import (
+    availability,
+    base,
+    get_backend_class,
+    register_backend,
+    select_backend,
+    unregister_backend,
+)
 from deep_ep.testing import run_ranks
 from deep_ep.testing.compare import assert_bit_equal
 from deep_ep.testing.workloads import make_workload
@@ -211,12 +218,37 @@ class _Unavailable(base.Backend):
         return "needs the frobnicator (test backend)"
 
 
+class _BrokenProbe(base.Backend):
+    name = "test-broken-probe"
+    device_types = ("cpu",)
+    priority = 100
+
+    @classmethod
+    def unavailable_reason(cls, group, device):
+        raise RuntimeError("probe exploded")
+
+
 def _registry_checks(rank: int, world: int) -> None:
     group = dist.group.WORLD
     with pytest.raises(ValueError, match="registered backends: .*reference"):
         Buffer(group, backend="no-such-backend")
+    for reserved in ("auto", ""):
+        with pytest.raises(ValueError, match="reserved or empty"):
+            register_backend(reserved, _Unavailable)
     register_backend("test-unavailable", _Unavailable)
+    # A probe that raises, a path that does not import, a backend for other devices: each is reported as
+    # unavailable with its reason, and none of them breaks "auto".
+    register_backend("test-broken-probe", _BrokenProbe)
+    register_backend("test-missing-module", "no_such_module_for_deep_ep:Backend")
+    register_backend("test-npu-only", type("NpuOnly", (_Unavailable,), {"device_types": ("npu",)}))
     try:
+        reasons = availability(group, torch.device("cpu"))
+        assert reasons["reference"] is None
+        assert "probe exploded" in reasons["test-broken-probe"]
+        assert "could not be imported" in reasons["test-missing-module"]
+        assert reasons["test-npu-only"] == "backend 'test-npu-only' serves devices ['npu'], not 'cpu'"
+        with pytest.raises(deep_ep.BackendUnavailableError, match="could not be imported"):
+            Buffer(group, backend="test-missing-module")
         with pytest.raises(deep_ep.BackendUnavailableError, match="frobnicator"):
             Buffer(group, backend="test-unavailable")
         # "auto" skips it; an available backend of higher priority wins over reference.
@@ -227,8 +259,11 @@ def _registry_checks(rank: int, world: int) -> None:
         assert Buffer(group).backend == "test-preferred"
         assert Buffer(group, backend="reference").backend == "reference"  # explicit never falls back
     finally:
-        unregister_backend("test-unavailable")
-        unregister_backend("test-preferred")
+        for name in ("test-unavailable", "test-preferred", "test-broken-probe", "test-missing-module", "test-npu-only"):
+            unregister_backend(name)
+    # Unregistering a built-in name restores the built-in.
+    register_backend("reference", _Unavailable)
+    unregister_backend("reference")
     assert select_backend("auto", group, torch.device("cpu")).name == "reference"
 
 
