@@ -1,6 +1,8 @@
 """Collective agreement: ranks check, with one tiny all-gather, that they call the same operation with
 arguments that must match (SPEC section 8). A mismatch raises `CollectiveMismatchError` on every rank,
-naming what each rank passed, instead of hanging in a collective whose sizes differ.
+naming what each rank passed, instead of hanging in a collective whose sizes differ. A rank that rejected
+its own arguments still sends a (rejected) row, so its peers fail the same call instead of pairing it with
+that rank's next one.
 """
 
 from __future__ import annotations
@@ -22,9 +24,18 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
         "num_experts",
         "num_channels",
         "num_worst_tokens",
+        "scales_dtype",
     ),
-    "cached_dispatch": ("hidden", "x_row_bytes", "scales_row_bytes", "num_worst_tokens", "handle_kind"),
-    "combine": ("hidden", "x_dtype", "num_topk", "num_worst_tokens"),
+    "cached_dispatch": (
+        "hidden",
+        "x_dtype",
+        "x_row_bytes",
+        "scales_dtype",
+        "scales_row_bytes",
+        "num_worst_tokens",
+        "handle_serial",
+    ),
+    "combine": ("hidden", "x_dtype", "num_topk", "num_worst_tokens", "handle_serial"),
     "low_latency_dispatch": (
         "num_max_dispatch_tokens_per_rank",
         "hidden",
@@ -35,7 +46,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
         "round_scale",
         "use_ue8m0",
     ),
-    "low_latency_combine": ("num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "num_topk"),
+    "low_latency_combine": ("num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "num_topk", "handle_serial"),
     "destroy": (),
 }
 _OP_NAMES = list(OPERATIONS)
@@ -72,6 +83,12 @@ def check_agreement(comm: Comm, op: str, **fields: int) -> None:
     rows = comm.all_gather_ints(row, op)
     if all(other == rows[0] for other in rows):
         return
+    rejected = [rank for rank, r in enumerate(rows) if r[0] < 0]
+    if rejected:
+        raise CollectiveMismatchError(
+            f"{op}: rank(s) {rejected} rejected their arguments (the reason is raised there), so the call ran on "
+            "no rank"
+        )
     ops = {r[0] for r in rows}
     if len(ops) > 1:
         detail = "; ".join(
@@ -83,3 +100,9 @@ def check_agreement(comm: Comm, op: str, **fields: int) -> None:
         f"{names[i - 1]}: " + ", ".join(f"rank {rank}={r[i]}" for rank, r in enumerate(rows)) for i in disagreeing
     )
     raise CollectiveMismatchError(f"{op}: ranks disagree on arguments that must match across ranks ({detail})")
+
+
+def reject_agreement(comm: Comm, op: str) -> None:
+    """This rank's part in `check_agreement` when it rejected its own arguments to `op`: a row that makes every
+    peer raise CollectiveMismatchError, so no peer pairs its call with this rank's next one."""
+    comm.all_gather_ints([-1 - _OP_NAMES.index(op)] + [0] * (_WIDTH - 1), op)

@@ -6,9 +6,10 @@ agreement check, events and hooks. `self.runtime` (the backend object) only move
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -16,12 +17,12 @@ import torch.distributed as dist
 
 from . import checks
 from . import config as _config
-from .agreement import check_agreement, dtype_code
+from .agreement import check_agreement, dtype_code, reject_agreement
 from .backends import select_backend
 from .backends.base import DispatchArgs, LowLatencyDispatchArgs
 from .comm import Comm, Pending, host_sync_allowed
 from .config import Config
-from .errors import UnsupportedFeatureError
+from .errors import CommTimeoutError, UnsupportedFeatureError
 from .handles import DispatchHandle, LowLatencyHandle
 from .utils import EventHandle, EventOverlap
 
@@ -106,6 +107,7 @@ class Buffer:
         self._destroyed = False
         self._unreceived_hook: str | None = None
         self._combine_buffers: dict[tuple, torch.Tensor] = {}
+        self._dispatches = 0  # handles made so far: every rank counts the same, so a handle's serial names its call
         self._local_buffers: dict[bool, torch.Tensor] = {}
 
     # ---- timeouts and lifetime --------------------------------------------------------------------
@@ -125,7 +127,8 @@ class Buffer:
         self._check_alive()
         if not self.explicitly_destroy:
             raise ValueError("destroy() needs Buffer(..., explicitly_destroy=True); this buffer is freed on deletion")
-        self._agree("destroy")
+        if self._comm.out_of_step is None:  # else peers may never come: release this rank's side alone
+            self._agree("destroy")
         self._comm.close_host_board()
         self._combine_buffers.clear()
         self._local_buffers.clear()
@@ -199,13 +202,45 @@ class Buffer:
         return view[:count].view(size)
 
     # ---- shared plumbing --------------------------------------------------------------------------
-    def _agree(self, op: str, **fields: int) -> None:
+    def _agreement_on(self) -> bool:
         # The check reads its all-gather on the host, which a CUDA graph being captured cannot do.
-        if self.check_agreement and host_sync_allowed(self.device):
+        return self.check_agreement and host_sync_allowed(self.device)
+
+    def _agree(self, op: str, **fields: int) -> None:
+        if self._agreement_on():
             check_agreement(self._comm, op, **fields)
 
-    def _begin(self, previous_event: EventOverlap | None, async_finish: bool, allocate_on_comm_stream: bool) -> None:
+    @contextlib.contextmanager
+    def _collective(self, op: str) -> Iterator[Callable[..., None]]:
+        """The body of one call that communicates. Arguments are checked on this rank first, then
+        `agree(op, **fields)` swaps them with every rank. If this rank rejects its arguments before that, it
+        still takes part in the swap with a rejected row: its peers raise too instead of pairing their call with
+        this rank's next one, so the ranks stay in step."""
         self._check_alive()
+        agreed = False
+
+        def agree(name: str, **fields: int) -> None:
+            nonlocal agreed
+            agreed = True
+            self._agree(name, **fields)
+
+        try:
+            if self._comm.out_of_step is not None:
+                raise CommTimeoutError(
+                    f"{op}: an earlier call timed out waiting for a peer in a collective over the group "
+                    f"({self._comm.out_of_step}); the ranks' calls may no longer pair up, so this Buffer refuses "
+                    "every call: create a new process group and Buffer"
+                )
+            yield agree
+        except Exception:
+            # Over the board the rejection still reaches the peers when the group is out of step (not over it).
+            reachable = self._comm.out_of_step is None or self._comm.board is not None
+            if not agreed and reachable and self._agreement_on():
+                with contextlib.suppress(CommTimeoutError):  # this rank's own error is the one to report
+                    reject_agreement(self._comm, op)
+            raise
+
+    def _begin(self, previous_event: EventOverlap | None, async_finish: bool, allocate_on_comm_stream: bool) -> None:
         if previous_event is not None and not isinstance(previous_event, EventOverlap):
             raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
@@ -251,6 +286,7 @@ class Buffer:
             num_tokens_per_rank int32 [R]; num_tokens_per_rdma_rank int32 [ceil(R/8)] or None when R <= 8;
             num_tokens_per_expert int32 [E]; is_token_in_rank bool [N, R]; event.
         """
+        self._check_alive()
         self._begin(previous_event, async_finish, allocate_on_comm_stream)
         checks.tensor("topk_idx", topk_idx, dtypes=_INDEX_DTYPES, dim=2)
         self._num_experts_check("num_experts", num_experts)
@@ -293,119 +329,126 @@ class Buffer:
             expert ids or -1), recv_topk_weights (float32 [num_recv, K]), num_recv_tokens_per_expert_list
             (list[int] of length L), handle, event. Cached mode returns (recv_x, None, None, None, None, event).
         """
-        self._begin(previous_event, async_finish, allocate_on_comm_stream)
-        x_data, x_scales = _split_x(x)
-        checks.tensor("x", x_data, dim=2)
-        device = x_data.device
-        num_tokens, hidden = x_data.shape
-        if x_scales is not None:
-            checks.tensor("x_scales", x_scales, dim=(1, 2), device=device)
-            if x_scales.shape[0] != num_tokens:
-                raise ValueError(f"x_scales has {x_scales.shape[0]} rows but x has {num_tokens}")
-        checks.integer("num_worst_tokens", num_worst_tokens, minimum=0)
-        config = self._config(config, self.get_dispatch_config)
-        self.runtime.num_sms = config.num_sms
-        row_bytes = hidden * x_data.element_size()  # x is 2-D (checked)
-        scales_row_bytes = -1
-        if x_scales is not None:
-            scales_row_bytes = (x_scales.shape[1] if x_scales.dim() == 2 else 1) * x_scales.element_size()
+        with self._collective("dispatch" if handle is None else "cached_dispatch") as agree:
+            self._begin(previous_event, async_finish, allocate_on_comm_stream)
+            x_data, x_scales = _split_x(x)
+            checks.tensor("x", x_data, dim=2)
+            device = x_data.device
+            num_tokens, hidden = x_data.shape
+            checks.integer("x.shape[1]", hidden, minimum=1)
+            if x_scales is not None:
+                checks.tensor("x_scales", x_scales, dim=(1, 2), device=device)
+                if x_scales.shape[0] != num_tokens:
+                    raise ValueError(f"x_scales has {x_scales.shape[0]} rows but x has {num_tokens}")
+            checks.integer("num_worst_tokens", num_worst_tokens, minimum=0)
+            config = self._config(config, self.get_dispatch_config)
+            self.runtime.num_sms = config.num_sms
+            row_bytes = hidden * x_data.element_size()  # x is 2-D (checked)
+            scales_row_bytes = -1
+            if x_scales is not None:
+                scales_row_bytes = (x_scales.shape[1] if x_scales.dim() == 2 else 1) * x_scales.element_size()
 
-        if handle is not None:
-            if topk_idx is not None or topk_weights is not None:
-                raise ValueError(
-                    "cached dispatch (handle given) takes no topk_idx/topk_weights: the routing is the handle's"
+            if handle is not None:
+                if topk_idx is not None or topk_weights is not None:
+                    raise ValueError(
+                        "cached dispatch (handle given) takes no topk_idx/topk_weights: the routing is the handle's"
+                    )
+                route = self._own_handle(handle, DispatchHandle).route
+                if num_tokens != route.num_tokens:
+                    raise ValueError(f"x has {num_tokens} tokens but the handle routed {route.num_tokens}")
+                if num_worst_tokens not in (0, handle.num_worst_tokens):
+                    raise ValueError(
+                        f"num_worst_tokens={num_worst_tokens} differs from the handle's {handle.num_worst_tokens}"
+                    )
+                agree(
+                    "cached_dispatch",
+                    hidden=hidden,
+                    x_dtype=dtype_code(x_data.dtype),
+                    x_row_bytes=row_bytes,
+                    scales_dtype=dtype_code(None if x_scales is None else x_scales.dtype),
+                    scales_row_bytes=scales_row_bytes,
+                    num_worst_tokens=handle.num_worst_tokens,
+                    handle_serial=handle.serial,
                 )
-            route = self._own_handle(handle, DispatchHandle).route
-            if num_tokens != route.num_tokens:
-                raise ValueError(f"x has {num_tokens} tokens but the handle routed {route.num_tokens}")
-            if num_worst_tokens not in (0, handle.num_worst_tokens):
+                recv_x, recv_scales, pending = self.runtime.cached_dispatch(x_data, x_scales, route)
+                event = self._finish(pending, async_finish, device)
+                return _join_x(recv_x, recv_scales), None, None, None, None, event
+
+            num_ranks = self.group_size
+            if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
                 raise ValueError(
-                    f"num_worst_tokens={num_worst_tokens} differs from the handle's {handle.num_worst_tokens}"
+                    "dispatch without a handle needs the layout: num_tokens_per_rank, is_token_in_rank and "
+                    "num_tokens_per_expert (from get_dispatch_layout)"
                 )
-            self._agree(
-                "cached_dispatch",
+            checks.tensor(
+                "num_tokens_per_rank", num_tokens_per_rank, dtypes=_COUNT_DTYPES, shape=(num_ranks,), device=device
+            )
+            checks.tensor(
+                "is_token_in_rank", is_token_in_rank, dtypes=(torch.bool,), shape=(num_tokens, num_ranks), device=device
+            )
+            checks.tensor("num_tokens_per_expert", num_tokens_per_expert, dtypes=_COUNT_DTYPES, dim=1, device=device)
+            if num_tokens_per_rdma_rank is not None:
+                checks.tensor(
+                    "num_tokens_per_rdma_rank",
+                    num_tokens_per_rdma_rank,
+                    dtypes=_COUNT_DTYPES,
+                    shape=(-(-num_ranks // 8),),
+                    device=device,
+                )
+            num_experts = self._num_experts_check("num_tokens_per_expert.numel()", num_tokens_per_expert.numel())
+            if (topk_idx is None) != (topk_weights is None):
+                raise ValueError("topk_idx and topk_weights must be given together or not at all")
+            num_topk = -1
+            if topk_idx is not None:
+                checks.tensor("topk_idx", topk_idx, dtypes=_INDEX_DTYPES, dim=2, device=device)
+                num_topk = topk_idx.shape[1]
+                checks.tensor("topk_idx", topk_idx, shape=(num_tokens, num_topk))
+                checks.tensor(
+                    "topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk), device=device
+                )
+            checks.integer("expert_alignment", expert_alignment, minimum=1)
+            num_channels = config.num_sms // 2
+            if num_channels < 1:
+                raise ValueError(f"config.num_sms={config.num_sms} gives no channel; it must be >= 2")
+            agree(
+                "dispatch",
                 hidden=hidden,
+                x_dtype=dtype_code(x_data.dtype),
                 x_row_bytes=row_bytes,
                 scales_row_bytes=scales_row_bytes,
-                num_worst_tokens=handle.num_worst_tokens,
-                handle_kind=1,
+                num_topk=num_topk,
+                topk_dtype=dtype_code(None if topk_idx is None else topk_idx.dtype),
+                num_experts=num_experts,
+                num_channels=num_channels,
+                num_worst_tokens=num_worst_tokens,
+                scales_dtype=dtype_code(None if x_scales is None else x_scales.dtype),
             )
-            recv_x, recv_scales, pending = self.runtime.cached_dispatch(x_data, x_scales, route)
+            args = DispatchArgs(
+                x_data,
+                x_scales,
+                num_tokens_per_rank,
+                is_token_in_rank,
+                num_tokens_per_expert,
+                topk_idx,
+                topk_weights,
+                expert_alignment,
+                num_worst_tokens,
+                num_channels,
+            )
+            out, route, pending = self.runtime.dispatch(args)
+            handle = DispatchHandle(out["handle"], id(self), self._dispatches, route, num_worst_tokens)
+            self._dispatches += 1
+            handle.complete = pending.wait  # a later call with the handle may come before the event is waited on
             event = self._finish(pending, async_finish, device)
-            return _join_x(recv_x, recv_scales), None, None, None, None, event
-
-        num_ranks = self.group_size
-        if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
-            raise ValueError(
-                "dispatch without a handle needs the layout: num_tokens_per_rank, is_token_in_rank and "
-                "num_tokens_per_expert (from get_dispatch_layout)"
+            recv_x = _join_x(out["recv_x"], out["recv_x_scales"])
+            return (
+                recv_x,
+                out["recv_topk_idx"],
+                out["recv_topk_weights"],
+                out["num_recv_tokens_per_expert_list"],
+                handle,
+                event,
             )
-        checks.tensor(
-            "num_tokens_per_rank", num_tokens_per_rank, dtypes=_COUNT_DTYPES, shape=(num_ranks,), device=device
-        )
-        checks.tensor(
-            "is_token_in_rank", is_token_in_rank, dtypes=(torch.bool,), shape=(num_tokens, num_ranks), device=device
-        )
-        checks.tensor("num_tokens_per_expert", num_tokens_per_expert, dtypes=_COUNT_DTYPES, dim=1, device=device)
-        if num_tokens_per_rdma_rank is not None:
-            checks.tensor(
-                "num_tokens_per_rdma_rank",
-                num_tokens_per_rdma_rank,
-                dtypes=_COUNT_DTYPES,
-                shape=(-(-num_ranks // 8),),
-                device=device,
-            )
-        num_experts = self._num_experts_check("num_tokens_per_expert.numel()", num_tokens_per_expert.numel())
-        if (topk_idx is None) != (topk_weights is None):
-            raise ValueError("topk_idx and topk_weights must be given together or not at all")
-        num_topk = -1
-        if topk_idx is not None:
-            checks.tensor("topk_idx", topk_idx, dtypes=_INDEX_DTYPES, dim=2, device=device)
-            num_topk = topk_idx.shape[1]
-            checks.tensor("topk_idx", topk_idx, shape=(num_tokens, num_topk))
-            checks.tensor(
-                "topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk), device=device
-            )
-        checks.integer("expert_alignment", expert_alignment, minimum=1)
-        num_channels = config.num_sms // 2
-        if num_channels < 1:
-            raise ValueError(f"config.num_sms={config.num_sms} gives no channel; it must be >= 2")
-        self._agree(
-            "dispatch",
-            hidden=hidden,
-            x_dtype=dtype_code(x_data.dtype),
-            x_row_bytes=row_bytes,
-            scales_row_bytes=scales_row_bytes,
-            num_topk=num_topk,
-            topk_dtype=dtype_code(None if topk_idx is None else topk_idx.dtype),
-            num_experts=num_experts,
-            num_channels=num_channels,
-            num_worst_tokens=num_worst_tokens,
-        )
-        args = DispatchArgs(
-            x_data,
-            x_scales,
-            num_tokens_per_rank,
-            is_token_in_rank,
-            num_tokens_per_expert,
-            topk_idx,
-            topk_weights,
-            expert_alignment,
-            num_worst_tokens,
-            num_channels,
-        )
-        out, route, pending = self.runtime.dispatch(args)
-        handle = DispatchHandle(out["handle"], id(self), route, num_worst_tokens)
-        event = self._finish(pending, async_finish, device)
-        recv_x = _join_x(out["recv_x"], out["recv_x_scales"])
-        return (
-            recv_x,
-            out["recv_topk_idx"],
-            out["recv_topk_weights"],
-            out["num_recv_tokens_per_expert_list"],
-            handle,
-            event,
-        )
 
     # ---- normal mode: combine (SPEC section 5) -----------------------------------------------------
     def combine(
@@ -429,32 +472,34 @@ class Buffer:
             combined_x [N, H] (x's dtype): fp32 sum of bias_0, bias_1, then rows by destination rank
             ascending, one rounding; combined_topk_weights float32 [N, K] or None; event.
         """
-        self._begin(previous_event, async_finish, allocate_on_comm_stream)
-        handle = self._own_handle(handle, DispatchHandle)
-        route = handle.route
-        self.runtime.num_sms = self._config(config, self.get_combine_config).num_sms
-        checks.tensor("x", x, dtypes=self.runtime_combine_dtypes(), dim=2)
-        device = x.device
-        if x.shape[0] != route.num_recv:
-            raise ValueError(f"x has {x.shape[0]} rows but the handle's dispatch received {route.num_recv}")
-        num_topk = -1
-        if topk_weights is not None:
-            checks.tensor("topk_weights", topk_weights, dtypes=(torch.float32,), dim=2, device=device)
-            num_topk = topk_weights.shape[1]
-            checks.tensor("topk_weights", topk_weights, shape=(route.num_recv, num_topk))
-        biases = _bias_tuple(bias)
-        for i, b in enumerate(biases):
-            checks.tensor(f"bias[{i}]", b, dtypes=(x.dtype,), shape=(route.num_tokens, x.shape[1]), device=device)
-        self._agree(
-            "combine",
-            hidden=x.shape[1],
-            x_dtype=dtype_code(x.dtype),
-            num_topk=num_topk,
-            num_worst_tokens=handle.num_worst_tokens,
-        )
-        combined_x, combined_weights, pending = self.runtime.combine(x, route, topk_weights, biases)
-        event = self._finish(pending, async_finish, device)
-        return combined_x, combined_weights, event
+        with self._collective("combine") as agree:
+            self._begin(previous_event, async_finish, allocate_on_comm_stream)
+            handle = self._own_handle(handle, DispatchHandle)
+            route = handle.route
+            self.runtime.num_sms = self._config(config, self.get_combine_config).num_sms
+            checks.tensor("x", x, dtypes=self.runtime_combine_dtypes(), dim=2)
+            device = x.device
+            if x.shape[0] != route.num_recv:
+                raise ValueError(f"x has {x.shape[0]} rows but the handle's dispatch received {route.num_recv}")
+            num_topk = -1
+            if topk_weights is not None:
+                checks.tensor("topk_weights", topk_weights, dtypes=(torch.float32,), dim=2, device=device)
+                num_topk = topk_weights.shape[1]
+                checks.tensor("topk_weights", topk_weights, shape=(route.num_recv, num_topk))
+            biases = _bias_tuple(bias)
+            for i, b in enumerate(biases):
+                checks.tensor(f"bias[{i}]", b, dtypes=(x.dtype,), shape=(route.num_tokens, x.shape[1]), device=device)
+            agree(
+                "combine",
+                hidden=x.shape[1],
+                x_dtype=dtype_code(x.dtype),
+                num_topk=num_topk,
+                num_worst_tokens=handle.num_worst_tokens,
+                handle_serial=handle.serial,
+            )
+            combined_x, combined_weights, pending = self.runtime.combine(x, route, topk_weights, biases)
+            event = self._finish(pending, async_finish, device)
+            return combined_x, combined_weights, event
 
     def runtime_combine_dtypes(self) -> tuple[torch.dtype, ...]:
         """The dtypes the backend's combine accepts for x."""
@@ -470,6 +515,7 @@ class Buffer:
             raise ValueError(f"handle comes from a {mode} dispatch; this call needs a {kind.__name__}")
         if handle.owner != id(self):
             raise ValueError("handle comes from another Buffer; pass the handle this Buffer's dispatch returned")
+        handle.complete()
         return handle
 
     # ---- low-latency mode (SPEC section 6) -------------------------------------------------------
@@ -522,86 +568,95 @@ class Buffer:
             scales, int32 [L, R*T, H//512] with use_ue8m0); or with int8: (int8 [L, R*T, H], float32 [L, R*T]).
             recv_count int32 [L]; handle (src_info, layout_range, T, H, E); event; hook (or None).
         """
-        self._check_alive()
-        self._require_low_latency()
-        self._check_hook()
-        checks.tensor("x", x, dtypes=(torch.bfloat16,), dim=2)
-        device = x.device
-        num_tokens, hidden = x.shape
-        checks.tensor("topk_idx", topk_idx, dtypes=_INDEX_DTYPES, dim=2, device=device)
-        if topk_idx.shape[0] != num_tokens:
-            raise ValueError(f"topk_idx has {topk_idx.shape[0]} rows but x has {num_tokens} tokens")
-        tokens_cap = checks.integer("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
-        if num_tokens > tokens_cap:
-            raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={tokens_cap}")
-        self._num_experts_check("num_experts", num_experts)
-        experts_per_rank = num_experts // self.group_size
-        if self.check_values and host_sync_allowed(device):  # they read the device: not under graph capture
-            checks.expert_id_values("topk_idx", topk_idx, num_experts, distinct=True)
-        if use_ue8m0 and not round_scale:
-            raise ValueError("use_ue8m0=True needs round_scale=True")
-        if async_finish and return_recv_hook:
-            raise ValueError("async_finish and return_recv_hook cannot both be set")
-        quant = self.low_latency_quant
-        if use_fp8 and quant == "fp8":
-            if hidden % (512 if use_ue8m0 else 128):
+        with self._collective("low_latency_dispatch") as agree:
+            self._require_low_latency()
+            self._check_hook()
+            checks.tensor("x", x, dtypes=(torch.bfloat16,), dim=2)
+            device = x.device
+            num_tokens, hidden = x.shape
+            checks.integer("x.shape[1]", hidden, minimum=1)
+            checks.tensor("topk_idx", topk_idx, dtypes=_INDEX_DTYPES, dim=2, device=device)
+            if topk_idx.shape[0] != num_tokens:
+                raise ValueError(f"topk_idx has {topk_idx.shape[0]} rows but x has {num_tokens} tokens")
+            tokens_cap = checks.integer("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
+            if num_tokens > tokens_cap:
+                raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={tokens_cap}")
+            self._num_experts_check("num_experts", num_experts)
+            experts_per_rank = num_experts // self.group_size
+            if self.check_values and host_sync_allowed(device):  # they read the device: not under graph capture
+                checks.expert_id_values("topk_idx", topk_idx, num_experts, distinct=True)
+            if use_ue8m0 and not round_scale:
+                raise ValueError("use_ue8m0=True needs round_scale=True")
+            if async_finish and return_recv_hook:
+                raise ValueError("async_finish and return_recv_hook cannot both be set")
+            quant = self.low_latency_quant
+            if use_fp8 and quant == "fp8":
+                if hidden % (512 if use_ue8m0 else 128):
+                    raise ValueError(
+                        f"hidden={hidden} must be a multiple of {512 if use_ue8m0 else 128} for fp8"
+                        f"{' with use_ue8m0' if use_ue8m0 else ''}"
+                    )
+            elif round_scale or use_ue8m0:
                 raise ValueError(
-                    f"hidden={hidden} must be a multiple of {512 if use_ue8m0 else 128} for fp8"
-                    f"{' with use_ue8m0' if use_ue8m0 else ''}"
+                    f"round_scale/use_ue8m0 apply to the fp8 format only (use_fp8={use_fp8}, format {quant!r})"
                 )
-        elif round_scale or use_ue8m0:
-            raise ValueError(
-                f"round_scale/use_ue8m0 apply to the fp8 format only (use_fp8={use_fp8}, format {quant!r})"
-            )
-        reason = self.runtime.max_hidden_error(hidden, "low_latency")
-        if reason:
-            raise ValueError(reason)
-        if cumulative_local_expert_recv_stats is not None:
-            checks.tensor(
-                "cumulative_local_expert_recv_stats",
-                cumulative_local_expert_recv_stats,
-                dtypes=(torch.int32,),
-                shape=(experts_per_rank,),
-                device=device,
-            )
-        if dispatch_wait_recv_cost_stats is not None:
-            checks.tensor(
-                "dispatch_wait_recv_cost_stats",
-                dispatch_wait_recv_cost_stats,
-                dtypes=(torch.int64,),
-                shape=(self.group_size,),
-                device=device,
-            )
-        self._agree(
-            "low_latency_dispatch",
-            num_max_dispatch_tokens_per_rank=tokens_cap,
-            hidden=hidden,
-            num_experts=num_experts,
-            num_topk=topk_idx.shape[1],
-            use_fp8=int(use_fp8),
-            quant=0 if quant == "fp8" else 1,
-            round_scale=int(round_scale),
-            use_ue8m0=int(use_ue8m0),
-        )
-        args = LowLatencyDispatchArgs(
-            x, topk_idx.long(), tokens_cap, num_experts, use_fp8, quant, round_scale, use_ue8m0
-        )
-        out, route, pending = self.runtime.low_latency_dispatch(args)
-        handle = LowLatencyHandle(
-            (out["src_info"], out["layout_range"], tokens_cap, hidden, num_experts), id(self), route, topk_idx.shape[1]
-        )
-
-        def receive() -> None:
-            start = time.perf_counter_ns()
-            pending.wait()
-            if dispatch_wait_recv_cost_stats is not None and host_sync_allowed(device):  # one wait for all sources
-                dispatch_wait_recv_cost_stats.add_(time.perf_counter_ns() - start)
+            reason = self.runtime.max_hidden_error(hidden, "low_latency")
+            if reason:
+                raise ValueError(reason)
             if cumulative_local_expert_recv_stats is not None:
-                cumulative_local_expert_recv_stats.add_(out["recv_count"])
+                checks.tensor(
+                    "cumulative_local_expert_recv_stats",
+                    cumulative_local_expert_recv_stats,
+                    dtypes=(torch.int32,),
+                    shape=(experts_per_rank,),
+                    device=device,
+                )
+            if dispatch_wait_recv_cost_stats is not None:
+                checks.tensor(
+                    "dispatch_wait_recv_cost_stats",
+                    dispatch_wait_recv_cost_stats,
+                    dtypes=(torch.int64,),
+                    shape=(self.group_size,),
+                    device=device,
+                )
+            agree(
+                "low_latency_dispatch",
+                num_max_dispatch_tokens_per_rank=tokens_cap,
+                hidden=hidden,
+                num_experts=num_experts,
+                num_topk=topk_idx.shape[1],
+                use_fp8=int(use_fp8),
+                quant=0 if quant == "fp8" else 1,
+                round_scale=int(round_scale),
+                use_ue8m0=int(use_ue8m0),
+            )
+            args = LowLatencyDispatchArgs(
+                x, topk_idx.long(), tokens_cap, num_experts, use_fp8, quant, round_scale, use_ue8m0
+            )
+            out, route, pending = self.runtime.low_latency_dispatch(args)
+            handle = LowLatencyHandle(
+                (out["src_info"], out["layout_range"], tokens_cap, hidden, num_experts),
+                id(self),
+                self._dispatches,
+                route,
+                topk_idx.shape[1],
+            )
+            self._dispatches += 1
 
-        recv_x = out["recv_x"] if "recv_scales" not in out else (out["recv_x"], out["recv_scales"])
-        event, hook = self._ll_finish(receive, "low_latency_dispatch", async_finish, return_recv_hook, device)
-        return recv_x, out["recv_count"], handle, event, hook
+            @_once
+            def receive() -> None:
+                start = time.perf_counter_ns()
+                pending.wait()
+                if dispatch_wait_recv_cost_stats is not None and host_sync_allowed(device):  # one wait for all sources
+                    dispatch_wait_recv_cost_stats.add_(time.perf_counter_ns() - start)
+                if cumulative_local_expert_recv_stats is not None:
+                    cumulative_local_expert_recv_stats.add_(out["recv_count"])
+
+            handle.complete = receive  # a combine with the handle may come before the event or hook
+
+            recv_x = out["recv_x"] if "recv_scales" not in out else (out["recv_x"], out["recv_scales"])
+            event, hook = self._ll_finish(receive, "low_latency_dispatch", async_finish, return_recv_hook, device)
+            return recv_x, out["recv_count"], handle, event, hook
 
     def low_latency_combine(
         self,
@@ -609,11 +664,11 @@ class Buffer:
         topk_idx: torch.Tensor,
         topk_weights: torch.Tensor,
         handle: tuple,
+        use_logfmt: bool = False,
         zero_copy: bool = False,
         async_finish: bool = False,
         return_recv_hook: bool = False,
         out: torch.Tensor | None = None,
-        use_logfmt: bool = False,
         combine_wait_recv_cost_stats: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, EventOverlap, Callable[[], None] | None]:
         """Send expert outputs back and reduce them per token with the top-k weights (SPEC 6.3).
@@ -627,64 +682,72 @@ class Buffer:
         Returns:
             combined_x bf16 [N, H]: fp32 sum over valid k of fp32(w) * fp32(row), from +0.0; event; hook.
         """
-        self._check_alive()
-        self._require_low_latency()
-        self._check_hook()
-        if use_logfmt:
-            raise UnsupportedFeatureError("use_logfmt=True (LogFMT combine compression) is not supported")
-        handle = self._own_handle(handle, LowLatencyHandle)
-        _, _, tokens_cap, hidden, num_experts = handle
-        experts_per_rank = num_experts // self.group_size
-        rows = self.group_size * tokens_cap
-        if zero_copy:
-            key = (experts_per_rank, rows, hidden)
-            if key not in self._combine_buffers:
-                raise ValueError("zero_copy=True needs get_next_low_latency_combine_buffer(handle) to be filled first")
-            x = self._combine_buffers[key]
-        checks.tensor("x", x, dtypes=(torch.bfloat16,), shape=(experts_per_rank, rows, hidden))
-        device = x.device
-        checks.tensor("topk_idx", topk_idx, dtypes=_INDEX_DTYPES, dim=2, device=device)
-        num_tokens, num_topk = topk_idx.shape
-        if num_topk != handle.num_topk:
-            raise ValueError(f"topk_idx has {num_topk} columns but the dispatch had {handle.num_topk}")
-        if num_tokens > tokens_cap:
-            raise ValueError(f"topk_idx has {num_tokens} rows, more than num_max_dispatch_tokens_per_rank={tokens_cap}")
-        if self.check_values and host_sync_allowed(device):
-            checks.expert_id_values("topk_idx", topk_idx, num_experts, distinct=False)
-        checks.tensor(
-            "topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk), device=device
-        )
-        if out is None:
-            out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=device)
-        else:
-            checks.tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden), device=device)
-        if combine_wait_recv_cost_stats is not None:
+        with self._collective("low_latency_combine") as agree:
+            self._require_low_latency()
+            self._check_hook()
+            if use_logfmt:
+                raise UnsupportedFeatureError("use_logfmt=True (LogFMT combine compression) is not supported")
+            handle = self._own_handle(handle, LowLatencyHandle)
+            _, _, tokens_cap, hidden, num_experts = handle
+            experts_per_rank = num_experts // self.group_size
+            rows = self.group_size * tokens_cap
+            if zero_copy:
+                key = (experts_per_rank, rows, hidden)
+                if key not in self._combine_buffers:
+                    raise ValueError(
+                        "zero_copy=True needs get_next_low_latency_combine_buffer(handle) to be filled first"
+                    )
+                x = self._combine_buffers[key]
+            checks.tensor("x", x, dtypes=(torch.bfloat16,), shape=(experts_per_rank, rows, hidden))
+            device = x.device
+            checks.tensor("topk_idx", topk_idx, dtypes=_INDEX_DTYPES, dim=2, device=device)
+            num_tokens, num_topk = topk_idx.shape
+            if num_topk != handle.num_topk:
+                raise ValueError(f"topk_idx has {num_topk} columns but the dispatch had {handle.num_topk}")
+            if num_tokens > tokens_cap:
+                raise ValueError(
+                    f"topk_idx has {num_tokens} rows, more than num_max_dispatch_tokens_per_rank={tokens_cap}"
+                )
+            if self.check_values and host_sync_allowed(device):
+                checks.expert_id_values("topk_idx", topk_idx, num_experts, distinct=False)
             checks.tensor(
-                "combine_wait_recv_cost_stats",
-                combine_wait_recv_cost_stats,
-                dtypes=(torch.int64,),
-                shape=(self.group_size,),
-                device=device,
+                "topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk), device=device
             )
-        if async_finish and return_recv_hook:
-            raise ValueError("async_finish and return_recv_hook cannot both be set")
-        self._agree(
-            "low_latency_combine",
-            num_max_dispatch_tokens_per_rank=tokens_cap,
-            hidden=hidden,
-            num_experts=num_experts,
-            num_topk=num_topk,
-        )
-        pending = self.runtime.low_latency_combine(x, topk_idx.long(), topk_weights, handle.route, out)
-
-        def receive() -> None:
-            start = time.perf_counter_ns()
-            pending.wait()
+            if out is None:
+                out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=device)
+            else:
+                checks.tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden), device=device)
             if combine_wait_recv_cost_stats is not None:
-                combine_wait_recv_cost_stats.add_(time.perf_counter_ns() - start)
+                checks.tensor(
+                    "combine_wait_recv_cost_stats",
+                    combine_wait_recv_cost_stats,
+                    dtypes=(torch.int64,),
+                    shape=(self.group_size,),
+                    device=device,
+                )
+            if async_finish and return_recv_hook:
+                raise ValueError("async_finish and return_recv_hook cannot both be set")
+            agree(
+                "low_latency_combine",
+                num_max_dispatch_tokens_per_rank=tokens_cap,
+                hidden=hidden,
+                num_experts=num_experts,
+                num_topk=num_topk,
+                handle_serial=handle.serial,
+            )
+            # The combine reads values only (DeepEP's is not differentiable either): no autograd graph.
+            x, topk_weights = x.detach(), topk_weights.detach()
+            pending = self.runtime.low_latency_combine(x, topk_idx.long(), topk_weights, handle.route, out)
 
-        event, hook = self._ll_finish(receive, "low_latency_combine", async_finish, return_recv_hook, device)
-        return out, event, hook
+            @_once
+            def receive() -> None:
+                start = time.perf_counter_ns()
+                pending.wait()
+                if combine_wait_recv_cost_stats is not None:
+                    combine_wait_recv_cost_stats.add_(time.perf_counter_ns() - start)
+
+            event, hook = self._ll_finish(receive, "low_latency_combine", async_finish, return_recv_hook, device)
+            return out, event, hook
 
     def _ll_finish(
         self, receive: Callable[[], None], op: str, async_finish: bool, return_recv_hook: bool, device: torch.device
@@ -723,6 +786,20 @@ class Buffer:
 
     def low_latency_clean_mask_buffer(self) -> None:
         raise UnsupportedFeatureError("low_latency_clean_mask_buffer needs enable_shrink, which is not supported yet")
+
+
+def _once(step: Callable[[], None]) -> Callable[[], None]:
+    """`step`, run at the first call only: a hook or event may be waited on twice, or a call with the handle may
+    have received the dispatch first; stats must count each receive once."""
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            step()
+
+    return run
 
 
 def _default_device(comm: Comm) -> torch.device:

@@ -72,6 +72,9 @@ class Comm:
         self.device_types = group_device_types(group)
         self.timeout_s = timeout_s
         self.board: HostBoard | None = None
+        # Set when a wait on the group timed out: the group's collectives may then pair differently on each rank
+        # (a late rank's transfer with another call's), so the owner refuses every later call.
+        self.out_of_step: str | None = None
 
     def open_host_board(self) -> None:
         """Collective: small all-gathers go through host shared memory from now on if every rank is on this host."""
@@ -111,6 +114,7 @@ class Comm:
                 why = "a peer went away (its connection closed)"
             else:
                 raise
+            self.out_of_step = f"{op}: {why}"
             raise CommTimeoutError(f"{op}: {why}, seen on rank {self.rank} of {self.size} ({error})") from error
 
     def all_gather(self, tensor: torch.Tensor, op: str) -> torch.Tensor:

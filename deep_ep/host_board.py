@@ -9,9 +9,12 @@ queue keeps running.
 Protocol: call k writes the payload to this rank's slot for parity k % 2 and then stores k in the slot's
 last word; a reader waits until every rank's slot holds k and copies the payloads. Two parities suffice: a
 rank can only begin call k + 2 after every rank has posted call k + 1, which each does only after reading
-call k. The store order this relies on (payload before sequence word, as seen by other cores) is what
-x86-64 guarantees for ordinary stores (payloads stay far below the size where memcpy turns to non-temporal
-stores); elsewhere the board is not used and the exchange goes over the group.
+call k. A rank whose wait for call k times out stores -k there instead: a rank that reaches call k later (or
+is waiting for it) then raises too, so every rank counts call k as failed and the next call pairs again; a
+sequence word beyond k, or -k, means its rank has given up on call k. The store order this relies on
+(payload before sequence word, as seen by other cores) is what x86-64 guarantees for ordinary stores
+(payloads stay far below the size where memcpy turns to non-temporal stores); elsewhere the board is not
+used and the exchange goes over the group.
 """
 
 from __future__ import annotations
@@ -136,6 +139,14 @@ class HostBoard:
     def _wait(self, seq_words: list[int], call: int, op: str) -> None:
         words, spins, started, next_look = self._words, 0, None, 0.0
         while any(words[i] != call for i in seq_words):
+            given_up = [rank for rank, i in enumerate(seq_words) if words[i] == -call or abs(words[i]) > call]
+            if given_up:
+                late = [r for r, i in enumerate(seq_words) if words[i] != call and r not in given_up]
+                raise CommTimeoutError(
+                    f"{op}: ranks {late or [self._comm.rank]} did not reach the call before ranks {given_up} gave "
+                    f"up waiting (comm_timeout), seen on rank {self._comm.rank} of {self._comm.size}; every rank "
+                    "fails this call"
+                )
             spins += 1
             if spins < _SPIN_BEFORE_YIELD:
                 continue
@@ -145,6 +156,7 @@ class HostBoard:
             where = f"seen on rank {self._comm.rank} of {self._comm.size}"
             if waited > self._comm.timeout_s:
                 late = [rank for rank, i in enumerate(seq_words) if words[i] != call]
+                words[seq_words[self._comm.rank]] = -call  # late ranks will see that this call was given up
                 raise CommTimeoutError(
                     f"{op}: ranks {late} did not reach the call within {self._comm.timeout_s:g} s, {where}"
                 )

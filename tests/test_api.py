@@ -99,10 +99,12 @@ DEEPEP_SIGNATURES = {
         "topk_idx",
         "topk_weights",
         "handle",
+        "use_logfmt",  # DeepEP 1.2's order (SPEC 6.3 lists the order from before use_logfmt was added)
         "zero_copy",
         "async_finish",
         "return_recv_hook",
         "out",
+        "combine_wait_recv_cost_stats",
     ],
     "clean_low_latency_buffer": ["self", "num_max_dispatch_tokens_per_rank", "hidden", "num_experts"],
     "get_next_low_latency_combine_buffer": ["self", "handle"],

@@ -205,6 +205,13 @@ CASES: list[tuple[str, str, Callable[[Ctx], object], type, str]] = [
         "expert_alignment=0",
     ),
     (
+        "dispatch-hidden-zero",
+        "x has no columns",
+        lambda c: c.dispatch(x=c.x[:, :0]),
+        ValueError,
+        "x.shape[1]=0 must be >= 1",
+    ),
+    (
         "dispatch-worst-negative",
         "num_worst_tokens < 0",
         lambda c: c.dispatch(num_worst_tokens=-1),
@@ -346,6 +353,13 @@ CASES: list[tuple[str, str, Callable[[Ctx], object], type, str]] = [
         "more than num_max_dispatch",
     ),
     ("ll-x-dtype", "x is float32", lambda c: c.ll_dispatch(x=c.x.float()), TypeError, "x must have dtype"),
+    (
+        "ll-hidden-zero",
+        "x has no columns",
+        lambda c: c.ll_dispatch(x=c.x[:, :0]),
+        ValueError,
+        "x.shape[1]=0 must be >= 1",
+    ),
     (
         "ll-ue8m0",
         "use_ue8m0 without round_scale",
