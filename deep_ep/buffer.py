@@ -7,6 +7,7 @@ agreement check, events and hooks. `self.runtime` (the backend object) only move
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from .handles import DispatchHandle, LowLatencyHandle
 from .utils import EventHandle, EventOverlap
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
+_BUFFER_TOKENS = itertools.count()  # handle owners: unlike id(), never reused by a later Buffer
 _COUNT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -107,6 +109,7 @@ class Buffer:
         self._destroyed = False
         self._unreceived_hook: str | None = None
         self._combine_buffers: dict[tuple, torch.Tensor] = {}
+        self._identity = next(_BUFFER_TOKENS)
         self._dispatches = 0  # handles made so far: every rank counts the same, so a handle's serial names its call
         self._local_buffers: dict[bool, torch.Tensor] = {}
 
@@ -436,7 +439,7 @@ class Buffer:
                 num_channels,
             )
             out, route, pending = self.runtime.dispatch(args)
-            handle = DispatchHandle(out["handle"], id(self), self._dispatches, route, num_worst_tokens)
+            handle = DispatchHandle(out["handle"], self._identity, self._dispatches, route, num_worst_tokens)
             self._dispatches += 1
             handle.complete = pending.wait  # a later call with the handle may come before the event is waited on
             event = self._finish(pending, async_finish, device)
@@ -513,7 +516,7 @@ class Buffer:
         if not isinstance(handle, kind):
             mode = "low-latency" if isinstance(handle, LowLatencyHandle) else "normal-mode"
             raise ValueError(f"handle comes from a {mode} dispatch; this call needs a {kind.__name__}")
-        if handle.owner != id(self):
+        if handle.owner != self._identity:
             raise ValueError("handle comes from another Buffer; pass the handle this Buffer's dispatch returned")
         handle.complete()
         return handle
@@ -636,7 +639,7 @@ class Buffer:
             out, route, pending = self.runtime.low_latency_dispatch(args)
             handle = LowLatencyHandle(
                 (out["src_info"], out["layout_range"], tokens_cap, hidden, num_experts),
-                id(self),
+                self._identity,
                 self._dispatches,
                 route,
                 topk_idx.shape[1],
