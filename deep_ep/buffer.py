@@ -28,8 +28,8 @@ from .handles import DispatchHandle, LowLatencyHandle
 from .utils import EventHandle, EventOverlap
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
-_BUFFER_TOKENS = itertools.count()  # handle owners: unlike id(), never reused by a later Buffer
 _COUNT_DTYPES = (torch.int32, torch.int64)
+_BUFFER_IDENTITIES = itertools.count()  # handle owners: unlike id(), never reused by a later Buffer
 
 
 class Buffer:
@@ -109,7 +109,7 @@ class Buffer:
         self._destroyed = False
         self._unreceived_hook: str | None = None
         self._combine_buffers: dict[tuple, torch.Tensor] = {}
-        self._identity = next(_BUFFER_TOKENS)
+        self._identity = next(_BUFFER_IDENTITIES)
         self._dispatches = 0  # handles made so far: every rank counts the same, so a handle's serial names its call
         self._local_buffers: dict[bool, torch.Tensor] = {}
 
