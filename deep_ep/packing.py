@@ -90,7 +90,9 @@ def byte_rows(t: torch.Tensor, nbytes: int) -> torch.Tensor:
     """
     if not t.is_contiguous() or (t.dim() > 0 and t.stride(-1) != 1):
         t = t.clone(memory_format=torch.contiguous_format)
-    return t.view(torch.uint8).reshape(t.shape[0], nbytes)
+    rows = t.view(torch.uint8)
+    # A 2-D byte view already has the shape (one op fewer on every call's hot path).
+    return rows if t.dim() == 2 else rows.reshape(t.shape[0], nbytes)
 
 
 class HostBuffers:

@@ -39,8 +39,9 @@ import torch
 import torch.distributed as dist
 
 from ..comm import Comm, Pending, group_device_types
+from ..kernels import on_device
 from ..kernels.ordered_sum import ordered_gather_sum
-from ..packing import RowFormat
+from ..packing import byte_rows
 from ..routing import Route, running_count
 from .base import DispatchArgs, LowLatencyDispatchArgs
 from .cuda_low_latency import CudaLowLatencyRoute, LowLatencyKernels, kernel_refusal
@@ -242,6 +243,13 @@ def source_words(rows: torch.Tensor, pitch: int) -> tuple[torch.Tensor, bool]:
     return words, words.stride(0) % 4 == 0 and words.data_ptr() % 16 == 0
 
 
+def workspace_rows_view(workspace: Any, offset: int, num_rows: int, pitch: int, width: int) -> torch.Tensor:
+    """uint8 [num_rows, width]: rows of `pitch` bytes from byte `offset` of this rank's workspace (one view op,
+    not a slice, a reshape and a slice: this is on every call's host path)."""
+    local = workspace.local
+    return local.as_strided((num_rows, width), (pitch, 1), local.storage_offset() + offset)
+
+
 def output_words(rows: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """Byte rows [M, W] (an output) as the int32 words the pull kernel writes, and whether every row starts
     16-byte aligned; None where they cannot be viewed so (W not a multiple of 4 bytes, or strided)."""
@@ -400,9 +408,7 @@ class CudaBackend(ReferenceBackend):
         if reason is not None:
             self._log_once(reason, logging.INFO if self.comm.size == 1 else logging.WARNING)
             return super().combine(x, route, topk_weights, bias)
-        tensors = [RowFormat.of(x=x).pack(x=x)]
-        if topk_weights is not None:
-            tensors.append(RowFormat.of(topk_weights=topk_weights).pack(topk_weights=topk_weights))
+        tensors = [byte_rows(t, t.shape[1] * t.element_size()) for t in (x, topk_weights) if t is not None]
         returned = self._push(self._plan(route, dispatch=False), tensors)
         # Rows came back where `send_tokens` lists them (destination blocks ascending, tokens ascending), except
         # this rank's rows to itself, which the sum reads from the combine's input.
@@ -434,9 +440,7 @@ class CudaBackend(ReferenceBackend):
         (collective: every rank asks for the same size), ordered after the previous call's stream. Yields the
         workspace and the byte offset of this call's half."""
         on_gpu = self.device.type == "cuda"
-        # The kernels launch on the current device: make it the Buffer's (a no-op guard when it already is).
-        elsewhere = on_gpu and torch.cuda.current_device() != self.device.index
-        with torch.cuda.device(self.device) if elsewhere else contextlib.nullcontext():
+        with on_device(self.device):  # the kernels launch on the current device: make it the Buffer's
             if self._workspace is None:
                 self._workspace = self._new_workspace()
             workspace = self._workspace
@@ -466,8 +470,7 @@ class CudaBackend(ReferenceBackend):
                 src, aligned = source_words(rows, pitch)
                 if rows.shape[0] and src.shape[1]:
                     pushes.append(_Push(src, aligned, region // WORD, pitch // WORD))
-                area = workspace.local[region : region + plan.received * pitch]
-                received.append(area.view(plan.received, pitch)[:, : rows.shape[1]])
+                received.append(workspace_rows_view(workspace, region, plan.received, pitch, rows.shape[1]))
                 region += plan.capacity * pitch
             if len(pushes) == 2 and pushes[1].src.shape[1] <= _normal_kernels().COMPANION_MAX_WORDS:
                 self._launch(plan, words, deltas, pushes[0], pushes[1])  # one launch: the narrow one rides along
@@ -506,8 +509,7 @@ class CudaBackend(ReferenceBackend):
             sources = self._pull_sources(route, plan, self._word_deltas(workspace))
             pulls = []
             for rows, pitch, (out, aligned) in zip(tensors, pitches, outputs):
-                area = workspace.local[region : region + rows.shape[0] * pitch]
-                area.view(rows.shape[0], pitch)[:, : rows.shape[1]].copy_(rows)
+                workspace_rows_view(workspace, region, rows.shape[0], pitch, rows.shape[1]).copy_(rows)
                 if out.shape[0] and out.shape[1]:
                     pulls.append(_Push(out, aligned, region // WORD, pitch // WORD))
                 region += plan.capacity * pitch

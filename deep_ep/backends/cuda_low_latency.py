@@ -12,7 +12,6 @@ Kernels: deep_ep/kernels/triton_low_latency.py; design and memory ordering: docs
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 
 from .. import quant
 from ..comm import Pending
+from ..kernels import on_device
 from .base import LowLatencyDispatchArgs
 from .peer_memory import WORD, word_deltas
 from .reference_low_latency import _dense
@@ -191,8 +191,7 @@ class LowLatencyKernels:
         self.combine_seq = torch.zeros(2, dtype=torch.int32, device=device)
 
     def _device_guard(self) -> Any:
-        device = self.backend.device
-        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        return on_device(self.backend.device)
 
     def _ready(self, layout: LowLatencyLayout) -> Any:
         """The workspace, at least `layout.nbytes` big (collective when it grows: then zeroed and a barrier)."""

@@ -8,9 +8,13 @@ CUDA C++ kernels, when there are any, live in `kernels/cuda/` at the repository 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
+from typing import Any
+
+import torch
 
 
 @functools.cache
@@ -24,3 +28,11 @@ def triton_importable(module: str) -> bool:
     except Exception:
         return False
     return True
+
+
+def on_device(device: torch.device) -> Any:
+    """A context in which `device` is the current CUDA device, where Triton and torch launch: a guard only when
+    it is not current already (entering one costs microseconds of host time, on every launch of a hot path)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

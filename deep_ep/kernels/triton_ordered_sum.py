@@ -11,11 +11,11 @@ This module imports Triton at import time; `ordered_sum` imports it only when a 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from . import on_device
 
 
 @triton.jit
@@ -96,8 +96,7 @@ def ordered_gather_sum(
     grid = (num_tokens, triton.cdiv(hidden, block))
     # Triton launches on the *current* device's stream: make it the rows' device. (CPU tensors reach here
     # only under TRITON_INTERPRET=1, which the CPU tests use to run the kernel's logic.)
-    guard = torch.cuda.device(rows.device) if rows.is_cuda else contextlib.nullcontext()
-    with guard:
+    with on_device(rows.device):
         _ordered_gather_sum_kernel[grid](
             out,
             rows,

@@ -10,11 +10,11 @@ This module imports Triton at import time; `row_gather` imports it only when a C
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from . import on_device
 
 
 @triton.jit
@@ -51,8 +51,7 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, progr
     rows = max(1, 8192 // block)  # about 8192 elements per tile
     grid = (max(1, min(programs, triton.cdiv(num_rows, rows))),)
     # Triton launches on the current device's stream (CPU tensors reach here only under TRITON_INTERPRET=1).
-    guard = torch.cuda.device(src.device) if src.is_cuda else contextlib.nullcontext()
-    with guard:
+    with on_device(src.device):
         _gather_rows_kernel[grid](
             src, index, out, num_rows, src.stride(0), out.stride(0), WORDS=words, ROWS=rows, BLOCK=block, num_warps=8
         )
