@@ -69,9 +69,9 @@ class Buffer:
             raise UnsupportedFeatureError("enable_shrink=True (elastic EP with rank masks) is not supported yet")
         if group is None:
             raise ValueError("group must be a torch.distributed ProcessGroup (got None)")
-        checks.integer("num_nvl_bytes", num_nvl_bytes, minimum=0)
-        checks.integer("num_rdma_bytes", num_rdma_bytes, minimum=0)
-        checks.integer("num_qps_per_rank", num_qps_per_rank, minimum=1)
+        num_nvl_bytes = checks.integer("num_nvl_bytes", num_nvl_bytes, minimum=0)
+        num_rdma_bytes = checks.integer("num_rdma_bytes", num_rdma_bytes, minimum=0)
+        num_qps_per_rank = checks.integer("num_qps_per_rank", num_qps_per_rank, minimum=1)
         if low_latency_quant not in (None, "fp8", "int8"):
             raise ValueError(f"low_latency_quant must be None, 'fp8' or 'int8', got {low_latency_quant!r}")
         if not isinstance(backend, str):
@@ -107,7 +107,7 @@ class Buffer:
             )
         self.runtime = backend_class(self._comm, self.device, self.low_latency_quant)
         self._destroyed = False
-        self._unreceived_hook: str | None = None
+        self._unreceived_hook: tuple[str, Callable[[], None]] | None = None  # (op, its hook)
         self._combine_buffers: dict[tuple, torch.Tensor] = {}
         self._identity = next(_BUFFER_IDENTITIES)
         self._dispatches = 0  # handles made so far: every rank counts the same, so a handle's serial names its call
@@ -150,7 +150,7 @@ class Buffer:
     @classmethod
     def set_num_sms(cls, new_num_sms: int) -> None:
         """Set the SM count the default configs use (DeepEP requires it even)."""
-        checks.integer("new_num_sms", new_num_sms, minimum=2)
+        new_num_sms = checks.integer("new_num_sms", new_num_sms, minimum=2)
         if new_num_sms % 2 != 0:
             raise ValueError(f"new_num_sms={new_num_sms} must be even")
         Buffer.num_sms = new_num_sms
@@ -263,10 +263,12 @@ class Buffer:
             return default(self.group_size)
         if not isinstance(config, Config):
             raise TypeError(f"config must be a deep_ep.Config or None, got {type(config).__name__}")
+        if config.num_sms < 2:  # DeepEP's kernels run num_sms / 2 channels
+            raise ValueError(f"config.num_sms={config.num_sms} gives no channel; it must be >= 2")
         return config
 
     def _num_experts_check(self, name: str, num_experts: int) -> int:
-        checks.integer(name, num_experts, minimum=1)
+        num_experts = checks.integer(name, num_experts, minimum=1)
         if num_experts % self.group_size:
             raise ValueError(f"{name}={num_experts} is not divisible by num_ranks={self.group_size}")
         return num_experts
@@ -292,7 +294,7 @@ class Buffer:
         self._check_alive()
         self._begin(previous_event, async_finish, allocate_on_comm_stream)
         checks.tensor("topk_idx", topk_idx, dtypes=_INDEX_DTYPES, dim=2)
-        self._num_experts_check("num_experts", num_experts)
+        num_experts = self._num_experts_check("num_experts", num_experts)
         checks.expert_ids("topk_idx", topk_idx, num_experts)
         layout = self.runtime.get_dispatch_layout(topk_idx, num_experts)
         event = EventOverlap(EventHandle(topk_idx.device)) if async_finish else EventOverlap()
@@ -338,12 +340,12 @@ class Buffer:
             checks.tensor("x", x_data, dim=2)
             device = x_data.device
             num_tokens, hidden = x_data.shape
-            checks.integer("x.shape[1]", hidden, minimum=1)
+            hidden = checks.integer("x.shape[1]", hidden, minimum=1)
             if x_scales is not None:
                 checks.tensor("x_scales", x_scales, dim=(1, 2), device=device)
                 if x_scales.shape[0] != num_tokens:
                     raise ValueError(f"x_scales has {x_scales.shape[0]} rows but x has {num_tokens}")
-            checks.integer("num_worst_tokens", num_worst_tokens, minimum=0)
+            num_worst_tokens = checks.integer("num_worst_tokens", num_worst_tokens, minimum=0)
             config = self._config(config, self.get_dispatch_config)
             self.runtime.num_sms = config.num_sms
             row_bytes = hidden * x_data.element_size()  # x is 2-D (checked)
@@ -409,10 +411,8 @@ class Buffer:
                 checks.tensor(
                     "topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk), device=device
                 )
-            checks.integer("expert_alignment", expert_alignment, minimum=1)
+            expert_alignment = checks.integer("expert_alignment", expert_alignment, minimum=1)
             num_channels = config.num_sms // 2
-            if num_channels < 1:
-                raise ValueError(f"config.num_sms={config.num_sms} gives no channel; it must be >= 2")
             agree(
                 "dispatch",
                 hidden=hidden,
@@ -481,6 +481,7 @@ class Buffer:
             route = handle.route
             self.runtime.num_sms = self._config(config, self.get_combine_config).num_sms
             checks.tensor("x", x, dtypes=self.runtime_combine_dtypes(), dim=2)
+            checks.integer("x.shape[1]", x.shape[1], minimum=1)
             device = x.device
             if x.shape[0] != route.num_recv:
                 raise ValueError(f"x has {x.shape[0]} rows but the handle's dispatch received {route.num_recv}")
@@ -490,8 +491,8 @@ class Buffer:
                 num_topk = topk_weights.shape[1]
                 checks.tensor("topk_weights", topk_weights, shape=(route.num_recv, num_topk))
             biases = _bias_tuple(bias)
-            for i, b in enumerate(biases):
-                checks.tensor(f"bias[{i}]", b, dtypes=(x.dtype,), shape=(route.num_tokens, x.shape[1]), device=device)
+            for name, b in biases:
+                checks.tensor(name, b, dtypes=(x.dtype,), shape=(route.num_tokens, x.shape[1]), device=device)
             agree(
                 "combine",
                 hidden=x.shape[1],
@@ -500,7 +501,13 @@ class Buffer:
                 num_worst_tokens=handle.num_worst_tokens,
                 handle_serial=handle.serial,
             )
-            combined_x, combined_weights, pending = self.runtime.combine(x, route, topk_weights, biases)
+            # Values are read, never differentiated (as DeepEP; deep_ep.autograd makes combine differentiable),
+            # the same way on every rank whichever path a rank's sum takes.
+            weights = None if num_topk <= 0 else topk_weights.detach()  # K = 0: nothing to sum
+            biases = tuple(b.detach() for _, b in biases)
+            combined_x, combined_weights, pending = self.runtime.combine(x.detach(), route, weights, biases)
+            if num_topk == 0:
+                combined_weights = topk_weights.new_zeros(route.num_tokens, 0)
             event = self._finish(pending, async_finish, device)
             return combined_x, combined_weights, event
 
@@ -538,7 +545,7 @@ class Buffer:
     def _check_hook(self) -> None:
         if self._unreceived_hook is not None:
             raise RuntimeError(
-                f"the hook of the previous {self._unreceived_hook} was not called; call it before the next "
+                f"the hook of the previous {self._unreceived_hook[0]} was not called; call it before the next "
                 "low-latency operation on this Buffer"
             )
 
@@ -577,14 +584,14 @@ class Buffer:
             checks.tensor("x", x, dtypes=(torch.bfloat16,), dim=2)
             device = x.device
             num_tokens, hidden = x.shape
-            checks.integer("x.shape[1]", hidden, minimum=1)
+            hidden = checks.integer("x.shape[1]", hidden, minimum=1)
             checks.tensor("topk_idx", topk_idx, dtypes=_INDEX_DTYPES, dim=2, device=device)
             if topk_idx.shape[0] != num_tokens:
                 raise ValueError(f"topk_idx has {topk_idx.shape[0]} rows but x has {num_tokens} tokens")
             tokens_cap = checks.integer("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
             if num_tokens > tokens_cap:
                 raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={tokens_cap}")
-            self._num_experts_check("num_experts", num_experts)
+            num_experts = self._num_experts_check("num_experts", num_experts)
             experts_per_rank = num_experts // self.group_size
             if self.check_values and host_sync_allowed(device):  # they read the device: not under graph capture
                 checks.expert_id_values("topk_idx", topk_idx, num_experts, distinct=True)
@@ -613,6 +620,7 @@ class Buffer:
                     dtypes=(torch.int32,),
                     shape=(experts_per_rank,),
                     device=device,
+                    written=True,
                 )
             if dispatch_wait_recv_cost_stats is not None:
                 checks.tensor(
@@ -621,6 +629,7 @@ class Buffer:
                     dtypes=(torch.int64,),
                     shape=(self.group_size,),
                     device=device,
+                    written=True,
                 )
             agree(
                 "low_latency_dispatch",
@@ -719,7 +728,9 @@ class Buffer:
             if out is None:
                 out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=device)
             else:
-                checks.tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden), device=device)
+                checks.tensor(
+                    "out", out, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden), device=device, written=True
+                )
             if combine_wait_recv_cost_stats is not None:
                 checks.tensor(
                     "combine_wait_recv_cost_stats",
@@ -727,6 +738,7 @@ class Buffer:
                     dtypes=(torch.int64,),
                     shape=(self.group_size,),
                     device=device,
+                    written=True,
                 )
             if async_finish and return_recv_hook:
                 raise ValueError("async_finish and return_recv_hook cannot both be set")
@@ -756,13 +768,14 @@ class Buffer:
         self, receive: Callable[[], None], op: str, async_finish: bool, return_recv_hook: bool, device: torch.device
     ) -> tuple[EventOverlap, Callable[[], None] | None]:
         if return_recv_hook:
-            self._unreceived_hook = op
 
             def hook() -> None:
-                if self._unreceived_hook == op:
+                # Only this call's hook clears the mark: an older hook called again must not clear a newer one's.
+                if self._unreceived_hook is not None and self._unreceived_hook[1] is hook:
                     self._unreceived_hook = None
                 receive()
 
+            self._unreceived_hook = (op, hook)
             return EventOverlap(), hook
         if async_finish and device.type == "cpu":
             return EventOverlap(EventHandle(device, finish=receive)), None
@@ -826,11 +839,12 @@ def _join_x(x: torch.Tensor, scales: torch.Tensor | None) -> Any:
     return x if scales is None else (x, scales)
 
 
-def _bias_tuple(bias: Any) -> tuple[torch.Tensor, ...]:
+def _bias_tuple(bias: Any) -> tuple[tuple[str, torch.Tensor], ...]:
+    """The biases given, in order, each with the name errors call it by (its place in the pair)."""
     if bias is None:
         return ()
     if isinstance(bias, torch.Tensor):
-        return (bias,)
+        return (("bias", bias),)
     if isinstance(bias, (tuple, list)) and len(bias) <= 2:
-        return tuple(b for b in bias if b is not None)
+        return tuple((f"bias[{i}]", b) for i, b in enumerate(bias) if b is not None)
     raise TypeError(f"bias must be None, a tensor, or a pair of tensors, got {type(bias).__name__}")

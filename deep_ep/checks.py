@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -15,8 +16,11 @@ def tensor(
     dim: int | tuple[int, ...] | None = None,
     shape: tuple[int | None, ...] | None = None,
     device: torch.device | None = None,
+    written: bool = False,
 ) -> torch.Tensor:
-    """`value` as a checked tensor; `None` entries of `shape` match any size."""
+    """`value` as a checked tensor; `None` entries of `shape` match any size. `written`: the call writes into it
+    (an output or a counter), so it must take in-place writes: checked here, before any communication, instead of
+    failing in torch's write after the exchange."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if dtypes is not None and value.dtype not in dtypes:
@@ -34,13 +38,25 @@ def tensor(
                 raise ValueError(f"{name} must have shape {expected}, got {list(value.shape)} (dimension {axis})")
     if device is not None and value.device != device:
         raise ValueError(f"{name} is on {value.device}, but the other inputs are on {device}")
+    if written and value.requires_grad:
+        raise ValueError(f"{name} is written in place, so it must not require grad")
+    if written and any(stride == 0 and size > 1 for size, stride in zip(value.shape, value.stride())):
+        raise ValueError(
+            f"{name} is written in place, so its elements must not share memory (shape {list(value.shape)}, strides "
+            f"{list(value.stride())}: an expanded tensor?)"
+        )
     return value
 
 
 def integer(name: str, value: Any, *, minimum: int | None = None) -> int:
-    """`value` as a Python int (bools refused), at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    """`value` as a Python int, at least `minimum`. Int-like objects (numpy integers) are taken, as DeepEP's C++
+    bindings take them; bools, floats and strings are refused."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}={value} must be >= {minimum}")
     return value

@@ -192,7 +192,9 @@ class Route:
         width = rows.shape[1]
         if self.padded:
             slots = empty((sum(self.recv_splits) + 1, width), rows.dtype, rows.device).zero_()
-            _words(slots).index_copy_(0, self.recv_rows, _words(rows[: self.num_recv].contiguous()))
+            source = _words(rows[: self.num_recv].contiguous())
+            # The rows' words may be narrower than the fresh slots' (rows starting at an odd offset): match them.
+            slots.view(source.dtype).index_copy_(0, self.recv_rows, source)
             rows = slots[:-1]
         else:
             rows = rows[: self.num_recv]

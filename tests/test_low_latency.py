@@ -301,6 +301,15 @@ def _hook_rules(rank: int, world: int) -> None:
     hook()
     assert_bit_equal("combined_x after the hook", combined, want)
 
+    # Calling an older hook of the same op again must not clear the mark of a newer call whose hook has not run.
+    _, _, _, _, older = buffer.low_latency_dispatch(x, idx, 8, w.num_experts, use_fp8=False, return_recv_hook=True)
+    older()
+    _, _, _, _, newer = buffer.low_latency_dispatch(x, idx, 8, w.num_experts, use_fp8=False, return_recv_hook=True)
+    older()
+    with pytest.raises(RuntimeError, match="hook of the previous low_latency_dispatch was not called"):
+        buffer.low_latency_dispatch(x, idx, 8, w.num_experts, use_fp8=False)
+    newer()
+
     with pytest.raises(ValueError, match="async_finish"):
         buffer.low_latency_dispatch(x, idx, 8, w.num_experts, use_fp8=False, async_finish=True, return_recv_hook=True)
     with pytest.raises(ValueError, match="async_finish"):

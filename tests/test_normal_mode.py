@@ -124,11 +124,22 @@ def _check_round(rank: int, world: int, case: dict) -> dict:
     ref_bias = [None if nbias == 0 else (b[0] if nbias == 1 else b) for b in bias]
     if not with_topk or case.get("fp8_tuple"):
         return {"recv": int(recv_x[0].shape[0] if isinstance(recv_x, tuple) else recv_x.shape[0])}
-    combined, combined_w, _ = buffer.combine(expert_out[rank], handle, topk_weights=returned_w[rank], bias=my_bias)
+    my_out, my_w = expert_out[rank], returned_w[rank]
+    if case.get("odd_offset"):  # contiguous views one element into their storage (a slice of a flat buffer)
+        my_out, my_w = _one_element_in(my_out), _one_element_in(my_w)
+    combined, combined_w, _ = buffer.combine(my_out, handle, topk_weights=my_w, bias=my_bias)
     want = reference.combine(expert_out, routing, returned_w, ref_bias)[rank]
     assert_bit_equal("combined_x", combined, want["combined_x"])
     assert_bit_equal("combined_topk_weights", combined_w, want["combined_topk_weights"])
     return {"recv": int(recv_x.shape[0])}
+
+
+def _one_element_in(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `t` that starts one element into its storage, so its bytes are not 8-byte aligned."""
+    flat = torch.zeros(t.numel() + 1, dtype=t.dtype)
+    view = flat[1:].view(t.shape)
+    view.copy_(t)
+    return view
 
 
 def _forbid_host_reads() -> None:
@@ -155,6 +166,9 @@ CASES = {
     "worst": dict(tokens=8, hidden=16, topk=2, experts=8, routing="uniform", seed=9, worst=40),
     "worst_no_host_reads": dict(
         tokens=8, hidden=16, topk=2, experts=8, routing="skewed", seed=14, worst=40, no_host_reads=True
+    ),
+    "worst_odd_offset": dict(
+        tokens=8, hidden=12, topk=2, experts=8, routing="uniform", seed=15, worst=40, odd_offset=True
     ),
     "no_topk": dict(tokens=6, hidden=8, topk=2, experts=8, routing="uniform", seed=10, with_topk=False),
     "fp8_tuple": dict(tokens=6, hidden=16, topk=2, experts=8, routing="uniform", seed=11, fp8_tuple=True),
@@ -258,3 +272,64 @@ def _adjoint(rank: int, world: int) -> None:
 
 def test_combine_is_the_adjoint_of_dispatch() -> None:
     run_ranks(3, _adjoint)
+
+
+def _combine_reads_values(rank: int, world: int) -> None:
+    buffer = Buffer(dist.group.WORLD)
+    experts, tokens, hidden, topk = 2 * world, 64, 8, 6
+    idx = (torch.arange(topk) % experts).expand(tokens, topk).contiguous()  # every token to every rank
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, experts)
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    gen = torch.Generator().manual_seed(rank)
+    x, weights = torch.randn(tokens, hidden, generator=gen), torch.rand(tokens, topk, generator=gen)
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, topk_idx=idx, topk_weights=weights, **layout)
+    bias = torch.randn(tokens, hidden, generator=gen)
+    want_x, want_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w, bias=bias)
+    # Inputs that require grad (expert outputs made under grad mode): their values are combined, on every rank.
+    got_x, got_w, _ = buffer.combine(
+        recv_x.clone().requires_grad_(),
+        handle,
+        topk_weights=recv_w.clone().requires_grad_(),
+        bias=(None, bias.clone().requires_grad_()),
+    )
+    assert_bit_equal("combined_x of inputs that require grad", got_x, want_x)
+    assert_bit_equal("combined weights of inputs that require grad", got_w, want_w)
+    assert got_x.grad_fn is None and got_w.grad_fn is None  # values, not a graph (deep_ep.autograd is the graph)
+    # K = 0 (a dispatch without selections): the weights have no columns, nor does their combination.
+    no_x, none, _ = buffer.combine(recv_x, handle, bias=bias)
+    zero_x, zero_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w[:, :0], bias=bias)
+    assert none is None and zero_w.shape == (tokens, 0) and zero_w.dtype == torch.float32
+    assert_bit_equal("combined_x with K = 0 weights", zero_x, no_x)
+
+
+def test_combine_reads_values_of_inputs_that_require_grad() -> None:
+    run_ranks(3, _combine_reads_values)
+
+
+class _IntLike:
+    """An integer type that is not int, as numpy's integers are (pybind11, hence DeepEP, takes them via __index__)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def _int_like_integers(rank: int, world: int) -> None:
+    buffer = Buffer(dist.group.WORLD)
+    idx = torch.tensor([[0, 1], [2, 3], [3, -1]])
+    x, weights = torch.randn(3, 8, generator=torch.Generator().manual_seed(rank)), torch.rand(3, 2)
+    results = []
+    for experts, alignment in ((4, 4), (_IntLike(4), _IntLike(4))):
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, experts)
+        layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+        results.append(buffer.dispatch(x, topk_idx=idx, topk_weights=weights, expert_alignment=alignment, **layout))
+    assert_bit_equal("recv_x", results[1][0], results[0][0])
+    assert results[1][3] == results[0][3] and all(type(n) is int for n in results[1][3])
+    with pytest.raises(TypeError, match="num_experts must be an int, got float"):
+        buffer.get_dispatch_layout(idx, 4.0)
+
+
+def test_int_like_integers_are_taken_as_ints() -> None:
+    run_ranks(2, _int_like_integers)

@@ -294,14 +294,14 @@ CASES: list[tuple[str, str, Callable[[Ctx], object], type, str]] = [
         "bias wrong shape",
         lambda c: c.combine(bias=c.x[:1]),
         ValueError,
-        "bias[0] must have shape",
+        "bias must have shape",
     ),
     (
         "combine-bias-dtype",
         "bias of another dtype",
         lambda c: c.combine(bias=(None, c.x.float())),
         TypeError,
-        "bias[0] must have dtype",
+        "bias[1] must have dtype",
     ),
     (
         "combine-bias-kind",
@@ -316,6 +316,20 @@ CASES: list[tuple[str, str, Callable[[Ctx], object], type, str]] = [
         lambda c: c.combine(topk_weights=c.recv_w[:0]),
         ValueError,
         "topk_weights must have shape",
+    ),
+    (
+        "combine-config-sms",
+        "config.num_sms = 0",
+        lambda c: c.combine(config=Config(0, 6, 256, 6, 128)),
+        ValueError,
+        "num_sms=0",
+    ),
+    (
+        "combine-hidden-zero",
+        "x has no columns",
+        lambda c: c.combine(x=c.recv_x[:, :0]),
+        ValueError,
+        "x.shape[1]=0 must be >= 1",
     ),
     (
         "combine-ll-handle",
@@ -422,6 +436,29 @@ CASES: list[tuple[str, str, Callable[[Ctx], object], type, str]] = [
         lambda c: c.ll_combine(out=torch.empty(1, 128, dtype=torch.bfloat16)),
         ValueError,
         "out must have shape",
+    ),
+    (
+        "ll-combine-out-expanded",
+        "out is an expanded tensor (one row for all)",
+        lambda c: c.ll_combine(out=torch.zeros(1, 128, dtype=torch.bfloat16).expand(c.idx.shape[0], 128)),
+        ValueError,
+        "out is written in place, so its elements must not share memory",
+    ),
+    (
+        "ll-combine-out-grad",
+        "out requires grad",
+        lambda c: c.ll_combine(out=torch.zeros(c.idx.shape[0], 128, dtype=torch.bfloat16, requires_grad=True)),
+        ValueError,
+        "out is written in place, so it must not require grad",
+    ),
+    (
+        "ll-stats-expanded",
+        "cumulative_local_expert_recv_stats is an expanded tensor",
+        lambda c: c.ll_dispatch(
+            cumulative_local_expert_recv_stats=torch.zeros(1, dtype=torch.int32).expand(EXPERTS_PER_RANK)
+        ),
+        ValueError,
+        "cumulative_local_expert_recv_stats is written in place",
     ),
     (
         "ll-combine-logfmt",
