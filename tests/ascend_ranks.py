@@ -173,6 +173,22 @@ def fallback(rank: int, world: int, chip: str, hidden: int) -> dict:
     return {"ops": len(state.calls), "logged": records}
 
 
+def hierarchy(rank: int, world: int, generation: str) -> dict:
+    """A2 with the HCCL variables that select the 'hierarchy' algorithm (set by the test): low-latency rounds
+    against the reference backend, the ops called and what was logged."""
+    state = install("A2", generations=(generation,), relax_world_size=True)
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    ascend.log.addHandler(handler)
+    fused = Buffer(dist.group.WORLD, low_latency_mode=True, backend="ascend")
+    ref = Buffer(dist.group.WORLD, low_latency_mode=True, backend="reference", low_latency_quant="int8")
+    for use_fp8 in (False, True):
+        ll_round(rank, world, fused, ref, dict(CASES[0], hidden=64, experts=2 * world, cap=4), use_fp8)
+    ascend.log.removeHandler(handler)
+    return {"ops": sorted({name for name, _ in state.calls}), "logged": records}
+
+
 def strict(rank: int, world: int) -> str:
     install("A2")
     fused = Buffer(dist.group.WORLD, low_latency_mode=True, backend="ascend")
@@ -234,7 +250,7 @@ def meta_shapes(rank: int, world: int) -> dict:
             moe_expert_num=experts,
             quant_mode=quant_mode,
             global_bs=tokens * world,
-            shared_expert_num=0,
+            **({"shared_expert_num": 0} if generation == "v2" else {}),  # v1: only the default (1)
         )
         if scales:
             kwargs["expert_scales"] = torch.ones(tokens, topk)

@@ -14,6 +14,7 @@ from ascend_ranks import (
     availability,
     differential,
     fallback,
+    hierarchy,
     lazy_import,
     meta_shapes,
     no_emulation,
@@ -56,6 +57,21 @@ def test_outside_the_support_matrix_runs_the_reference_algorithm(chip: str, hidd
     for result in results:
         assert result["ops"] == 0
         assert len(result["logged"]) == 1 and limit in result["logged"][0], result["logged"]
+
+
+@pytest.mark.parametrize("generation", ["v1", "v2"])
+def test_a2_hierarchy_variables(generation: str) -> None:
+    """EMULATION: HCCL_INTRA_PCIE_ENABLE=1 with HCCL_INTRA_ROCE_ENABLE=0 selects A2's 'hierarchy' algorithm where an
+    op is not given comm_alg; its combine weights rows by their dispatch-time scales, so the v1 ops (no comm_alg
+    keyword) must not be used then. The v2 ops are told comm_alg='fullmesh' and stay fused."""
+    env = {"HCCL_INTRA_PCIE_ENABLE": "1", "HCCL_INTRA_ROCE_ENABLE": "0"}
+    results = run_ranks(4, hierarchy, generation, env=env)
+    for result in results:
+        if generation == "v1":
+            assert result["ops"] == [] and len(result["logged"]) == 1 and "hierarchy" in result["logged"][0]
+        else:
+            assert result["ops"] == ["npu_moe_distribute_combine_v2", "npu_moe_distribute_dispatch_v2"]
+            assert result["logged"] == []
 
 
 def test_strict_mode_raises_naming_the_limit() -> None:

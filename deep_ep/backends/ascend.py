@@ -401,10 +401,25 @@ class AscendBackend(ReferenceBackend):
         if self.chip is None:
             return "the chip is neither Atlas A2 nor A3"
         limits = SUPPORT_MATRIX[(self.chip, self.ops)]
+        if limits.chip == "A2" and not self._passes_alg(limits) and hierarchy_selected():
+            return (
+                "HCCL_INTRA_PCIE_ENABLE=1 with HCCL_INTRA_ROCE_ENABLE=0 selects the A2 'hierarchy' algorithm, whose "
+                "combine weights the rows with the scales sent at dispatch (DeepEP's weights come only at combine), "
+                f"and this {limits.ops} op cannot be told comm_alg='fullmesh'"
+            )
         num_tokens_cap = args.num_max_dispatch_tokens_per_rank
         return unsupported_reason(
             limits, self.comm.size, num_tokens_cap, args.x.shape[1], args.topk_idx.shape[1], args.num_experts
         )
+
+    def _passes_alg(self, limits: ChipLimits) -> bool:
+        """Whether calls pass `limits.comm_alg` (older torch_npu builds have no comm_alg keyword: their default)."""
+        if self._pass_alg is None:
+            npu = vendor.torch_npu()
+            self._pass_alg = limits.comm_alg is not None and all(
+                _has_kwarg(npu, kind, self.ops, "comm_alg") for kind in ("dispatch", "combine")
+            )
+        return self._pass_alg
 
     def _check_buffsize(self, limits: ChipLimits, key: tuple[int, ...]) -> None:
         if key in self._checked_sizes:
@@ -455,11 +470,7 @@ class AscendBackend(ReferenceBackend):
         gathered = comm.all_gather(ids, "low_latency_dispatch")  # [R, T, K]
         op_ids = substitute_ids(gathered, num_experts, local)
         real = gathered >= 0
-        if self._pass_alg is None:  # older torch_npu builds have no comm_alg keyword: keep their default
-            self._pass_alg = limits.comm_alg is not None and all(
-                _has_kwarg(npu, kind, self.ops, "comm_alg") for kind in ("dispatch", "combine")
-            )
-        pass_alg = self._pass_alg
+        pass_alg = self._passes_alg(limits)
         token_mask = limits.token_mask and (limits.comm_alg is None or pass_alg)
         if limits.entry_mask:
             sent = real
@@ -478,8 +489,8 @@ class AscendBackend(ReferenceBackend):
             ep_world_size=num_ranks,
             ep_rank_id=rank,
             moe_expert_num=num_experts,
-            shared_expert_num=0,
             shared_expert_rank_num=0,
+            **_shared_expert_num(self.ops),
             quant_mode=2 if args.use_fp8 else 0,
             global_bs=tokens_cap * num_ranks,
             expert_token_nums_type=1,
@@ -566,8 +577,8 @@ class AscendBackend(ReferenceBackend):
             ep_world_size=num_ranks,
             ep_rank_id=rank,
             moe_expert_num=local * num_ranks,
-            shared_expert_num=0,
             shared_expert_rank_num=0,
+            **_shared_expert_num(self.ops),
             global_bs=tokens_cap * num_ranks,
         )
         if self.ops == "v2":
@@ -585,6 +596,17 @@ class AscendBackend(ReferenceBackend):
         combined = op(**kwargs)
         out.copy_(combined[:num_tokens])
         return Pending(comm, "low_latency_combine", [], [], on_host=x.device.type == "cpu")
+
+
+def _shared_expert_num(ops: str) -> dict[str, int]:
+    """The shared_expert_num keyword: the v1 ops take only their default (1 on A3, "use the default" on A2;
+    shared_expert_rank_num=0 already means no shared expert), the v2 ops take 0."""
+    return {"shared_expert_num": 0} if ops == "v2" else {}
+
+
+def hierarchy_selected() -> bool:
+    """Whether the HCCL variables select the A2 'hierarchy' algorithm for ops that are not given comm_alg."""
+    return os.environ.get("HCCL_INTRA_PCIE_ENABLE") == "1" and os.environ.get("HCCL_INTRA_ROCE_ENABLE") == "0"
 
 
 def _zero_row_scale(device: torch.device) -> torch.Tensor:

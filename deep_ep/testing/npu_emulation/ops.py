@@ -14,7 +14,9 @@ docs/ASCEND.md for the sources):
 - the received rows of `expand_x` grouped by local expert, then source rank, then token index;
   `ep_recv_counts` = running totals in that (expert, source) order; `expert_token_nums` per expert;
 - combine: each row back to its token, summed in float32 over k ascending as
-  sum(expert_scales[t, k] * row), each product rounded, then one cast to the output dtype;
+  sum(expert_scales[t, k] * row), each product rounded, then one cast to the output dtype; under A2's
+  'hierarchy' algorithm (picked by HCCL_INTRA_PCIE_ENABLE=1, HCCL_INTRA_ROCE_ENABLE=0 where no comm_alg is
+  given) the weight is the row's dispatch-time scale (expand_scales), as the op's A2 kernels take it;
 - HCCL_BUFFSIZE too small for the documented formula fails the call, as the real op would fail.
 """
 
@@ -86,6 +88,8 @@ def _check_common(
     text, ok = _world_sizes(state, generation, comm_alg)
     _check(ok(num_ranks), f"{state.chip} {generation}: ep_world_size={num_ranks} not in {text}")
     _check(a["shared_expert_rank_num"] == 0, "shared expert ranks are not emulated")
+    if generation == "v1":  # the v1 docs: A3 supports only 1 (the default), A2 takes the default
+        _check(a["shared_expert_num"] == 1, f"{state.chip} v1: shared_expert_num={a['shared_expert_num']}, only 1")
     _check(a.get("tp_world_size", 0) in (0, 1), "TP communication is not emulated")
     num_experts = a["moe_expert_num"]
     max_experts = 1024 if (state.chip == "A3" and generation == "v2") else 512
@@ -321,6 +325,9 @@ def combine(state: EmulationState, generation: str, a: dict[str, Any]) -> torch.
         dest = torch.repeat_interleave(torch.arange(num_ranks).repeat(local), blocks)
         t_back = k_back = torch.zeros(count, dtype=torch.int32)  # v1: the source finds its rows by position
     fields = dict(row=expand_x[:count], meta=torch.stack([t_back, k_back], 1).int())
+    hierarchy = comm_alg == "hierarchy"
+    if hierarchy:  # the A2 hierarchy kernels weight each row by the scale it was dispatched with, not expert_scales
+        fields["scale"] = expand_scales[:count].float().unsqueeze(1)
     fmt = RowFormat.of(**fields)
     received, source = _exchange(group, fmt.pack(**fields), dest)
     got = fmt.unpack(received)
@@ -343,6 +350,9 @@ def combine(state: EmulationState, generation: str, a: dict[str, Any]) -> torch.
         _check(t_recv.numel() == source.numel(), "combine received a different number of rows than dispatched")
     slots[t_recv, k_recv] = got["row"].float()
     present[t_recv, k_recv] = True
+    if hierarchy:
+        weights = torch.zeros(bs, num_topk)
+        weights[t_recv, k_recv] = got["scale"].squeeze(1)
     acc = torch.zeros(bs, hidden)
     for k in range(num_topk):
         product = weights[:, k : k + 1] * slots[:, k]  # rounded product, then a separate add
