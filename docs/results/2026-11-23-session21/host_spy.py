@@ -6,7 +6,8 @@ never fills and blocks), inside functions named after the op so the samples can 
         torchrun --standalone --nproc-per-node 2 docs/results/2026-11-23-session21/host_spy.py
 
 4096 tokens x 7168 bf16, top-8 of 256 experts (tools/bench.py's routing), 32 SMs, agreement check on (the
-default). Also prints, unsampled runs aside, the host's time per call of each op issued back to back.
+default); OPS (default cached,combine; also fresh) picks the ops. Also prints, unsampled runs aside, the
+host's time per call of each op issued back to back.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def op_combine(buffer, recv_x, handle) -> float:
     return burst(lambda: buffer.combine(recv_x, handle), SECONDS)
 
 
+def op_fresh_dispatch(buffer, x, args) -> float:
+    return burst(lambda: buffer.dispatch(x, **args), SECONDS)
+
+
 def main() -> None:
     rank = int(os.environ["RANK"])
     device = torch.device("cuda", rank)
@@ -67,10 +72,16 @@ def main() -> None:
         buffer.dispatch(x, handle=handle)
         buffer.combine(recv_x, handle)
     torch.cuda.synchronize()
-    cached = op_cached_dispatch(buffer, x, handle)
-    combined = op_combine(buffer, recv_x, handle)
+    ops = os.environ.get("OPS", "cached,combine").split(",")
+    times = {}
+    if "cached" in ops:
+        times["cached dispatch"] = op_cached_dispatch(buffer, x, handle)
+    if "combine" in ops:
+        times["combine"] = op_combine(buffer, recv_x, handle)
+    if "fresh" in ops:
+        times["fresh dispatch"] = op_fresh_dispatch(buffer, x, dict(topk_idx=topk_idx, topk_weights=weights, **layout))
     if rank == 0:
-        print(f"host per call, back to back: cached dispatch {cached * 1e6:.1f} us, combine {combined * 1e6:.1f} us")
+        print("host per call, back to back: " + ", ".join(f"{op} {t * 1e6:.1f} us" for op, t in times.items()))
     dist.destroy_process_group()
 
 
