@@ -47,6 +47,8 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
         "use_ue8m0",
     ),
     "low_latency_combine": ("num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "num_topk", "handle_serial"),
+    # deep_ep.autograd's combine of non-float32 weights: announces its second combine (the weights' own)
+    "combine_weights_apart": ("weights_dtype",),
     "destroy": (),
 }
 _OP_NAMES = list(OPERATIONS)

@@ -23,13 +23,15 @@ complete before returning (autograd consumes gradients at once).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .agreement import dtype_code
 from .buffer import Buffer
 from .config import Config
 from .utils import EventOverlap
@@ -134,9 +136,10 @@ class _Dispatch(torch.autograd.Function):
         box: _Box,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         native = topk_weights.dtype == torch.float32
-        per_rank, per_rdma, per_expert, in_rank, layout_event = buffer.get_dispatch_layout(
-            topk_idx, num_experts, **options.comm_kwargs(buffer)
-        )
+        with _rejected_as(buffer, "dispatch"):  # the layout checks the ids on this rank alone
+            per_rank, per_rdma, per_expert, in_rank, layout_event = buffer.get_dispatch_layout(
+                topk_idx, num_experts, **options.comm_kwargs(buffer)
+            )
         recv, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
             x if native else (x, topk_weights),
             num_tokens_per_rank=per_rank,
@@ -195,6 +198,10 @@ class _Combine(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         native = topk_weights is None or topk_weights.dtype == torch.float32
         bias = tuple(b for b in (bias_0, bias_1) if b is not None)
+        if not native:
+            # Two combines follow where a rank with float32 weights (or none) makes one: announce them, so that
+            # a rank on the other path fails this call with every rank instead of pairing with its next one.
+            buffer._agree("combine_weights_apart", weights_dtype=dtype_code(topk_weights.dtype))
         combined_x, combined_w, event = buffer.combine(
             x,
             handle,
@@ -266,14 +273,16 @@ def dispatch(
     """
     if not isinstance(buffer, Buffer):
         raise TypeError(f"buffer must be a deep_ep.Buffer, got {type(buffer).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor [N, H] (fp8 tuples are not differentiable), got {type(x).__name__}")
-    if not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point():
-        raise TypeError(f"topk_weights must be a floating-point tensor [N, K], got {_describe(topk_weights)}")
-    if not isinstance(topk_idx, torch.Tensor):
-        raise TypeError(f"topk_idx must be an int64 tensor [N, K], got {type(topk_idx).__name__}")
-    if topk_weights.shape != topk_idx.shape:
-        raise ValueError(f"topk_weights has shape {list(topk_weights.shape)} but topk_idx has {list(topk_idx.shape)}")
+    with _rejected_as(buffer, "dispatch"):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor [N, H] (fp8 tuples are not differentiable), got {type(x).__name__}")
+        if not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point():
+            raise TypeError(f"topk_weights must be a floating-point tensor [N, K], got {_describe(topk_weights)}")
+        if not isinstance(topk_idx, torch.Tensor):
+            raise TypeError(f"topk_idx must be an int64 tensor [N, K], got {type(topk_idx).__name__}")
+        if topk_weights.shape != topk_idx.shape:
+            shapes = f"{list(topk_weights.shape)} but topk_idx has {list(topk_idx.shape)}"
+            raise ValueError(f"topk_weights has shape {shapes}")
     options = _Options(config, previous_event, async_finish, allocate_on_comm_stream)
     box = _Box()
     recv_x, recv_idx, recv_w = _Dispatch.apply(
@@ -311,24 +320,36 @@ def combine(
     """
     if not isinstance(buffer, Buffer):
         raise TypeError(f"buffer must be a deep_ep.Buffer, got {type(buffer).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor [num_recv, H], got {type(x).__name__}")
-    if topk_weights is not None and (
-        not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point()
-    ):
-        raise TypeError(f"topk_weights must be None or a floating-point tensor, got {_describe(topk_weights)}")
-    if bias is None:
-        biases: tuple[Any, Any] = (None, None)
-    elif isinstance(bias, torch.Tensor):
-        biases = (bias, None)
-    elif isinstance(bias, (tuple, list)) and len(bias) == 2:
-        biases = (bias[0], bias[1])
-    else:
-        raise TypeError(f"bias must be None, a tensor, or a pair, got {type(bias).__name__}")
+    with _rejected_as(buffer, "combine"):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor [num_recv, H], got {type(x).__name__}")
+        if topk_weights is not None and (
+            not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point()
+        ):
+            raise TypeError(f"topk_weights must be None or a floating-point tensor, got {_describe(topk_weights)}")
+        if bias is None:
+            biases: tuple[Any, Any] = (None, None)
+        elif isinstance(bias, torch.Tensor):
+            biases = (bias, None)
+        elif isinstance(bias, (tuple, list)) and len(bias) == 2:
+            biases = (bias[0], bias[1])
+        else:
+            raise TypeError(f"bias must be None, a tensor, or a pair, got {type(bias).__name__}")
     options = _Options(config, previous_event, async_finish, allocate_on_comm_stream)
     box = _Box()
     combined_x, combined_w = _Combine.apply(x, topk_weights, biases[0], biases[1], buffer, handle, options, box)
     return CombineResult(combined_x, combined_w, box.event)
+
+
+@contextlib.contextmanager
+def _rejected_as(buffer: Buffer, op: str) -> Iterator[None]:
+    """Checks made on this rank before the Buffer's `op`: one that fails still takes part in `op`'s agreement
+    (a rejected row), so the peers raise in their `op` too instead of waiting for this rank."""
+    try:
+        yield
+    except Exception:
+        buffer._reject(op)
+        raise
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:

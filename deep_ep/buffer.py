@@ -236,12 +236,18 @@ class Buffer:
                 )
             yield agree
         except Exception:
-            # Over the board the rejection still reaches the peers when the group is out of step (not over it).
-            reachable = self._comm.out_of_step is None or self._comm.board is not None
-            if not agreed and reachable and self._agreement_on():
-                with contextlib.suppress(CommTimeoutError):  # this rank's own error is the one to report
-                    reject_agreement(self._comm, op)
+            if not agreed:
+                self._reject(op)
             raise
+
+    def _reject(self, op: str) -> None:
+        """This rank's part in `op`'s agreement when it rejected its arguments to `op` (here or in a caller that
+        checks before calling `op`): a rejected row, so its peers raise in their `op` instead of waiting."""
+        # Over the board the rejection still reaches the peers when the group is out of step (not over it).
+        reachable = self._comm.out_of_step is None or self._comm.board is not None
+        if not self._destroyed and reachable and self._agreement_on():
+            with contextlib.suppress(CommTimeoutError):  # this rank's own error is the one to report
+                reject_agreement(self._comm, op)
 
     def _begin(self, previous_event: EventOverlap | None, async_finish: bool, allocate_on_comm_stream: bool) -> None:
         if previous_event is not None and not isinstance(previous_event, EventOverlap):

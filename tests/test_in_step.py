@@ -13,6 +13,7 @@ from test_reliability import EXPERTS_PER_RANK, Ctx
 
 import reference
 from deep_ep import CollectiveMismatchError, CommTimeoutError
+from deep_ep import autograd as ep
 from deep_ep.testing import run_ranks
 from deep_ep.testing.compare import assert_bit_equal
 
@@ -81,6 +82,61 @@ def _one_rank_rejects(rank: int, world: int, op: str) -> str:
 def test_a_rank_that_rejects_its_arguments_fails_the_call_on_every_rank(op: str) -> None:
     messages = run_ranks(3, _one_rank_rejects, op, timeout=120)
     assert all(f"{op}: rank(s) [2] rejected their arguments" in m for m in messages[:2]), messages
+
+
+# ---- deep_ep.autograd: checks it makes before the Buffer's call, and its two-combine path --------------
+
+
+def _bad_id(c: Ctx) -> torch.Tensor:
+    idx = c.idx.clone()
+    idx[0, 0] = c.experts
+    return idx
+
+
+AUTOGRAD_CALLS = {
+    # case: (the last rank's call, its exception, the other ranks' call, their message)
+    "dispatch, expert id out of range (the layout's check)": (
+        lambda c: ep.dispatch(c.buffer, c.x, _bad_id(c), c.weights, c.experts),
+        ValueError,
+        lambda c: ep.dispatch(c.buffer, c.x, c.idx, c.weights, c.experts),
+        "dispatch: rank(s) [2] rejected their arguments",
+    ),
+    "dispatch, topk_weights of another shape": (
+        lambda c: ep.dispatch(c.buffer, c.x, c.idx, c.weights[:, :1], c.experts),
+        ValueError,
+        lambda c: ep.dispatch(c.buffer, c.x, c.idx, c.weights, c.experts),
+        "dispatch: rank(s) [2] rejected their arguments",
+    ),
+    "combine, bias of the wrong kind": (
+        lambda c: ep.combine(c.buffer, c.recv_x, c.handle, bias=[c.x]),
+        TypeError,
+        lambda c: ep.combine(c.buffer, c.recv_x, c.handle),
+        "combine: rank(s) [2] rejected their arguments",
+    ),
+    "combine, float64 weights on one rank (two combines there), none elsewhere": (
+        lambda c: ep.combine(c.buffer, c.recv_x, c.handle, topk_weights=c.recv_w.double()),
+        CollectiveMismatchError,
+        lambda c: ep.combine(c.buffer, c.recv_x, c.handle),
+        "ranks called different operations",
+    ),
+}
+
+
+def _autograd_rank_differs(rank: int, world: int, case: str) -> str:
+    c = Ctx(rank, world)
+    c.buffer.comm_timeout = TIMEOUT_S
+    last, error, others, _ = AUTOGRAD_CALLS[case]
+    with pytest.raises(error if rank == world - 1 else CollectiveMismatchError) as info:
+        (last if rank == world - 1 else others)(c)
+    _round(c, 1)
+    _round(c, 2)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("case", sorted(AUTOGRAD_CALLS))
+def test_autograd_calls_fail_on_every_rank_when_one_rank_differs(case: str) -> None:
+    messages = run_ranks(3, _autograd_rank_differs, case, timeout=120)
+    assert all(AUTOGRAD_CALLS[case][3] in m for m in messages[:2]), messages
 
 
 # ---- a rank that arrives after its peers gave up ---------------------------------------------------------
