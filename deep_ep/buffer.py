@@ -812,14 +812,22 @@ class Buffer:
 
 def _once(step: Callable[[], None]) -> Callable[[], None]:
     """`step`, run at the first call only: a hook or event may be waited on twice, or a call with the handle may
-    have received the dispatch first; stats must count each receive once."""
+    have received the dispatch first; stats must count each receive once. A step that raised raises again at
+    every later call (its outputs were never filled), instead of returning as if it had received."""
     done = False
+    failure: BaseException | None = None
 
     def run() -> None:
-        nonlocal done
+        nonlocal done, failure
+        if failure is not None:
+            raise RuntimeError(f"this receive failed earlier ({type(failure).__name__}: {failure})") from failure
         if not done:
             done = True
-            step()
+            try:
+                step()
+            except BaseException as error:
+                failure = error
+                raise
 
     return run
 

@@ -525,3 +525,26 @@ def _errors(rank: int, world: int) -> None:
 
 def test_bad_arguments_raise() -> None:
     run_ranks(2, _errors, timeout=60.0)
+
+
+def test_a_receive_that_failed_fails_again_instead_of_returning() -> None:
+    """A hook or event waited on twice receives once; if that receive raised, a later wait must not return as
+    though the outputs had been filled."""
+    from deep_ep.buffer import _once
+
+    calls = []
+
+    def receive() -> None:
+        calls.append(1)
+        raise ValueError("the exchange failed")
+
+    hook = _once(receive)
+    with pytest.raises(ValueError, match="the exchange failed"):
+        hook()
+    with pytest.raises(RuntimeError, match="this receive failed earlier .ValueError: the exchange failed."):
+        hook()
+    assert calls == [1]  # never run twice
+    fine = _once(lambda: calls.append(2))
+    fine()
+    fine()
+    assert calls == [1, 2]
