@@ -346,7 +346,7 @@ class Buffer:
             checks.tensor("x", x_data, dim=2)
             device = x_data.device
             num_tokens, hidden = x_data.shape
-            hidden = checks.integer("x.shape[1]", hidden, minimum=1)
+            checks.integer("x.shape[1]", hidden, minimum=1)
             if x_scales is not None:
                 checks.tensor("x_scales", x_scales, dim=(1, 2), device=device)
                 if x_scales.shape[0] != num_tokens:
@@ -590,7 +590,7 @@ class Buffer:
             checks.tensor("x", x, dtypes=(torch.bfloat16,), dim=2)
             device = x.device
             num_tokens, hidden = x.shape
-            hidden = checks.integer("x.shape[1]", hidden, minimum=1)
+            checks.integer("x.shape[1]", hidden, minimum=1)
             checks.tensor("topk_idx", topk_idx, dtypes=_INDEX_DTYPES, dim=2, device=device)
             if topk_idx.shape[0] != num_tokens:
                 raise ValueError(f"topk_idx has {topk_idx.shape[0]} rows but x has {num_tokens} tokens")
