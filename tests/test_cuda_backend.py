@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 import deep_ep
+from deep_ep import Buffer
 from deep_ep.backends import availability, get_backend_class
 from deep_ep.backends.cuda import (
     CudaBackend,
@@ -44,7 +45,7 @@ from deep_ep.kernels.ordered_sum import (
 from deep_ep.packing import RowFormat
 from deep_ep.routing import Route
 from deep_ep.testing import diff, run_ranks
-from deep_ep.testing.compare import first_mismatch
+from deep_ep.testing.compare import assert_bit_equal, first_mismatch
 from deep_ep.testing.symm_mem_emulation import DIRECTORY_ENV, SimCudaBackend
 from tools import cuda_selftest
 
@@ -455,7 +456,9 @@ def test_low_latency_kernels_match_reference_on_emulated_symmetric_memory(tmp_pa
     assert report.ok, report.format()
     compared = {(c["case_index"], c["op"]) for c in report.checks if c["participant"].startswith("cuda_sim")}
     assert compared == {(i, op) for i in range(len(cases)) for op in ("low_latency_dispatch", "low_latency_combine")}
-    assert any(name.startswith("low_latency-gen") for name in os.listdir(tmp_path))  # the kernels' workspace
+    assert any(
+        name.startswith("low_latency-") and "-gen" in name for name in os.listdir(tmp_path)
+    )  # the kernels' workspace
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed (an extra check)")
@@ -528,3 +531,74 @@ def test_pull_kernel_reads_rows_in_the_interpreter() -> None:
         "    assert torch.equal(out, want) and torch.equal(out2, want2), (words, rows, block, words2)\n"
     )
     _run_in_interpreter(code)
+
+
+def _sim_edge_cases(rank: int, world: int) -> list[str]:
+    """Five cases a review found (EMULATION: symmetric memory as shared files, kernels in Triton's interpreter),
+    each run on `reference` and on `cuda_sim` and compared bit for bit; returns the cases that ran."""
+    from deep_ep.testing import symm_mem_emulation
+
+    symm_mem_emulation.register()
+    gen = torch.Generator().manual_seed(rank)
+    results: dict[str, dict[str, list[torch.Tensor]]] = {}
+
+    def record(case: str, backend: str, *tensors: torch.Tensor) -> None:
+        results.setdefault(case, {})[backend] = [t.clone() for t in tensors]
+
+    x16 = torch.randn(6, 16, generator=gen).bfloat16()
+    odd = torch.zeros(6 * 16 + 1, dtype=torch.bfloat16)[1:].view(6, 16)  # rows 32 bytes wide, 2 bytes off 4
+    odd.copy_(x16)
+    big = torch.randn(6, 512, generator=gen).bfloat16()
+    small = torch.randn(6, 4, generator=gen).bfloat16()
+    for backend in ("reference", "cuda_sim"):
+        # 1. The Buffer's first call moves nothing at all (every entry -1).
+        buffer = Buffer(dist.group.WORLD, backend=backend)
+        none = torch.full((6, 2), -1, dtype=torch.long)
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(none, 4)
+        layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+        got = buffer.dispatch(x16, topk_idx=none, topk_weights=torch.ones(6, 2), **layout)
+        record("nothing sent", backend, got[0], got[1], got[2])
+        # 2. x and the combine's input contiguous but 2 bytes past 4-byte alignment.
+        idx = torch.stack([torch.randperm(4, generator=torch.Generator().manual_seed(t))[:2] for t in range(6)])
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 4)
+        layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+        recv_x, _, _, _, handle, _ = buffer.dispatch(odd, **layout)
+        shifted = torch.zeros(recv_x.numel() + 1, dtype=recv_x.dtype)[1:].view(recv_x.shape)
+        shifted.copy_(recv_x)
+        record("odd offsets", backend, recv_x, buffer.combine(shifted, handle)[0])
+        # 3. Three fresh dispatches with async_finish, the first one's event waited last (CPU: deferred unpacking).
+        weights = [torch.rand(6, 2, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        calls = [
+            buffer.dispatch(x16 * (i + 1), topk_idx=idx, topk_weights=weights[i], async_finish=True, **layout)
+            for i in range(3)
+        ]
+        for call in calls[::-1]:
+            call[5].current_stream_wait()
+        record("async fields", backend, calls[0][1], calls[0][2], calls[0][4][3])
+        # 4. A low-latency layout change on one workspace (E 2 -> 4): the new flags lie on the old messages.
+        ll = Buffer(dist.group.WORLD, low_latency_mode=True, backend=backend)
+        for experts, topk in ((2, torch.zeros(4, 1, dtype=torch.long)),) * 2 + ((4, torch.full((4, 1), -1)),):
+            x = torch.randn(4, 128, generator=torch.Generator().manual_seed(experts)).bfloat16()
+            recv, count, ll_handle, _, _ = ll.low_latency_dispatch(x, topk, 4, experts, use_fp8=False)
+            ll.low_latency_combine(recv, topk, torch.ones(4, 1), ll_handle)
+        record("low-latency layout change", backend, count)
+        # 5. Two new Buffers on one group with workspaces of different sizes, used in turn.
+        one, other = Buffer(dist.group.WORLD, backend=backend), Buffer(dist.group.WORLD, backend=backend)
+        first = one.dispatch(big, **layout)[0]
+        second = other.dispatch(small, **layout)[0]
+        record("two Buffers", backend, first, second, one.dispatch(big, **layout)[0])
+        dist.barrier()
+    for case, got in results.items():
+        for i, (want, have) in enumerate(zip(got["reference"], got["cuda_sim"])):
+            assert_bit_equal(f"{case} [{i}] (EMULATED cuda vs reference)", have, want)
+    return sorted(results)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed (an extra check)")
+def test_review_cases_on_the_emulated_backend(tmp_path) -> None:
+    """EMULATION of symmetric memory; the backend and its kernels are the real ones."""
+    env = {DIRECTORY_ENV: str(tmp_path), "TRITON_INTERPRET": "1"}
+    results = run_ranks(2, _sim_edge_cases, env=env, timeout=280)
+    assert results[0] == sorted(
+        ["nothing sent", "odd offsets", "async fields", "low-latency layout change", "two Buffers"]
+    )

@@ -225,8 +225,9 @@ def pull_plan(recv_splits: list[int], recv_src_idx: torch.Tensor, all_num_tokens
 
 # ---- byte-row helpers --------------------------------------------------------------------------------------
 def pad_columns(rows: torch.Tensor, pitch: int) -> torch.Tensor:
-    """uint8 [N, pitch]: `rows` [N, W] with zero bytes appended (no copy when W == pitch and contiguous)."""
-    if rows.shape[1] == pitch and rows.is_contiguous():
+    """uint8 [N, pitch]: `rows` [N, W] with zero bytes appended, starting 16-byte aligned (no copy when W == pitch,
+    contiguous and aligned already)."""
+    if rows.shape[1] == pitch and rows.is_contiguous() and rows.data_ptr() % 16 == 0:
         return rows
     out = rows.new_zeros(rows.shape[0], pitch)
     out[:, : rows.shape[1]] = rows
@@ -392,8 +393,13 @@ class CudaBackend(ReferenceBackend):
             self._pull(route, self._pull_plan(route), [rows for rows, _ in transfers], outputs)
             return [out for _, out in transfers], Pending(self.comm, op, [], [], on_host=False)
         received = self._push(self._plan(route, dispatch=True), [rows for rows, _ in transfers])
-        # Copies out of the workspace run on this stream, before the next call's barrier (see _push).
-        results = [got if out is None else out.copy_(got) for got, (_, out) in zip(received, transfers)]
+        # Copies out of the workspace run on this stream, before the next call's barrier (see _push). On the CPU
+        # (the emulation) a caller may read rows left in the workspace later (async_finish defers the unpacking
+        # to the event), after the call after next reused that half: they are copied out there.
+        results = [
+            out.copy_(got) if out is not None else got.clone() if got.device.type == "cpu" else got
+            for got, (_, out) in zip(received, transfers)
+        ]
         return results, Pending(self.comm, op, [], [], on_host=False)
 
     # ---- combine ---------------------------------------------------------------------------------------
@@ -444,7 +450,7 @@ class CudaBackend(ReferenceBackend):
             if self._workspace is None:
                 self._workspace = self._new_workspace()
             workspace = self._workspace
-            workspace.ensure(2 * half)
+            workspace.ensure(max(2 * half, 1))  # allocated even when no rank sends a row: the views need memory
             # Alternate halves: this call's writes into a half p (a peer's, or our own that peers read) come after
             # our barrier of the previous call, which every peer reached only after its reads (on its stream) of
             # what the call before left in p.

@@ -183,6 +183,7 @@ class LowLatencyKernels:
         self.backend = backend
         self.workspace: Any = None
         self._mapping: tuple[int, int] | None = None  # (local pointer, size) the offsets were computed for
+        self._zeroed_for: tuple[tuple[int, int], LowLatencyLayout] | None = None  # (mapping, layout) since the zeroing
         self.peer_delta: torch.Tensor | None = None
         device = backend.device
         # Call counters (their parity picks the workspace half, the dispatch flags hold seq + 1), each with the
@@ -194,7 +195,8 @@ class LowLatencyKernels:
         return on_device(self.backend.device)
 
     def _ready(self, layout: LowLatencyLayout) -> Any:
-        """The workspace, at least `layout.nbytes` big (collective when it grows: then zeroed and a barrier)."""
+        """The workspace, at least `layout.nbytes` big, zeroed since it was allocated or last laid out otherwise
+        (collective then: every rank's call has the same layout; a zeroing ends with a barrier)."""
         backend = self.backend
         if self.workspace is None:
             self.workspace = backend._new_workspace("low_latency")
@@ -202,12 +204,20 @@ class LowLatencyKernels:
         workspace.ensure(layout.nbytes)
         mapping = (workspace.local.data_ptr(), workspace.nbytes)
         if mapping != self._mapping:
-            # A fresh allocation: stale bytes could look like this call's flags. Zero it, and let every rank
-            # finish zeroing before anyone writes into a peer.
-            workspace.local.zero_()
-            workspace.barrier(backend.comm.timeout_s)
             self.peer_delta = word_deltas(workspace, backend.device)
             self._mapping = mapping
+        if (mapping, layout) != self._zeroed_for:
+            # Fresh memory, or another (R, T, H, E, K): its flags lie where other bytes were (a message, a
+            # count), which could equal this call's flag value. Zero it, and let every rank finish zeroing before
+            # anyone writes into a peer.
+            if backend.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "the low-latency workspace must be zeroed for a new (tokens, hidden, experts, top-k) layout, "
+                    "which cannot be captured in a CUDA graph; run the same call once before capturing"
+                )
+            workspace.local.zero_()
+            workspace.barrier(backend.comm.timeout_s)
+            self._zeroed_for = (mapping, layout)
         return workspace
 
     def _parts(self, experts: int, rows: int) -> int:

@@ -10,6 +10,7 @@ tensors. Results that depend on it are labelled as emulated in the tests that us
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -25,8 +26,11 @@ DIRECTORY_ENV = "DEEP_EP_SIM_DIR"  # where the shared files live (one directory 
 class HostSharedWorkspace:
     """Same members as `SymmetricWorkspace` (`ensure`, `peer`, `local`, `nbytes`, `size`, `barrier`)."""
 
+    _created = itertools.count()  # workspaces made in this process: every rank makes its Buffers in one order
+
     def __init__(self, group: dist.ProcessGroup, directory: str, minimum: int, purpose: str) -> None:
-        self.group, self.directory, self.minimum, self.purpose = group, directory, minimum, purpose
+        self.group, self.directory, self.minimum = group, directory, minimum
+        self.purpose = f"{purpose}-{next(self._created)}"  # files of their own, not another Buffer's
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.nbytes, self.generation = 0, 0
         self.local: torch.Tensor | None = None
