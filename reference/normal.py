@@ -253,10 +253,12 @@ def dispatch(
                 running += tokens_in_channel[r][d][c]
                 channel_prefix[d][c] = running
 
-        # Receiver side: first row of recv_x holding source s's channel c.
+        # Receiver side (DeepEP's meaning): where source s's channel c starts within source s's block of rows,
+        # i.e. an exclusive prefix over s's channels that restarts at 0 for every source; the block itself
+        # starts at row rank_prefix[s - 1][r].
         recv_channel_prefix = [[0] * num_channels for _ in range(num_ranks)]
         for s in range(num_ranks):
-            row = rank_prefix[s - 1][r] if s > 0 else 0
+            row = 0
             for c in range(num_channels):
                 recv_channel_prefix[s][c] = row
                 row += tokens_in_channel[s][r][c]

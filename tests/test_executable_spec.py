@@ -142,8 +142,8 @@ def test_dispatch_by_hand():
             assert out[r][key].dtype == I32
     assert r0["channel_prefix_matrix"].tolist() == [[2, 2], [1, 2]]
     assert r1["channel_prefix_matrix"].tolist() == [[1, 2], [1, 1]]
-    assert r0["recv_channel_prefix_matrix"].tolist() == [[0, 2], [2, 3]]
-    assert r1["recv_channel_prefix_matrix"].tolist() == [[0, 1], [2, 3]]
+    assert r0["recv_channel_prefix_matrix"].tolist() == [[0, 2], [0, 1]]  # within each source's block
+    assert r1["recv_channel_prefix_matrix"].tolist() == [[0, 1], [0, 1]]
     assert r0["send_head"].tolist() == [[0, 0], [1, -1], [-1, 0]]
     assert r1["send_head"].tolist() == [[-1, -1], [0, 0], [0, -1]]
 
@@ -153,13 +153,13 @@ def test_dispatch_send_head_restarts_per_channel():
     one = dispatch(_hand_x(), IN_RANK, PER_EXPERT, num_channels=1)
     assert one[0]["send_head"].tolist() == [[0, 0], [1, -1], [-1, 1]]
     assert one[0]["channel_prefix_matrix"].tolist() == [[2], [2]]
-    assert one[1]["recv_channel_prefix_matrix"].tolist() == [[0], [2]]
+    assert one[1]["recv_channel_prefix_matrix"].tolist() == [[0], [0]]
     assert one[0]["recv_topk_idx"] is None and one[0]["recv_topk_weights"] is None
     # More channels than tokens: empty channels repeat the inclusive prefix.
     many = dispatch(_hand_x(), IN_RANK, PER_EXPERT, num_channels=4)
     assert many[0]["channel_prefix_matrix"].tolist() == [[1, 2, 2, 2], [1, 1, 2, 2]]
     assert many[0]["send_head"].tolist() == [[0, 0], [0, -1], [-1, 0]]
-    assert many[1]["recv_channel_prefix_matrix"].tolist() == [[0, 1, 1, 2], [2, 2, 3, 3]]
+    assert many[1]["recv_channel_prefix_matrix"].tolist() == [[0, 1, 1, 2], [0, 0, 1, 1]]
 
 
 def test_dispatch_expert_alignment_rounds_counts_only():
@@ -320,15 +320,17 @@ def test_dispatch_combine_self_describing(seed, num_ranks, experts_per_rank, num
             lo = int(prefix[s - 1, r]) if s > 0 else 0
             src = o["recv_src_idx"][lo : int(prefix[s, r])].tolist()
             assert src == sorted(src) and len(set(src)) == len(src)
-        # recv_channel_prefix_matrix[s, c] is a row where source s's channel c starts.
+        # recv_channel_prefix_matrix[s, c] is where source s's channel c starts within source s's block of rows
+        # (DeepEP's meaning: its combine adds the block's start, rank_prefix_matrix[s - 1, r]).
         for s in range(num_ranks):
             n_s = x[s].shape[0]
+            block = int(prefix[s - 1, r]) if s > 0 else 0
             for c in range(num_channels):
                 start, end = reference.channel_range(c, n_s, num_channels)
                 rows = [i for i in range(num_recv) if start <= int(o["recv_src_idx"][i]) < end]
                 rows = [i for i in rows if int((prefix[:, r] <= i).sum()) == s]
                 if rows:
-                    assert rows[0] == int(o["recv_channel_prefix_matrix"][s, c])
+                    assert rows[0] == block + int(o["recv_channel_prefix_matrix"][s, c])
         # send_head counts per (channel, destination) and the last channel's prefix totals the rank's sends.
         assert o["channel_prefix_matrix"][:, -1].tolist() == lay[r]["num_tokens_per_rank"].tolist()
         assert torch.equal(o["send_head"] >= 0, lay[r]["is_token_in_rank"])

@@ -265,10 +265,8 @@ def _prefix_matrices(gathered: torch.Tensor, rank: int, num_channels: int) -> li
     rank_prefix_matrix = counts.cumsum(0, dtype=torch.int32)
     channel_prefix_matrix = per_channel[rank].cumsum(1, dtype=torch.int32)  # [destination, channel]
     channel_counts = per_channel[:, rank]  # [source, channel]
-    source_start = rank_prefix_matrix[:, rank] - counts[:, rank]
-    recv_channel_prefix_matrix = (
-        source_start.unsqueeze(1) + channel_counts.cumsum(1, dtype=torch.int32) - channel_counts
-    ).int()
+    # DeepEP's meaning: where each source's channel starts within that source's block of received rows.
+    recv_channel_prefix_matrix = (channel_counts.cumsum(1, dtype=torch.int32) - channel_counts).int()
     channel_base = (channel_prefix_matrix - per_channel[rank] + 1).t()  # [channel, destination], for `_send_head`
     return [rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, counts[:, rank].int(), channel_base]
 
@@ -282,10 +280,10 @@ def _host_prefix_matrices(rows: list[list[int]], rank: int, num_channels: int, d
     per_channel = [[row[num_ranks + d * width : num_ranks + (d + 1) * width] for d in range(num_ranks)] for row in rows]
     rank_prefix = list(itertools.accumulate(counts, lambda done, row: [a + b for a, b in zip(done, row)]))
     channel_prefix = [list(itertools.accumulate(sent)) for sent in per_channel[rank]]  # [destination][channel]
-    recv_prefix = []
+    recv_prefix = []  # each source's channel starts within its block of received rows (DeepEP's meaning)
     for source in range(num_ranks):
-        start, got = rank_prefix[source][rank] - counts[source][rank], per_channel[source][rank]
-        recv_prefix.append([start + done - n for done, n in zip(itertools.accumulate(got), got)])
+        got = per_channel[source][rank]
+        recv_prefix.append([done - n for done, n in zip(itertools.accumulate(got), got)])
     base = [[channel_prefix[d][c] - per_channel[rank][d][c] + 1 for d in range(num_ranks)] for c in range(width)]
     recv_counts = [counts[source][rank] for source in range(num_ranks)]
     shapes = [(num_ranks, num_ranks), (num_ranks, width), (num_ranks, width), (num_ranks,), (width, num_ranks)]
