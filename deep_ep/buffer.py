@@ -130,8 +130,16 @@ class Buffer:
         self._check_alive()
         if not self.explicitly_destroy:
             raise ValueError("destroy() needs Buffer(..., explicitly_destroy=True); this buffer is freed on deletion")
-        if self._comm.out_of_step is None:  # else peers may never come: release this rank's side alone
-            self._agree("destroy")
+        # A group out of step may never bring the peers to a collective, but the host board still reaches them.
+        if self._comm.out_of_step is None or self._comm.board is not None:
+            try:
+                self._agree("destroy")
+            except CommTimeoutError:
+                self._release()  # a peer that does not come cannot keep this rank's side alive; say so, though
+                raise
+        self._release()
+
+    def _release(self) -> None:
         self._comm.close_host_board()
         self._combine_buffers.clear()
         self._local_buffers.clear()

@@ -22,7 +22,11 @@ from .host_board import CAPACITY_BYTES, HostBoard
 # torch >= 2.13 renamed all_gather_into_tensor; the GPU hosts run 2.11.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _BACKEND_DEVICE = {"gloo": "cpu", "mpi": "cpu", "nccl": "cuda", "hccl": "npu", "xccl": "xpu"}
-DEFAULT_TIMEOUT_S = float(os.environ.get("DEEP_EP_COMM_TIMEOUT", "300"))
+
+
+def default_timeout_s() -> float:
+    """`DEEP_EP_COMM_TIMEOUT` (seconds, default 300), read when a Buffer is made, as the other DEEP_EP_* switches."""
+    return float(os.environ.get("DEEP_EP_COMM_TIMEOUT", "300"))
 
 
 def group_device_types(group: dist.ProcessGroup) -> set[str]:
@@ -65,12 +69,12 @@ class Pending:
 class Comm:
     """One group's collectives as deep_ep uses them."""
 
-    def __init__(self, group: dist.ProcessGroup, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, group: dist.ProcessGroup, timeout_s: float | None = None) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self.device_types = group_device_types(group)
-        self.timeout_s = timeout_s
+        self.timeout_s = default_timeout_s() if timeout_s is None else timeout_s
         self.board: HostBoard | None = None
         # Set when a wait on the group timed out: the group's collectives may then pair differently on each rank
         # (a late rank's transfer with another call's), so the owner refuses every later call.

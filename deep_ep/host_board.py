@@ -11,22 +11,26 @@ last word; a reader waits until every rank's slot holds k and copies the payload
 rank can only begin call k + 2 after every rank has posted call k + 1, which each does only after reading
 call k. A rank whose wait for call k times out stores -k there instead: a rank that reaches call k later (or
 is waiting for it) then raises too, so every rank counts call k as failed and the next call pairs again; a
-sequence word beyond k, or -k, means its rank has given up on call k. The store order this relies on
-(payload before sequence word, as seen by other cores) is what x86-64 guarantees for ordinary stores
-(payloads stay far below the size where memcpy turns to non-temporal stores); elsewhere the board is not
-used and the exchange goes over the group.
+sequence word beyond k, or -k, means its rank has given up on call k. Posting k and giving up are made under
+one lock (`flock` on the board file), and a rank gives up only if, under it, some rank has still not posted:
+otherwise a rank that posted just before could already have seen every rank posted and gone on. The store
+order this relies on (payload before sequence word, as seen by other cores) is what x86-64 guarantees for
+ordinary stores (payloads stay far below the size where memcpy turns to non-temporal stores); elsewhere the
+board is not used and the exchange goes over the group.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
+import fcntl
 import mmap
 import os
 import platform
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,8 +57,8 @@ def board_supported() -> bool:
 class HostBoard:
     """Tensors of up to CAPACITY_BYTES swapped among the ranks of `comm`, all on this machine, through shared memory."""
 
-    def __init__(self, comm: Comm, memory: mmap.mmap, pids: list[int]) -> None:
-        self._comm, self._memory = comm, memory
+    def __init__(self, comm: Comm, memory: mmap.mmap, fd: int, pids: list[int]) -> None:
+        self._comm, self._memory, self._fd = comm, memory, fd  # fd: the board file, for its lock
         self._words = memoryview(memory).cast("q")  # Python indexing: the fast way to poll one word
         self._bytes = torch.frombuffer(memory, dtype=torch.uint8)
         self._calls = 0
@@ -69,33 +73,45 @@ class HostBoard:
         supported = board_supported()
         size_bytes = 8 * (1 + comm.size * 2 * _SLOT_WORDS)
         nonce = secrets.randbits(62) + 1
-        path, memory = "", None
-        if comm.rank == 0 and supported:
-            directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-            fd, path = tempfile.mkstemp(prefix="deep_ep_board_", dir=directory)
-            os.ftruncate(fd, size_bytes)
-            memory = mmap.mmap(fd, size_bytes)
-            os.close(fd)
-            memory[:8] = nonce.to_bytes(8, "little", signed=True)
-        offer = torch.zeros(_PATH_WORDS + 1, dtype=torch.int64)
-        if memory is not None:
-            encoded = path.encode()
-            if len(encoded) <= _PATH_WORDS:
-                offer[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.int64)
-                offer[_PATH_WORDS] = nonce
-        gathered = comm.all_gather(offer, "open the host board")[0].tolist()
-        expected_nonce = gathered[_PATH_WORDS]
-        if comm.rank != 0 and supported and expected_nonce:
-            memory = _map_existing(bytes(c for c in gathered[:_PATH_WORDS] if c).decode(), size_bytes)
-        mapped = memory is not None and int.from_bytes(memory[:8], "little", signed=True) == expected_nonce
-        everyone = comm.all_gather(torch.tensor([int(mapped), os.getpid()]), "open the host board").tolist()
-        if path:
-            os.unlink(path)  # the mappings outlive the name; nothing is left behind if a rank dies
-        if not all(ok for ok, _ in everyone):
+        path, memory, fd = "", None, -1
+        try:
+            if comm.rank == 0 and supported:
+                directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+                fd, path = tempfile.mkstemp(prefix="deep_ep_board_", dir=directory)
+                os.ftruncate(fd, size_bytes)
+                memory = mmap.mmap(fd, size_bytes)
+                memory[:8] = nonce.to_bytes(8, "little", signed=True)
+            offer = torch.zeros(_PATH_WORDS + 1, dtype=torch.int64)
             if memory is not None:
-                memory.close()
+                encoded = path.encode()
+                if len(encoded) <= _PATH_WORDS:
+                    offer[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.int64)
+                    offer[_PATH_WORDS] = nonce
+            gathered = comm.all_gather(offer, "open the host board")[0].tolist()
+            expected_nonce = gathered[_PATH_WORDS]
+            if comm.rank != 0 and supported and expected_nonce:
+                memory, fd = _map_existing(bytes(c for c in gathered[:_PATH_WORDS] if c).decode(), size_bytes)
+            mapped = memory is not None and int.from_bytes(memory[:8], "little", signed=True) == expected_nonce
+            everyone = comm.all_gather(torch.tensor([int(mapped), os.getpid()]), "open the host board").tolist()
+        except BaseException:
+            _release(memory, fd)
+            raise
+        finally:
+            if path:
+                os.unlink(path)  # the mappings and descriptors outlive the name; nothing is left behind
+        if not all(ok for ok, _ in everyone):
+            _release(memory, fd)
             return None
-        return cls(comm, memory, [pid for _, pid in everyone])
+        return cls(comm, memory, fd, [pid for _, pid in everyone])
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The board's lock, held across processes (`flock` on the board file), for posting and giving up."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _slot(self, rank: int, parity: int) -> int:
         """The word where (rank, parity)'s slot begins."""
@@ -128,7 +144,8 @@ class HostBoard:
         mine = self._slot(self._comm.rank, parity)
         words[mine] = nbytes
         write(mine + 1)
-        words[mine + _SLOT_WORDS - 1] = call  # published after the payload (x86-64 keeps the stores in order)
+        with self._locked():  # not between another rank's look at the slots and its giving up
+            words[mine + _SLOT_WORDS - 1] = call  # published after the payload (x86-64 keeps the stores in order)
         slots = [self._slot(rank, parity) for rank in range(self._comm.size)]
         self._wait([slot + _SLOT_WORDS - 1 for slot in slots], call, op)
         sizes = [words[slot] for slot in slots]
@@ -155,8 +172,11 @@ class HostBoard:
             waited = now - started
             where = f"seen on rank {self._comm.rank} of {self._comm.size}"
             if waited > self._comm.timeout_s:
-                late = [rank for rank, i in enumerate(seq_words) if words[i] != call]
-                words[seq_words[self._comm.rank]] = -call  # late ranks will see that this call was given up
+                with self._locked():
+                    late = [rank for rank, i in enumerate(seq_words) if words[i] != call]
+                    if not late:  # everyone posted after all: some may have seen it and gone on, so go on too
+                        return
+                    words[seq_words[self._comm.rank]] = -call  # late ranks will see that this call was given up
                 raise CommTimeoutError(
                     f"{op}: ranks {late} did not reach the call within {self._comm.timeout_s:g} s, {where}"
                 )
@@ -177,7 +197,14 @@ class HostBoard:
     def close(self) -> None:
         del self._bytes
         self._words.release()
-        self._memory.close()
+        _release(self._memory, self._fd)
+
+
+def _release(memory: mmap.mmap | None, fd: int) -> None:
+    if memory is not None:
+        memory.close()
+    if fd >= 0:
+        os.close(fd)
 
 
 def _process_gone(pid: int) -> bool:
@@ -191,14 +218,16 @@ def _process_gone(pid: int) -> bool:
         return False
 
 
-def _map_existing(path: str, size_bytes: int) -> mmap.mmap | None:
+def _map_existing(path: str, size_bytes: int) -> tuple[mmap.mmap | None, int]:
+    """The board file at `path` mapped, and its descriptor (kept for the lock); (None, -1) if it cannot be."""
     try:
         fd = os.open(path, os.O_RDWR)
     except OSError:
-        return None
+        return None, -1
     try:
-        if os.fstat(fd).st_size != size_bytes:
-            return None
-        return mmap.mmap(fd, size_bytes)
-    finally:
-        os.close(fd)
+        if os.fstat(fd).st_size == size_bytes:
+            return mmap.mmap(fd, size_bytes), fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None, -1

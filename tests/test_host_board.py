@@ -5,6 +5,7 @@ Real gloo worlds of local processes; the board is the code under test, nothing i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -137,3 +138,103 @@ def test_a_rank_that_posted_and_exited_is_not_taken_for_dead() -> None:
     # waiter must read its slot again rather than report it gone (seen once in CI, on a busy two-core machine).
     results = run_ranks(2, _posts_then_exits, doomed=(1,), timeout=60)
     assert results[0] == [[0], [1]], results
+
+
+def _arrivals_at_the_deadline(rank: int, world: int) -> list[str]:
+    """Rank 1 posts around rank 0's deadline, many times; rank 0 is descheduled for 1 ms right after it looks at
+    the slots (its clock read sleeps, as a preempted process would), which widens the window in which a peer can
+    post between that look and the giving up."""
+    import types
+
+    from deep_ep import host_board
+
+    comm = Comm(dist.group.WORLD)
+    board = HostBoard.open(comm)
+    assert board is not None
+    if rank == 0:
+        clock = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+        clock.monotonic = lambda: (time.sleep(0.001), time.monotonic())[1]
+        host_board.time = clock
+    outcomes = []
+    for trial in range(40):
+        comm.timeout_s = 60.0
+        board.all_gather_ints([trial], "in step")
+        comm.timeout_s = 0.05
+        if rank == 1:
+            time.sleep(0.0512 + (trial % 20) * 100e-6)
+        try:
+            board.all_gather_ints([rank], "the call")
+            outcomes.append("ok")
+        except CommTimeoutError:
+            outcomes.append("timed out")
+    board.close()
+    return outcomes
+
+
+@pytest.mark.skipif(not board_supported(), reason="the host board needs x86-64 (or DEEP_EP_HOST_BOARD=0 is set)")
+def test_a_call_that_times_out_fails_or_succeeds_on_every_rank_alike() -> None:
+    first, second = run_ranks(2, _arrivals_at_the_deadline, timeout=120)
+    assert first == second, [(i, a, b) for i, (a, b) in enumerate(zip(first, second)) if a != b]
+
+
+def _open_while_a_peer_is_gone(rank: int, world: int) -> tuple[str, bool]:
+    import tempfile
+
+    if rank == 1:
+        os._exit(0)  # dies at start-up, before its Buffer
+    created = []
+    make = tempfile.mkstemp
+
+    def recorded(*args, **kwargs):  # only observes which board file rank 0 makes
+        fd, path = make(*args, **kwargs)
+        created.append(path)
+        return fd, path
+
+    tempfile.mkstemp = recorded
+    with pytest.raises(CommTimeoutError) as info:
+        Buffer(dist.group.WORLD)
+    tempfile.mkstemp = make
+    return str(info.value), bool(created) and not any(os.path.exists(path) for path in created)
+
+
+@pytest.mark.skipif(not board_supported(), reason="the host board needs x86-64 (or DEEP_EP_HOST_BOARD=0 is set)")
+def test_a_board_that_fails_to_open_leaves_no_file_behind() -> None:
+    message, removed = run_ranks(2, _open_while_a_peer_is_gone, doomed=(1,), timeout=60)[0]
+    assert "open the host board" in message and removed
+
+
+def _destroy_after_a_group_timeout(rank: int, world: int) -> tuple[bool, float]:
+    buffer = Buffer(dist.group.WORLD, explicitly_destroy=True)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    idx = torch.tensor([[0], [1], [2], [3]])
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 4)
+    buffer.comm_timeout = 1.0 if rank == 0 else 20.0
+    if rank == 1:  # slow inside the transfer, after the agreement: rank 0's wait on the group times out
+        issue = buffer._comm.all_to_all
+        buffer._comm.all_to_all = lambda *a, **k: (time.sleep(2.5), issue(*a, **k))[1]
+    with contextlib.suppress(CommTimeoutError):
+        buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    start = time.monotonic()
+    with contextlib.suppress(CommTimeoutError):  # the peers' agreement on destroy may time out: it still frees
+        buffer.destroy()
+    took = time.monotonic() - start
+    with pytest.raises(RuntimeError, match="destroyed"):
+        buffer.get_dispatch_layout(idx, 4)
+    if rank == 0:
+        time.sleep(3.0)  # alive, as a job that goes on without this Buffer
+    return True, took
+
+
+@pytest.mark.skipif(not board_supported(), reason="the host board needs x86-64 (or DEEP_EP_HOST_BOARD=0 is set)")
+def test_destroy_frees_every_rank_after_one_rank_timed_out_on_the_group() -> None:
+    (_, _), (_, peer_took) = run_ranks(2, _destroy_after_a_group_timeout, timeout=120)
+    assert peer_took < 10.0  # not the peer's 20 s comm_timeout
+
+
+def _timeout_from_env(rank: int, world: int) -> float:
+    return Buffer(dist.group.WORLD).comm_timeout
+
+
+def test_comm_timeout_env_is_read_when_the_buffer_is_made() -> None:
+    # The ranks' forkserver imported deep_ep before this environment reached them.
+    assert run_ranks(2, _timeout_from_env, env={"DEEP_EP_COMM_TIMEOUT": "7"}) == [7.0, 7.0]
