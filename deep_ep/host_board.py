@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import fcntl
 import mmap
 import os
 import platform
@@ -40,6 +39,11 @@ from .errors import CollectiveMismatchError, CommTimeoutError
 if TYPE_CHECKING:
     from .comm import Comm
 
+try:
+    import fcntl  # the board's lock; POSIX only, as the board itself
+except ImportError:  # pragma: no cover - such systems exchange over the group
+    fcntl = None
+
 _PATH_WORDS = 64  # the file's path travels as int64 code points
 CAPACITY_BYTES = 64 * 1024  # a payload per rank and call; larger exchanges go over the group
 _SLOT_WORDS = 1 + CAPACITY_BYTES // 8 + 1  # [payload bytes][payload][sequence]
@@ -50,8 +54,13 @@ _LOOK_FOR_DEAD_S = 0.05  # how often a wait checks that the ranks it waits for s
 
 
 def board_supported() -> bool:
-    """Whether this CPU orders stores as the protocol needs (x86-64: total store order), unless env turns it off."""
-    return platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("DEEP_EP_HOST_BOARD", "1") != "0"
+    """Whether this CPU orders stores as the protocol needs (x86-64: total store order) and the system has the
+    board's lock (POSIX flock), unless env turns it off."""
+    return (
+        fcntl is not None
+        and platform.machine().lower() in ("x86_64", "amd64")
+        and os.environ.get("DEEP_EP_HOST_BOARD", "1") != "0"
+    )
 
 
 class HostBoard:
