@@ -9,7 +9,7 @@ Two parts, on every rank:
    spec (reference/), which recomputes every rank's expert math from its own inputs.
 
     python tools/moe_round.py                 # 4 ranks, default backend, float32
-    python tools/moe_round.py --ranks 3 --dtype bfloat16 --tokens 64
+    python tools/moe_round.py --ranks 3 --experts 12 --dtype bfloat16 --tokens 64
 
 Prints a results table; exits 1 if any check fails.
 """

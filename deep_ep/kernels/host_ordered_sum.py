@@ -5,9 +5,10 @@ term by term with torch ops it took 6-9 ms per 512 tokens x 7168 on one core; on
 and keeps the float32 sums in registers takes 2-3 ms.
 
 The C file is compiled on first use with the system C compiler (`$CC`, else `cc`/`gcc`; about 0.3 s) into
-`$DEEP_EP_CACHE_DIR` (default `~/.cache/deep_ep`, else a temp directory), named by a hash of the source and
-flags, and loaded with ctypes (which releases the GIL during the call). Where there is no compiler, the build
-fails, or `DEEP_EP_HOST_KERNEL=0` is set, `usable` is False and callers take the torch implementation;
+`$DEEP_EP_CACHE_DIR` (default `${XDG_CACHE_HOME:-~/.cache}/deep_ep`, else a temp directory), named by a hash
+of the source and flags, and loaded with ctypes (which releases the GIL during the call). Where there is no
+compiler, the build fails, or `DEEP_EP_HOST_KERNEL=0` is set, `usable` is False and callers take the torch
+implementation;
 `status()` says which and why. Every index is range-checked here before the C code reads memory.
 """
 
@@ -36,7 +37,8 @@ _PTR = ctypes.c_void_p
 
 
 def _cache_dir() -> Path:
-    """$DEEP_EP_CACHE_DIR, else ~/.cache/deep_ep where it can be created (a read-only home: a temp directory)."""
+    """$DEEP_EP_CACHE_DIR, else $XDG_CACHE_HOME/deep_ep (~/.cache/deep_ep) where it can be created (a read-only
+    home: a temp directory)."""
     configured = os.environ.get("DEEP_EP_CACHE_DIR")
     if configured:
         return Path(configured)
