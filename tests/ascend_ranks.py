@@ -133,10 +133,28 @@ CASES = [
 ]
 
 
+def fused_and_reference() -> tuple[Buffer, Buffer]:
+    """A low-latency Buffer on the ascend backend and one on the reference backend in its int8 format."""
+    fused = Buffer(dist.group.WORLD, low_latency_mode=True, backend="ascend")
+    return fused, Buffer(dist.group.WORLD, low_latency_mode=True, backend="reference", low_latency_quant="int8")
+
+
+@contextmanager
+def logged() -> Iterator[list[str]]:
+    """The messages the ascend backend logs inside the block."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    ascend.log.addHandler(handler)
+    try:
+        yield records
+    finally:
+        ascend.log.removeHandler(handler)
+
+
 def differential(rank: int, world: int, chip: str, hidden: int, generations: tuple[str, ...] = ("v2", "v1")) -> dict:
     state = install(chip, generations=generations, relax_world_size=True)
-    fused = Buffer(dist.group.WORLD, low_latency_mode=True, backend="ascend")
-    ref = Buffer(dist.group.WORLD, low_latency_mode=True, backend="reference", low_latency_quant="int8")
+    fused, ref = fused_and_reference()
     assert fused.backend == "ascend" and fused.low_latency_quant == "int8"
     for case in CASES:
         tokens = case["tokens"][:world] if isinstance(case["tokens"], list) else case["tokens"]
@@ -149,27 +167,22 @@ def differential(rank: int, world: int, chip: str, hidden: int, generations: tup
 
 def fallback(rank: int, world: int, chip: str, hidden: int) -> dict:
     state = install(chip)  # the real A2 limits: 16 or more ranks
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
-    ascend.log.addHandler(handler)
-    fused = Buffer(dist.group.WORLD, low_latency_mode=True, backend="ascend")
-    ref = Buffer(dist.group.WORLD, low_latency_mode=True, backend="reference", low_latency_quant="int8")
-    case = dict(routing="sparse", tokens=3, topk=2, seed=4, hidden=hidden, experts=2 * world, cap=4)
-    for use_fp8 in (True, False):
-        w = make_workload(world, 3, hidden, 2, 2 * world, seed=4, routing="sparse")
-        got = fused.low_latency_dispatch(w.x[rank], w.topk_idx[rank], 4, w.num_experts, use_fp8=use_fp8)
-        want = ref.low_latency_dispatch(w.x[rank], w.topk_idx[rank], 4, w.num_experts, use_fp8=use_fp8)
-        # The reference algorithm on the same group: identical, bit for bit, int8 included.
-        # Rows at or past recv_count are unspecified (SPEC 6): only valid rows are compared.
-        recv, ref_recv = (got[0], want[0]) if not use_fp8 else (got[0][0], want[0][0])
-        assert torch.equal(got[1], want[1])
-        for e, n in enumerate(want[1].tolist()):
-            assert torch.equal(recv[e, :n].view(torch.uint8), ref_recv[e, :n].view(torch.uint8))
-            if use_fp8:
-                assert torch.equal(got[0][1][e, :n], want[0][1][e, :n])
-        ll_round(rank, world, fused, ref, case, use_fp8)
-    ascend.log.removeHandler(handler)
+    fused, ref = fused_and_reference()
+    with logged() as records:
+        case = dict(routing="sparse", tokens=3, topk=2, seed=4, hidden=hidden, experts=2 * world, cap=4)
+        for use_fp8 in (True, False):
+            w = make_workload(world, 3, hidden, 2, 2 * world, seed=4, routing="sparse")
+            got = fused.low_latency_dispatch(w.x[rank], w.topk_idx[rank], 4, w.num_experts, use_fp8=use_fp8)
+            want = ref.low_latency_dispatch(w.x[rank], w.topk_idx[rank], 4, w.num_experts, use_fp8=use_fp8)
+            # The reference algorithm on the same group: identical, bit for bit, int8 included.
+            # Rows at or past recv_count are unspecified (SPEC 6): only valid rows are compared.
+            recv, ref_recv = (got[0], want[0]) if not use_fp8 else (got[0][0], want[0][0])
+            assert torch.equal(got[1], want[1])
+            for e, n in enumerate(want[1].tolist()):
+                assert torch.equal(recv[e, :n].view(torch.uint8), ref_recv[e, :n].view(torch.uint8))
+                if use_fp8:
+                    assert torch.equal(got[0][1][e, :n], want[0][1][e, :n])
+            ll_round(rank, world, fused, ref, case, use_fp8)
     return {"ops": len(state.calls), "logged": records}
 
 
@@ -177,15 +190,10 @@ def hierarchy(rank: int, world: int, generation: str) -> dict:
     """A2 with the HCCL variables that select the 'hierarchy' algorithm (set by the test): low-latency rounds
     against the reference backend, the ops called and what was logged."""
     state = install("A2", generations=(generation,), relax_world_size=True)
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
-    ascend.log.addHandler(handler)
-    fused = Buffer(dist.group.WORLD, low_latency_mode=True, backend="ascend")
-    ref = Buffer(dist.group.WORLD, low_latency_mode=True, backend="reference", low_latency_quant="int8")
-    for use_fp8 in (False, True):
-        ll_round(rank, world, fused, ref, dict(CASES[0], hidden=64, experts=2 * world, cap=4), use_fp8)
-    ascend.log.removeHandler(handler)
+    fused, ref = fused_and_reference()
+    with logged() as records:
+        for use_fp8 in (False, True):
+            ll_round(rank, world, fused, ref, dict(CASES[0], hidden=64, experts=2 * world, cap=4), use_fp8)
     return {"ops": sorted({name for name, _ in state.calls}), "logged": records}
 
 

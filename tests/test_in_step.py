@@ -66,13 +66,14 @@ VALID = {
 }
 
 
-def _one_rank_rejects(rank: int, world: int, op: str) -> str:
+def _last_rank_differs(rank: int, world: int, table: str, key: str) -> str:
+    """The last rank makes the call of `table`'s entry `key` that it rejects (or that differs), the others the
+    valid one: each must raise (the others CollectiveMismatchError), then two rounds must pair and match."""
     c = Ctx(rank, world)
     c.buffer.comm_timeout = TIMEOUT_S
-    bad, error = REJECTIONS[op]
-    expected = error if rank == world - 1 else CollectiveMismatchError
-    with pytest.raises(expected) as info:
-        (bad if rank == world - 1 else VALID[op])(c)
+    last, error, others = DIFFERING_CALLS[table][key][:3]
+    with pytest.raises(error if rank == world - 1 else CollectiveMismatchError) as info:
+        (last if rank == world - 1 else others)(c)
     _round(c, 1)
     _round(c, 2)
     return str(info.value)
@@ -80,7 +81,7 @@ def _one_rank_rejects(rank: int, world: int, op: str) -> str:
 
 @pytest.mark.parametrize("op", sorted(REJECTIONS))
 def test_a_rank_that_rejects_its_arguments_fails_the_call_on_every_rank(op: str) -> None:
-    messages = run_ranks(3, _one_rank_rejects, op, timeout=120)
+    messages = run_ranks(3, _last_rank_differs, "buffer", op, timeout=120)
     assert all(f"{op}: rank(s) [2] rejected their arguments" in m for m in messages[:2]), messages
 
 
@@ -122,20 +123,15 @@ AUTOGRAD_CALLS = {
 }
 
 
-def _autograd_rank_differs(rank: int, world: int, case: str) -> str:
-    c = Ctx(rank, world)
-    c.buffer.comm_timeout = TIMEOUT_S
-    last, error, others, _ = AUTOGRAD_CALLS[case]
-    with pytest.raises(error if rank == world - 1 else CollectiveMismatchError) as info:
-        (last if rank == world - 1 else others)(c)
-    _round(c, 1)
-    _round(c, 2)
-    return str(info.value)
+DIFFERING_CALLS = {
+    "buffer": {op: (bad, error, VALID[op]) for op, (bad, error) in REJECTIONS.items()},
+    "autograd": AUTOGRAD_CALLS,
+}
 
 
 @pytest.mark.parametrize("case", sorted(AUTOGRAD_CALLS))
 def test_autograd_calls_fail_on_every_rank_when_one_rank_differs(case: str) -> None:
-    messages = run_ranks(3, _autograd_rank_differs, case, timeout=120)
+    messages = run_ranks(3, _last_rank_differs, "autograd", case, timeout=120)
     assert all(AUTOGRAD_CALLS[case][3] in m for m in messages[:2]), messages
 
 
