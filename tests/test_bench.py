@@ -155,6 +155,35 @@ def test_table_and_merge(report: dict) -> None:
     assert "deep_ep:reference" in text and "dispatch+combine" in text
 
 
+def test_a_merge_shows_every_report_and_keeps_every_source(report: dict) -> None:
+    # Two reports of one program: each keeps its own columns (its implementation and its own raw baseline).
+    slower = dict(report, records=[dict(r, time_ms=r["time_ms"] * 2) for r in report["records"]])
+    merged = bench.merge_reports([report, slower])
+    text = bench.format_table(merged)
+    rec = next(r for r in report["records"] if r["impl"] != bench.RAW and r["op"] == "combine")
+    for factor in (1, 2):
+        assert f"{rec['time_ms'] * factor:.3f}" in text, factor
+    assert "(report 1)" in text and "(report 2)" in text
+    # A merge of a merge keeps the inner reports' sources, and every record its source.
+    again = bench.merge_reports([merged, report])
+    assert len(again["sources"]) == 3 and all(s["program"] != "merge" for s in again["sources"])
+    assert sorted({r["source"] for r in again["records"]}) == [0, 1, 2]
+
+
+def test_repeated_sizes_run_once() -> None:
+    assert bench._int_list(["32", "64,32", "128"]) == [32, 64, 128]
+
+
+def test_kernel_time_rows_count_every_ranks_bytes() -> None:
+    # Kernel times come from rank 0 only; their bytes must still be every rank's mean, as in the op's own row.
+    def rec(op: str, nbytes: int) -> dict:
+        return dict(impl="x", mode="ll", op=op, dtype="bfloat16", tokens=8, times=[0.001], bytes=nbytes, cross_bytes=0)
+
+    ranks = [{"records": [rec("dispatch", 100), rec("kernels dispatch", 100)]}, {"records": [rec("dispatch", 300)]}]
+    rows = {r["op"]: r for r in bench.aggregate(ranks)}
+    assert rows["kernels dispatch"]["bytes_per_rank"] == rows["dispatch"]["bytes_per_rank"] == 200
+
+
 def test_plot_is_optional(report: dict, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: a message, no file, no error
     path = tmp_path / "plot.png"

@@ -921,6 +921,8 @@ def aggregate(per_rank: list[dict]) -> list[dict]:
             grouped.setdefault(key, []).append(rec)
     records = []
     for (impl, mode, op, dtype, tokens), recs in grouped.items():
+        # Kernel times are taken on rank 0 only; their bytes are every rank's, from the op's own records.
+        counted = grouped.get((impl, mode, op.removeprefix("kernels "), dtype, tokens), recs)
         medians = [statistics.median(r["times"]) for r in recs]
         time_s = max(medians)
         out = {
@@ -943,9 +945,9 @@ def aggregate(per_rank: list[dict]) -> list[dict]:
             "raw_a2a_ms": None,
             "ratio_to_raw_a2a": None,
         }
-        if recs[0]["bytes"] is not None:
-            each = [r["bytes"] for r in recs]
-            cross = [r["cross_bytes"] for r in recs]
+        if counted[0]["bytes"] is not None:
+            each = [r["bytes"] for r in counted]
+            cross = [r["cross_bytes"] for r in counted]
             out.update(
                 bytes_per_rank=sum(each) / len(each),
                 bytes_each_rank=each,
@@ -1059,8 +1061,14 @@ def merge_reports(reports: list[dict]) -> dict:
     for report in reports:
         if report.get("schema") != SCHEMA:
             raise ValueError(f"not a {SCHEMA} report: schema={report.get('schema')!r}")
-    sources = [{k: v for k, v in r.items() if k not in ("records", "profile", "sources")} for r in reports]
-    records = [rec for r in reports for rec in r["records"]]
+    sources: list[dict] = []
+    records: list[dict] = []
+    for report in reports:  # a merged report brings its own sources; each record keeps the index of its source
+        offset = len(sources)
+        sources += report.get("sources") or [
+            {k: v for k, v in report.items() if k not in ("records", "profile", "sources")}
+        ]
+        records += [dict(rec, source=rec.get("source", 0) + offset) for rec in report["records"]]
     return {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -1083,29 +1091,43 @@ def _fmt_bytes(n: float | None) -> str:
     return f"{n:.0f} B"
 
 
-def _columns(records: list[dict]) -> list[tuple[str, str]]:
-    """(impl, program) column groups: raw baselines first, in order of appearance."""
-    seen: list[tuple[str, str]] = []
+def _column(rec: dict) -> tuple[str, str, int]:
+    """A record's column group: its implementation, program and (in a merge) source report."""
+    return rec["impl"], rec.get("program", ""), rec.get("source", 0)
+
+
+def _columns(records: list[dict]) -> list[tuple[str, str, int]]:
+    """Column groups: raw baselines first, in order of appearance (each merged report's own)."""
+    seen: list[tuple[str, str, int]] = []
     for rec in records:
-        key = (rec["impl"], rec.get("program", ""))
-        if key not in seen:
-            seen.append(key)
+        if _column(rec) not in seen:
+            seen.append(_column(rec))
     return sorted(seen, key=lambda k: k[0] != RAW)
+
+
+def _column_names(groups: list[tuple[str, str, int]]) -> list[str]:
+    """Implementation names, with the program where several programs merged and the source report where one
+    implementation of one program came from several."""
+    programs = {p for _, p, _ in groups}
+    repeated = {(i, p) for i, p, _ in groups if sum((i, p) == (j, q) for j, q, _ in groups) > 1}
+    names = []
+    for impl, prog, src in groups:
+        program = f" [{prog}]" if len(programs) > 1 else ""
+        names.append(impl + program + (f" (report {src + 1})" if (impl, prog) in repeated else ""))
+    return names
 
 
 def format_table(report: dict, markdown: bool = False) -> str:
     """The results as text (or a Markdown table): one row per workload, one column group per implementation."""
     records = report["records"]
     groups = _columns(records)
-    programs = {p for _, p in groups}
-    names = [f"{impl}" + (f" [{prog}]" if len(programs) > 1 else "") for impl, prog in groups]
+    names = _column_names(groups)
     letters = [chr(ord("A") + i) for i in range(len(groups))]
     rows: dict[tuple, dict] = {}
     for rec in records:
-        key = (rec["mode"], rec["op"], rec["dtype"], rec["tokens"])
-        rows.setdefault(key, {}).setdefault((rec["impl"], rec.get("program", "")), rec)  # first wins (merges)
+        rows.setdefault((rec["mode"], rec["op"], rec["dtype"], rec["tokens"]), {})[_column(rec)] = rec
     header = ["mode", "op", "dtype", "tokens", "bytes/rank", "cross/rank"]
-    for letter, (impl, _) in zip(letters, groups):
+    for letter, (impl, _, _) in zip(letters, groups):
         header += [f"{letter} ms", f"{letter} GB/s"] + ([] if impl == RAW else [f"{letter}/raw", f"{letter} wire"])
     table = [header]
     differing = False
@@ -1121,8 +1143,8 @@ def format_table(report: dict, markdown: bool = False) -> str:
             _fmt_bytes(first["bytes_per_rank"]) + ("" if same else "*"),
             _fmt_bytes(first["cross_bytes_per_rank"]) + ("" if same else "*"),
         ]
-        for impl, prog in groups:
-            rec = by_impl.get((impl, prog))
+        for impl, prog, src in groups:
+            rec = by_impl.get((impl, prog, src))
             cells = ["-", "-"] if impl == RAW else ["-", "-", "-", "-"]
             if rec is not None:
                 cells[0] = f"{rec['time_ms']:.3f}"
@@ -1196,9 +1218,10 @@ def plot(report: dict, path: str) -> str:
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.5 * rows), squeeze=False)
     groups = _columns(records)
+    names = _column_names(groups)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (mode, ops, metric, title) in zip(axes.flat, panels):
-        for gi, (impl, prog) in enumerate(groups):
+        for gi, (impl, prog, src) in enumerate(groups):
             for op in ops:
                 for dtype in DTYPES:
                     pts = sorted(
@@ -1207,10 +1230,9 @@ def plot(report: dict, path: str) -> str:
                         if r["mode"] == mode
                         and r["op"] == op
                         and r["dtype"] == dtype
-                        and r["impl"] == impl
-                        and r.get("program", "") == prog
+                        and _column(r) == (impl, prog, src)
                     )
-                    pts = [p for i, p in enumerate(pts) if p[1] is not None and (i == 0 or pts[i - 1][0] != p[0])]
+                    pts = [p for p in pts if p[1] is not None]
                     if not pts:
                         continue
                     # Line style: the op (raw baselines dashed); marker: the dtype; colour: the implementation.
@@ -1219,7 +1241,7 @@ def plot(report: dict, path: str) -> str:
                     else:
                         style = {"dispatch_cached": ":", "combine": "-."}.get(op, "-")
                     marker = "o" if dtype == "bfloat16" else "s"
-                    name = impl + (f" [{prog}]" if len({p for _, p in groups}) > 1 and impl == RAW else "")
+                    name = names[gi]
                     ax.plot(
                         [p[0] for p in pts],
                         [p[1] for p in pts],
@@ -1246,10 +1268,11 @@ def plot(report: dict, path: str) -> str:
 
 # ---- command line ----------------------------------------------------------------------------------
 def _int_list(values: list[str]) -> list[int]:
+    """The sizes given (space- or comma-separated), each once, in order: a repeated size would pool two runs."""
     out = []
     for value in values:
         out += [int(v) for v in value.split(",") if v]
-    return out
+    return list(dict.fromkeys(out))
 
 
 def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
