@@ -29,6 +29,7 @@ import platform
 import secrets
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,10 @@ class HostBoard:
 
     def __init__(self, comm: Comm, memory: mmap.mmap, fd: int, pids: list[int]) -> None:
         self._comm, self._memory, self._fd = comm, memory, fd  # fd: the board file, for its lock
+        # A Buffer dropped without destroy() (DeepEP's default: freed on deletion) must not keep the board file
+        # open: the descriptor is closed when this board is collected, or by close(). (The mapping goes with the
+        # mmap object, once the views of it are gone.)
+        self._close_fd = weakref.finalize(self, os.close, fd)
         self._words = memoryview(memory).cast("q")  # Python indexing: the fast way to poll one word
         self._bytes = torch.frombuffer(memory, dtype=torch.uint8)
         self._calls = 0
@@ -206,7 +211,8 @@ class HostBoard:
     def close(self) -> None:
         del self._bytes
         self._words.release()
-        _release(self._memory, self._fd)
+        self._memory.close()
+        self._close_fd()
 
 
 def _release(memory: mmap.mmap | None, fd: int) -> None:
