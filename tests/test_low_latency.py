@@ -317,6 +317,14 @@ def _hook_rules(rank: int, world: int) -> None:
     again = _combine(buffer, "sync", y, idx, weights, handle)  # the buffer still works
     assert_bit_equal("combined_x after the errors", again, want)
 
+    # A hook lost before it ran (an exception in user code, say): clean_low_latency_buffer finishes that
+    # receive, and the next calls work (before, every later low-latency call raised for good).
+    buffer.low_latency_dispatch(x, idx, 8, w.num_experts, use_fp8=False, return_recv_hook=True)
+    buffer.clean_low_latency_buffer(8, 16, w.num_experts)
+    recv_x, _, handle = _dispatch(buffer, "sync", x, idx, 8, w.num_experts, fmt)
+    after_clean = _combine(buffer, "sync", _expert_output(recv_x, rank), idx, weights, handle)
+    assert_bit_equal("combined_x after a lost hook and a clean", after_clean, want)
+
 
 def test_hook_must_run_before_the_next_call() -> None:
     run_ranks(2, _hook_rules)
