@@ -7,6 +7,8 @@ that rank's next one.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 from .comm import Comm
@@ -14,6 +16,7 @@ from .errors import CollectiveMismatchError
 
 # The fields each operation agrees on, in wire order. Adding a field appends to its op's tuple.
 OPERATIONS: dict[str, tuple[str, ...]] = {
+    "create": ("backend", "low_latency_mode", "low_latency_quant", "num_nvl_bytes", "num_rdma_bytes"),
     "dispatch": (
         "hidden",
         "x_dtype",
@@ -76,8 +79,14 @@ def dtype_code(dtype: torch.dtype | None) -> int:
     return _DTYPES.index(dtype) if dtype in _DTYPES else 1000 + sum(map(ord, str(dtype)))
 
 
-def check_agreement(comm: Comm, op: str, **fields: int) -> None:
-    """All-gather (op, fields) and raise CollectiveMismatchError on every rank if any rank differs."""
+def name_code(name: str) -> int:
+    """A small integer for a name (a backend's, say) that means the same on every rank."""
+    return zlib.crc32(name.encode())
+
+
+def check_agreement(comm: Comm, op: str, labels: dict[str, list[str]] | None = None, **fields: int) -> None:
+    """All-gather (op, fields) and raise CollectiveMismatchError on every rank if any rank differs. `labels`:
+    for a field sent as `name_code(name)`, the names it may stand for, so that errors show names."""
     names = OPERATIONS[op]
     assert set(fields) == set(names), f"agreement fields of {op}: {sorted(fields)} != {sorted(names)}"
     row = [_OP_NAMES.index(op)] + [int(fields[name]) for name in names]
@@ -98,8 +107,11 @@ def check_agreement(comm: Comm, op: str, **fields: int) -> None:
         )
         raise CollectiveMismatchError(f"{op}: ranks called different operations ({detail})")
     disagreeing = [i for i, name in enumerate(names, start=1) if len({r[i] for r in rows}) > 1]
+    shown = {field: {name_code(name): repr(name) for name in known} for field, known in (labels or {}).items()}
     detail = "; ".join(
-        f"{names[i - 1]}: " + ", ".join(f"rank {rank}={r[i]}" for rank, r in enumerate(rows)) for i in disagreeing
+        f"{names[i - 1]}: "
+        + ", ".join(f"rank {rank}={shown.get(names[i - 1], {}).get(r[i], r[i])}" for rank, r in enumerate(rows))
+        for i in disagreeing
     )
     raise CollectiveMismatchError(f"{op}: ranks disagree on arguments that must match across ranks ({detail})")
 

@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from . import checks
 from . import config as _config
-from .agreement import check_agreement, dtype_code, reject_agreement
-from .backends import select_backend
+from .agreement import check_agreement, dtype_code, name_code, reject_agreement
+from .backends import list_backends, select_backend
 from .backends.base import DispatchArgs, LowLatencyDispatchArgs
 from .comm import Comm, Pending, host_sync_allowed
 from .config import Config
@@ -61,50 +61,68 @@ class Buffer:
         backend: str = "auto",
         low_latency_quant: str | None = None,
     ) -> None:
-        if comm is not None:
-            raise UnsupportedFeatureError(
-                "comm= (an mpi4py communicator) is not supported; pass a torch.distributed group"
-            )
-        if enable_shrink:
-            raise UnsupportedFeatureError("enable_shrink=True (elastic EP with rank masks) is not supported yet")
         if group is None:
             raise ValueError("group must be a torch.distributed ProcessGroup (got None)")
-        num_nvl_bytes = checks.integer("num_nvl_bytes", num_nvl_bytes, minimum=0)
-        num_rdma_bytes = checks.integer("num_rdma_bytes", num_rdma_bytes, minimum=0)
-        num_qps_per_rank = checks.integer("num_qps_per_rank", num_qps_per_rank, minimum=1)
-        if low_latency_quant not in (None, "fp8", "int8"):
-            raise ValueError(f"low_latency_quant must be None, 'fp8' or 'int8', got {low_latency_quant!r}")
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-
         self.group = group
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
-        self.num_nvl_bytes = num_nvl_bytes
-        self.num_rdma_bytes = num_rdma_bytes
+        self._comm = Comm(group)
+        self._comm.open_host_board()
+        self.device = _default_device(self._comm)
+        # The arguments are checked, then agreed on by every rank in one tiny all-gather: a rank that rejects its
+        # own, or ranks that differ where they must match (the backend "auto" picked, say), fail on every rank
+        # instead of leaving the others to wait in their first call.
+        agreeing = False
+        try:
+            if comm is not None:
+                raise UnsupportedFeatureError(
+                    "comm= (an mpi4py communicator) is not supported; pass a torch.distributed group"
+                )
+            if enable_shrink:
+                raise UnsupportedFeatureError("enable_shrink=True (elastic EP with rank masks) is not supported yet")
+            self.num_nvl_bytes = checks.integer("num_nvl_bytes", num_nvl_bytes, minimum=0)
+            self.num_rdma_bytes = checks.integer("num_rdma_bytes", num_rdma_bytes, minimum=0)
+            self.num_qps_per_rank = checks.integer("num_qps_per_rank", num_qps_per_rank, minimum=1)
+            if low_latency_quant not in (None, "fp8", "int8"):
+                raise ValueError(f"low_latency_quant must be None, 'fp8' or 'int8', got {low_latency_quant!r}")
+            if not isinstance(backend, str):
+                raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+            backend_class = select_backend(backend, group, self.device)
+            self.low_latency_quant = low_latency_quant or backend_class.native_low_latency_quant()
+            if low_latency_mode and not backend_class.supports("low_latency"):
+                raise UnsupportedFeatureError(f"backend {backend_class.name!r} has no low-latency mode")
+            if not backend_class.supports(self.low_latency_quant):
+                raise UnsupportedFeatureError(
+                    f"backend {backend_class.name!r} does not implement low_latency_quant={self.low_latency_quant!r}"
+                )
+            agreeing = True
+            check_agreement(
+                self._comm,
+                "create",
+                labels={"backend": list_backends(), "low_latency_quant": ["fp8", "int8"]},
+                backend=name_code(backend_class.name),
+                low_latency_mode=int(bool(low_latency_mode)),
+                low_latency_quant=name_code(self.low_latency_quant),
+                num_nvl_bytes=self.num_nvl_bytes,
+                num_rdma_bytes=self.num_rdma_bytes,
+            )
+        except Exception:
+            if not agreeing:  # this rank rejected its arguments: its peers fail their Buffer(...) too
+                with contextlib.suppress(CommTimeoutError):
+                    reject_agreement(self._comm, "create")
+            self._comm.close_host_board()
+            raise
+        self.backend = backend_class.name
         self.low_latency_mode = low_latency_mode
-        self.num_qps_per_rank = num_qps_per_rank
         self.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode
         self.allow_mnnvl = allow_mnnvl
         self.use_fabric = use_fabric
         self.explicitly_destroy = explicitly_destroy
+        self.enable_shrink = False  # True is refused above
         self.check_agreement = os.environ.get("DEEP_EP_CHECK_AGREEMENT", "1") != "0"
         # Low-latency value checks (expert ids in range, distinct per token) read the device, one host round
         # trip per call; False (env DEEP_EP_CHECK_VALUES=0) skips them, as CUDA-graph capture must (docs/ERRORS.md).
         self.check_values = os.environ.get("DEEP_EP_CHECK_VALUES", "1") != "0"
-
-        self._comm = Comm(group)
-        self._comm.open_host_board()
-        self.device = _default_device(self._comm)
-        backend_class = select_backend(backend, group, self.device)
-        self.backend = backend_class.name
-        self.low_latency_quant = low_latency_quant or backend_class.native_low_latency_quant()
-        if low_latency_mode and not backend_class.supports("low_latency"):
-            raise UnsupportedFeatureError(f"backend {self.backend!r} has no low-latency mode")
-        if not backend_class.supports(self.low_latency_quant):
-            raise UnsupportedFeatureError(
-                f"backend {self.backend!r} does not implement low_latency_quant={self.low_latency_quant!r}"
-            )
         self.runtime = backend_class(self._comm, self.device, self.low_latency_quant)
         self._destroyed = False
         self._unreceived_hook: tuple[str, Callable[[], None]] | None = None  # (op, its hook)

@@ -14,6 +14,8 @@ import torch.distributed as dist
 import deep_ep
 import reference
 from deep_ep import Buffer, CollectiveMismatchError, CommTimeoutError, Config, UnsupportedFeatureError
+from deep_ep.backends import register_backend
+from deep_ep.backends.reference import ReferenceBackend
 from deep_ep.testing import run_ranks
 from deep_ep.testing.compare import assert_bit_equal
 from deep_ep.testing.workloads import make_workload
@@ -727,3 +729,42 @@ def test_fuzzed_arguments_give_documented_errors_or_exact_results() -> None:
             assert outcomes[0] in ("ValueError", "TypeError"), (case, outcomes)
 
     check()
+
+
+class _ReferenceTwin(ReferenceBackend):
+    """The reference backend under another name: a rank that picks it has picked another backend than its peers."""
+
+    name = "reference_twin"
+
+
+def _create_apart(rank: int, world: int, what: str) -> tuple[str, str]:
+    """Buffer(...) where the last rank differs; every rank must raise at once (nobody waits in its first call),
+    and a Buffer made afterwards with matching arguments must work."""
+    register_backend("reference_twin", _ReferenceTwin)
+    last = rank == world - 1
+    arguments = {
+        "bad_bytes": dict(num_nvl_bytes=-1 if last else 0),
+        "backend": dict(backend="reference_twin" if last else "reference"),
+        "mode": dict(low_latency_mode=last),
+        "sizes": dict(num_nvl_bytes=1 << 20 if last else 1 << 21),
+    }[what]
+    with pytest.raises((ValueError, CollectiveMismatchError)) as info:
+        Buffer(dist.group.WORLD, **arguments)
+    _still_correct(Ctx(rank, world))
+    return type(info.value).__name__, str(info.value)
+
+
+@pytest.mark.parametrize(
+    "what,last_says,others_say",
+    [
+        ("bad_bytes", "num_nvl_bytes=-1 must be", "rank(s) [2] rejected their arguments"),
+        ("backend", "backend: rank 0='reference', rank 1='reference', rank 2='reference_twin'", None),
+        ("mode", "low_latency_mode: rank 0=0, rank 1=0, rank 2=1", None),
+        ("sizes", "num_nvl_bytes: rank 0=2097152, rank 1=2097152, rank 2=1048576", None),
+    ],
+)
+def test_buffers_created_apart_fail_on_every_rank(what: str, last_says: str, others_say: str | None) -> None:
+    results = run_ranks(3, _create_apart, what, timeout=120)
+    assert last_says in results[2][1], results
+    assert all((others_say or last_says) in message for _, message in results[:2]), results
+    assert all(kind == "CollectiveMismatchError" for kind, _ in results[: 2 if others_say else 3]), results
