@@ -119,6 +119,8 @@ class Buffer:
         self.use_fabric = use_fabric
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = False  # True is refused above
+        if low_latency_mode:  # read by DeepEP code; no backend here uses NVSHMEM, so it bounds nothing
+            self.nvshmem_qp_depth = int(os.environ.get("NVSHMEM_QP_DEPTH", "1024"))
         self.check_agreement = os.environ.get("DEEP_EP_CHECK_AGREEMENT", "1") != "0"
         # Low-latency value checks (expert ids in range, distinct per token) read the device, one host round
         # trip per call; False (env DEEP_EP_CHECK_VALUES=0) skips them, as CUDA-graph capture must (docs/ERRORS.md).
@@ -170,8 +172,9 @@ class Buffer:
     # ---- static helpers (DeepEP) ------------------------------------------------------------------
     @staticmethod
     def is_sm90_compiled() -> bool:
-        """Whether fused SM90 (Hopper) kernels are built into this installation."""
-        return False
+        """True: what DeepEP code reads this as (fp8 dispatch, and groups beyond one node, as DeepEP builds with
+        SM90 features and NVSHMEM offer) is there on every backend. It says nothing about Hopper kernels."""
+        return True
 
     @classmethod
     def set_num_sms(cls, new_num_sms: int) -> None:
@@ -220,7 +223,8 @@ class Buffer:
         element = dtype.itemsize
         if offset < 0 or offset % element or offset > total:
             raise ValueError(f"offset={offset} must be in [0, {total}] and a multiple of {element}")
-        view = self._local_buffers[use_rdma_buffer][offset:].view(dtype)
+        whole = (total - offset) // element * element  # DeepEP's view ignores a last partial element
+        view = self._local_buffers[use_rdma_buffer][offset : offset + whole].view(dtype)
         if size is None:
             return view
         count = 1
@@ -828,6 +832,19 @@ class Buffer:
         if key not in self._combine_buffers:
             self._combine_buffers[key] = torch.zeros(key, dtype=torch.bfloat16, device=src_info.device)
         return self._combine_buffers[key]
+
+    # ---- DeepEP's internal entry points ----------------------------------------------------------
+    def internode_dispatch(self, *args: Any, **kwargs: Any) -> None:
+        raise UnsupportedFeatureError(
+            "internode_dispatch (DeepEP's internal path, with its multi-node handle layout) is not provided: call "
+            "dispatch(), which serves groups of any size and returns the intranode handle layout"
+        )
+
+    def internode_combine(self, *args: Any, **kwargs: Any) -> None:
+        raise UnsupportedFeatureError(
+            "internode_combine (DeepEP's internal path, with its multi-node handle layout) is not provided: call "
+            "combine() with the handle dispatch() returned"
+        )
 
     # ---- elastic EP (DeepEP's enable_shrink) -------------------------------------------------------
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:

@@ -11,6 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from .comm import group_device_types
 
 
 class EventHandle:
@@ -71,3 +74,14 @@ class EventOverlap:
         # DeepEP waits on exit: work inside the `with` block overlaps the communication.
         if self.event is not None:
             self.event.current_stream_wait()
+
+
+def check_nvlink_connections(group: dist.ProcessGroup) -> None:
+    """DeepEP's check that the group's GPUs reach each other directly: raises RuntimeError if this rank's GPU
+    cannot access a GPU it sees peer to peer. Nothing to check where the group does not run on CUDA GPUs."""
+    if "cuda" not in group_device_types(group) or not torch.cuda.is_available():
+        return
+    index = torch.cuda.current_device()
+    for other in range(torch.cuda.device_count()):
+        if other != index and not torch.cuda.can_device_access_peer(index, other):
+            raise RuntimeError(f"GPU {index} cannot access GPU {other} peer to peer (no NVLink or P2P path)")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+import pickle
 import sys
 import textwrap
 
@@ -24,7 +26,7 @@ from deep_ep.backends import (
 from deep_ep.testing import run_ranks
 from deep_ep.testing.compare import assert_bit_equal
 from deep_ep.testing.workloads import make_workload
-from deep_ep.utils import EventHandle, EventOverlap
+from deep_ep.utils import EventHandle, EventOverlap, check_nvlink_connections
 
 # DeepEP v1's parameter names, in order (deep_ep/buffer.py of deepseek-ai/DeepEP); clients feature-detect
 # with inspect.signature, so names and order are API.
@@ -172,7 +174,7 @@ def test_static_helpers() -> None:
             Buffer.set_num_sms(23)
     finally:
         Buffer.set_num_sms(20)
-    assert Buffer.is_sm90_compiled() is False
+    assert Buffer.is_sm90_compiled() is True  # fp8 dispatch is there: DeepEP's tests gate it on this
     event = Buffer.capture()
     assert isinstance(event, EventOverlap)
     event.current_stream_wait()
@@ -191,6 +193,15 @@ def _buffer_basics(rank: int, world: int) -> None:
     assert view.shape == (16, 8) and view.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="offset"):
         buffer.get_local_buffer_tensor(torch.int32, offset=3)
+    odd = Buffer(group, 10)  # as DeepEP, a last partial element is left out of the view
+    assert odd.get_local_buffer_tensor(torch.float32).numel() == 2
+    assert odd.get_local_buffer_tensor(torch.float32, offset=4).numel() == 1
+    assert buffer.enable_shrink is False and not hasattr(buffer, "nvshmem_qp_depth")
+    assert Buffer(group, low_latency_mode=True).nvshmem_qp_depth == 1024
+    for internal in (buffer.internode_dispatch, buffer.internode_combine):
+        with pytest.raises(deep_ep.UnsupportedFeatureError, match="call (dispatch|combine)"):
+            internal(torch.zeros(1, 1))
+    assert check_nvlink_connections(group) is None  # a gloo group: no GPU pair to check
     with pytest.raises(deep_ep.UnsupportedFeatureError, match="enable_shrink"):
         Buffer(group, enable_shrink=True)
     with pytest.raises(deep_ep.UnsupportedFeatureError, match="mpi4py"):
@@ -342,6 +353,37 @@ def _async_round(rank: int, world: int) -> None:
         buffer.combine(out[0], out[4], allocate_on_comm_stream=True)
     with pytest.raises(TypeError, match="previous_event"):
         buffer.combine(out[0], out[4], previous_event="not an event")
+
+
+def _copied_handles(rank: int, world: int) -> None:
+    w = make_workload(world, 9, 16, 2, 4 * world, seed=5)
+    buffer = Buffer(dist.group.WORLD)
+    layout = buffer.get_dispatch_layout(w.topk_idx[rank], w.num_experts)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        w.x[rank],
+        num_tokens_per_rank=layout[0],
+        is_token_in_rank=layout[3],
+        num_tokens_per_expert=layout[2],
+        topk_idx=w.topk_idx[rank],
+        topk_weights=w.topk_weights[rank],
+    )
+    want = buffer.combine(recv_x, handle)[0]
+    assert copy.copy(handle) is handle
+    twin = copy.deepcopy(handle)  # DeepEP's handle is a tuple: user code may copy it
+    assert type(twin) is type(handle) and twin is not handle and twin[0] is not handle[0]
+    for i in range(6):
+        assert_bit_equal(f"handle[{i}]", twin[i], handle[i])
+    assert_bit_equal("cached dispatch with the copy", buffer.dispatch(w.x[rank], handle=twin)[0], recv_x)
+    assert_bit_equal("combine with the copy", buffer.combine(recv_x, twin)[0], want)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(handle)
+    ll = Buffer(dist.group.WORLD, low_latency_mode=True)
+    ll_handle = ll.low_latency_dispatch(w.x[rank], w.topk_idx[rank], 16, w.num_experts, use_fp8=False)[2]
+    assert copy.deepcopy(ll_handle).num_topk == ll_handle.num_topk
+
+
+def test_handles_copy_like_deepep_tuples() -> None:
+    run_ranks(2, _copied_handles)
 
 
 def test_async_finish_defers_and_matches_sync() -> None:
