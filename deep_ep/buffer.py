@@ -633,8 +633,9 @@ class Buffer:
                 raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={tokens_cap}")
             num_experts = self._num_experts_check("num_experts", num_experts)
             experts_per_rank = num_experts // self.group_size
+            dispatched_ids = None
             if self.check_values and host_sync_allowed(device):  # they read the device: not under graph capture
-                checks.expert_id_values("topk_idx", topk_idx, num_experts, distinct=True)
+                dispatched_ids = checks.expert_id_values("topk_idx", topk_idx, num_experts, distinct=True)
             if use_ue8m0 and not round_scale:
                 raise ValueError("use_ue8m0=True needs round_scale=True")
             if async_finish and return_recv_hook:
@@ -691,7 +692,9 @@ class Buffer:
                 self._identity,
                 self._dispatches,
                 route,
+                num_tokens,
                 topk_idx.shape[1],
+                dispatched_ids,
             )
             self._dispatches += 1
 
@@ -752,16 +755,18 @@ class Buffer:
                 x = self._combine_buffers[key]
             checks.tensor("x", x, dtypes=(torch.bfloat16,), shape=(experts_per_rank, rows, hidden))
             device = x.device
+            # SPEC 6.3: the dispatched topk_idx (a choice the dispatch did not send has no row to combine).
             checks.tensor("topk_idx", topk_idx, dtypes=_INDEX_DTYPES, dim=2, device=device)
             num_tokens, num_topk = topk_idx.shape
-            if num_topk != handle.num_topk:
-                raise ValueError(f"topk_idx has {num_topk} columns but the dispatch had {handle.num_topk}")
-            if num_tokens > tokens_cap:
+            if (num_tokens, num_topk) != (handle.num_tokens, handle.num_topk):
                 raise ValueError(
-                    f"topk_idx has {num_tokens} rows, more than num_max_dispatch_tokens_per_rank={tokens_cap}"
+                    f"topk_idx has shape {list(topk_idx.shape)} but the handle's dispatch had "
+                    f"[{handle.num_tokens}, {handle.num_topk}]: pass the dispatched topk_idx"
                 )
             if self.check_values and host_sync_allowed(device):
-                checks.expert_id_values("topk_idx", topk_idx, num_experts, distinct=False)
+                ids = checks.expert_id_values("topk_idx", topk_idx, num_experts, distinct=False)
+                if handle.dispatched_ids is not None:
+                    checks.same_ids("topk_idx", ids, handle.dispatched_ids)
             checks.tensor(
                 "topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk), device=device
             )

@@ -62,13 +62,26 @@ def integer(name: str, value: Any, *, minimum: int | None = None) -> int:
     return value
 
 
-def expert_id_values(name: str, value: torch.Tensor, num_experts: int, distinct: bool) -> None:
+def expert_id_values(name: str, value: torch.Tensor, num_experts: int, distinct: bool) -> torch.Tensor:
     """`expert_ids` and (when `distinct`) `distinct_experts`, on one host copy of `value`: a device tensor is read
-    once, and the checks run as a few CPU operations instead of a dozen device kernels and two round trips."""
+    once, and the checks run as a few CPU operations instead of a dozen device kernels and two round trips.
+    Returns that host copy."""
     host = value.cpu()
     expert_ids(name, host, num_experts)
     if distinct:
         distinct_experts(name, host)
+    return host
+
+
+def same_ids(name: str, value: torch.Tensor, dispatched: torch.Tensor) -> None:
+    """Every entry equals the dispatch's (host tensors of one shape)."""
+    differ = value != dispatched
+    if bool(differ.any()):
+        index = tuple(int(i) for i in differ.nonzero()[0])
+        raise ValueError(
+            f"{name}{list(index)} = {int(value[index])} but the handle's dispatch sent {int(dispatched[index])} "
+            "there: pass the dispatched topk_idx"
+        )
 
 
 def expert_ids(name: str, value: torch.Tensor, num_experts: int) -> None:

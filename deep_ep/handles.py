@@ -57,5 +57,7 @@ class DispatchHandle(_Handle):
 class LowLatencyHandle(_Handle):
     """(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts) (SPEC section 6)."""
 
-    _attributes = ("owner", "serial", "route", "num_topk")
+    _attributes = ("owner", "serial", "route", "num_tokens", "num_topk", "dispatched_ids")
+    num_tokens: int
     num_topk: int
+    dispatched_ids: Any  # the dispatch's topk_idx on the host where its values were checked, else None

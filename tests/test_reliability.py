@@ -433,6 +433,20 @@ CASES: list[tuple[str, str, Callable[[Ctx], object], type, str]] = [
         "x must have shape",
     ),
     (
+        "ll-combine-tokens",
+        "topk_idx with fewer tokens than the dispatch",
+        lambda c: c.ll_combine(topk_idx=c.idx[:-1], topk_weights=c.weights[:-1]),
+        ValueError,
+        "pass the dispatched topk_idx",
+    ),
+    (
+        "ll-combine-other-expert",
+        "topk_idx is not the dispatched one (token 0's first choice replaced)",
+        lambda c: c.ll_combine(topk_idx=_bad_idx(c, int(c.idx[0, 1]))),
+        ValueError,
+        "but the handle's dispatch sent",
+    ),
+    (
         "ll-combine-out",
         "out of the wrong shape",
         lambda c: c.ll_combine(out=torch.empty(1, 128, dtype=torch.bfloat16)),

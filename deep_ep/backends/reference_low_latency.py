@@ -199,9 +199,6 @@ class LowLatencyMixin:
             received = self._empty((total + 1, hidden), x.dtype, x.device)
             pending = comm.all_to_all(received[:total], send, "low_latency_combine", route.recv_splits, send_splits)
             slot = route.token_slot
-            if slot.shape[0] != topk_idx.shape[0]:  # not the dispatched tokens (SPEC 6.3): extra ones read zeros
-                extra = slot.new_full((max(0, topk_idx.shape[0] - slot.shape[0]), slot.shape[1]), total)
-                slot = torch.cat([slot[: topk_idx.shape[0]], extra])
         else:
             # [R*T*Kc, H]: rows back to their sources, in the (t, j) grid; empty slots (the none entry) get zeros.
             total = route.slot_rows.shape[0]
