@@ -128,6 +128,9 @@ class Buffer:
         self.runtime = backend_class(self._comm, self.device, self.low_latency_quant)
         self._destroyed = False
         self._unreceived_hook: tuple[str, Callable[[], None]] | None = None  # (op, its hook)
+        # A CPU low-latency call with async_finish receives when its event is waited on; the next low-latency
+        # call finishes it first, so that two never share the backend's low-latency state.
+        self._deferred_receive: Callable[[], None] | None = None
         self._combine_buffers: dict[tuple, torch.Tensor] = {}
         self._identity = next(_BUFFER_IDENTITIES)
         self._dispatches = 0  # handles made so far: every rank counts the same, so a handle's serial names its call
@@ -588,6 +591,9 @@ class Buffer:
                 f"the hook of the previous {self._unreceived_hook[0]} was not called; call it before the next "
                 "low-latency operation on this Buffer"
             )
+        receive, self._deferred_receive = self._deferred_receive, None
+        if receive is not None:
+            receive()
 
     def low_latency_dispatch(
         self,
@@ -823,6 +829,7 @@ class Buffer:
             self._unreceived_hook = (op, hook)
             return EventOverlap(), hook
         if async_finish and device.type == "cpu":
+            self._deferred_receive = receive
             return EventOverlap(EventHandle(device, finish=receive)), None
         receive()
         return EventOverlap(EventHandle(device) if async_finish else None), None

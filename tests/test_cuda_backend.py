@@ -532,8 +532,13 @@ def test_pull_kernel_reads_rows_in_the_interpreter() -> None:
     _run_in_interpreter(code)
 
 
+def _counted(recv_x: torch.Tensor, recv_count: torch.Tensor) -> list[torch.Tensor]:
+    """A low-latency dispatch's counts and its rows that hold tokens (rows past recv_count are unspecified)."""
+    return [recv_count, torch.cat([rows[:count] for rows, count in zip(recv_x, recv_count.tolist())])]
+
+
 def _sim_edge_cases(rank: int, world: int) -> list[str]:
-    """Five cases a review found (EMULATION: symmetric memory as shared files, kernels in Triton's interpreter),
+    """Cases reviews found (EMULATION: symmetric memory as shared files, kernels in Triton's interpreter),
     each run on `reference` and on `cuda_sim` and compared bit for bit; returns the cases that ran."""
     from deep_ep.testing import symm_mem_emulation
 
@@ -549,6 +554,8 @@ def _sim_edge_cases(rank: int, world: int) -> list[str]:
     odd.copy_(x16)
     big = torch.randn(6, 512, generator=gen).bfloat16()
     small = torch.randn(6, 4, generator=gen).bfloat16()
+    ids = torch.stack([torch.randperm(4, generator=torch.Generator().manual_seed(t))[:2] for t in range(4)])
+    ll_x = torch.randn(4, 128, generator=gen).bfloat16()
     for backend in ("reference", "cuda_sim"):
         # 1. The Buffer's first call moves nothing at all (every entry -1).
         buffer = Buffer(dist.group.WORLD, backend=backend)
@@ -581,7 +588,33 @@ def _sim_edge_cases(rank: int, world: int) -> list[str]:
             recv, count, ll_handle, _, _ = ll.low_latency_dispatch(x, topk, 4, experts, use_fp8=False)
             ll.low_latency_combine(recv, topk, torch.ones(4, 1), ll_handle)
         record("low-latency layout change", backend, count)
-        # 5. Two new Buffers on one group with workspaces of different sizes, used in turn.
+        # 5. Low-latency x and combine input 2 bytes off a word; a one-token x with an odd row stride.
+        shifted_x = torch.zeros(ll_x.numel() + 1, dtype=ll_x.dtype)[1:].view(ll_x.shape)
+        shifted_x.copy_(ll_x)
+        recv, count, ll_handle, _, _ = ll.low_latency_dispatch(shifted_x, ids, 4, 4, use_fp8=False)
+        y = recv * 2
+        shifted_y = torch.zeros(y.numel() + 1, dtype=y.dtype)[1:].view(y.shape)
+        shifted_y.copy_(y)
+        combined = ll.low_latency_combine(shifted_y, ids, torch.ones(4, 2), ll_handle)[0]
+        one_row = torch.zeros(1, 131, dtype=ll_x.dtype).as_strided((1, 128), (131, 1), 1)
+        one_row.copy_(ll_x[:1])
+        got = ll.low_latency_dispatch(one_row, ids[:1], 4, 4, use_fp8=False)
+        record("low-latency odd offsets", backend, *_counted(recv, count), combined, *_counted(got[0], got[1]))
+        # 6. Two low-latency calls with async_finish in flight (CPU: receives deferred to the events), then a call
+        # that changes the layout (zeroing the workspace), and only then their events, the first one's last.
+        first = ll.low_latency_dispatch(ll_x, ids, 4, 4, use_fp8=False, async_finish=True)
+        second = ll.low_latency_dispatch(ll_x * 2, ids, 4, 4, use_fp8=False, async_finish=True)
+        third = ll.low_latency_dispatch(ll_x[:, :64].contiguous(), ids, 4, 4, use_fp8=False)
+        second[3].current_stream_wait()
+        first[3].current_stream_wait()
+        record(
+            "low-latency calls in flight",
+            backend,
+            *_counted(first[0], first[1]),
+            *_counted(second[0], second[1]),
+            *_counted(third[0], third[1]),
+        )
+        # 7. Two new Buffers on one group with workspaces of different sizes, used in turn.
         one, other = Buffer(dist.group.WORLD, backend=backend), Buffer(dist.group.WORLD, backend=backend)
         first = one.dispatch(big, **layout)[0]
         second = other.dispatch(small, **layout)[0]
@@ -599,5 +632,13 @@ def test_review_cases_on_the_emulated_backend(tmp_path) -> None:
     env = {DIRECTORY_ENV: str(tmp_path), "TRITON_INTERPRET": "1"}
     results = run_ranks(2, _sim_edge_cases, env=env, timeout=280)
     assert results[0] == sorted(
-        ["nothing sent", "odd offsets", "async fields", "low-latency layout change", "two Buffers"]
+        [
+            "nothing sent",
+            "odd offsets",
+            "async fields",
+            "low-latency layout change",
+            "low-latency odd offsets",
+            "low-latency calls in flight",
+            "two Buffers",
+        ]
     )

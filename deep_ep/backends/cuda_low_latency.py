@@ -104,13 +104,20 @@ def kernel_refusal(hidden: int, use_fp8: bool, quant_format: str) -> str | None:
     return None
 
 
+def bf16_words(t: torch.Tensor) -> torch.Tensor:
+    """bf16 `t` as int32 words (pairs of columns), copied first where its start or strides do not allow that view
+    (`contiguous()` keeps a contiguous tensor 2 bytes off a word, or a one-row view with an odd row stride)."""
+    if t.data_ptr() % WORD or t.stride(-1) != 1 or any(stride % 2 for stride in t.stride()[:-1]):
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t.view(torch.int32)
+
+
 def message_payload(args: LowLatencyDispatchArgs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """int32 words [N, W] of each token's message body (x bytes then scale bytes), and the quantised fields
     as the reference backend computes them (the same `deep_ep.quant` code, so the same bits)."""
     x = args.x
     if not args.use_fp8:
-        body = x.contiguous()
-        return body.view(torch.int32), {"x": x}
+        return bf16_words(x.contiguous()), {"x": x}
     if args.quant == "int8":
         q, scale = quant.per_token_cast_to_int8(x)
         scale = scale.reshape(-1, 1)
@@ -330,18 +337,17 @@ class LowLatencyKernels:
         with self._device_guard():
             workspace = self._ready(layout)
             words = workspace.local.view(torch.int32)
-            if x.stride(2) != 1 or x.stride(0) % 2 or x.stride(1) % 2 or x.data_ptr() % WORD:
-                x = x.contiguous()
+            x_words = bf16_words(x)
             kernels.ll_combine_push_kernel[(experts, self._parts(experts, rows))](
-                x.view(torch.int32) if x.numel() else words,
+                x_words if x.numel() else words,
                 words,
                 self.peer_delta,
                 self.combine_seq,
                 route.count,
                 route.target,
                 rows,
-                x.stride(0) // 2,
-                x.stride(1) // 2,
+                x_words.stride(0),
+                x_words.stride(1),
                 layout.rows_base,
                 layout.rows_size,
                 TK=layout.tokens_cap * layout.num_topk,
