@@ -8,10 +8,11 @@ Each rank builds every rank's inputs from one seeded generator (deep_ep.testing.
 operation on a `cuda` Buffer and on a `reference` Buffer of the same group, and compares the results
 bit for bit: layout; dispatch with and without top-k, with expert alignment, with an fp8 (x, scales) tuple
 whose scales are not contiguous, asynchronously, and with num_worst_tokens; cached dispatch (a float32 gradient,
-x itself, the fp8 tuple); combine with
-0, 1 and 2 biases, with top-k weights, in float32. Prints one line per workload and every failure, then the
-timing table; exits 1 if any check failed on any rank. `--quick` runs a few workloads only; `--no-timing`
-skips the timing. The CPU test suite runs this same comparison on gloo with a CPU stand-in of the backend.
+x itself, the fp8 tuple); combine with 0, 1 and 2 biases, with top-k weights, in float32; and on each GPU the
+low-latency dispatch's fused fp8 cast against deep_ep.quant on rows with NaN, infinities and extremes. Prints
+one line per workload and every failure, then the timing table; exits 1 if any check failed on any rank.
+`--quick` runs a few workloads only; `--no-timing` skips the timing. The CPU test suite runs this same
+comparison on gloo with a CPU stand-in of the backend.
 """
 
 from __future__ import annotations
@@ -280,6 +281,38 @@ def time_backends(rank: int, world: int, buffers: dict[str, Buffer], opts: Optio
         buf.check_agreement = True
 
 
+def check_fp8_cast(device: torch.device, report: RankReport) -> None:
+    """The low-latency dispatch's fused fp8 cast (one Triton kernel) against deep_ep.quant's torch ops, bit for
+    bit, on rows that hold NaN (both signs), infinities, zeros, bf16's extremes and subnormals, for every scale
+    option (the harness's workloads hold finite values only)."""
+    from deep_ep.backends.base import LowLatencyDispatchArgs
+    from deep_ep.backends.cuda_low_latency import FUSED_CAST_ENV, message_payload
+
+    specials = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 3.3895e38, -3.3895e38, 1e-40, 448.0, 1e-6]
+    for hidden in (128, 512, 7168):
+        generator = torch.Generator(device="cpu").manual_seed(hidden)
+        x = torch.randn(len(specials) + 4, hidden, generator=generator).to(torch.bfloat16)
+        for row, value in enumerate(specials):  # one special value per row, in a block of ordinary values
+            x[row, (row * 131) % hidden] = value
+        x[len(specials), :] = float("nan")  # whole rows: NaN, infinity, zeros
+        x[len(specials) + 1, :] = float("-inf")
+        x[len(specials) + 2, :] = 0.0
+        x.view(torch.int16)[len(specials) + 3, : hidden // 2] = -64  # 0xFFC0: a NaN with its sign bit set
+        x = x.to(device)
+        for round_scale, use_ue8m0 in ((False, False), (True, False), (True, True)):
+            if use_ue8m0 and hidden % 512:
+                continue
+            args = LowLatencyDispatchArgs(x, None, x.shape[0], 8, True, "fp8", round_scale, use_ue8m0)
+            fused = message_payload(args)[0].clone()
+            os.environ[FUSED_CAST_ENV] = "0"
+            try:
+                unfused = message_payload(args)[0]
+            finally:
+                del os.environ[FUSED_CAST_ENV]
+            name = f"fp8 cast, special values, H={hidden}, round_scale={round_scale}, use_ue8m0={use_ue8m0}"
+            report.checks.append((name, _mismatch(fused, unfused)))
+
+
 def rank_main(rank: int, world: int, opts: Options) -> RankReport:
     """Everything one rank does; returns its checks and timings."""
     begin = time.perf_counter()
@@ -298,6 +331,8 @@ def rank_main(rank: int, world: int, opts: Options) -> RankReport:
         if rank == 0:
             print(f"[selftest] {i + 1}/{len(todo)} {case.name}", flush=True)
         compare_case(rank, world, cand, ref, case, report)
+    if cand.device.type == "cuda":
+        check_fp8_cast(cand.device, report)
     if opts.timing and cand.device.type == "cuda":
         if rank == 0:
             print("[selftest] timing 4096x7168 bf16, top-8 of 256 experts", flush=True)

@@ -243,6 +243,11 @@ def _bf16_bits(value):
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def ll_fp8_payload_kernel(
     x,  # bf16 [N, H]
     payload_bytes,  # uint8 view of the payload [N, WORDS * 4]
@@ -264,7 +269,8 @@ def ll_fp8_payload_kernel(
     cols = blocks[:, None] * 128 + lanes[None, :]
     mask = cols < HIDDEN
     values = tl.load(x + token * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(values), axis=1), 1e-4)
+    # NaN propagates as in torch's amax / clamp_min / clamp (Triton's max and clamp would drop it).
+    amax = tl.maximum(tl.reduce(tl.abs(values), 1, _max_keeping_nan), 1e-4, propagate_nan=tl.PropagateNan.ALL)
     if ROUND_SCALE:
         bits = (amax * inv_fp8_max).to(tl.int32, bitcast=True)
         exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
@@ -273,9 +279,13 @@ def ll_fp8_payload_kernel(
     else:
         scale_inv = amax * inv_fp8_max
         scale = tl.math.div_rn(tl.full([BLOCK_SCALES], 448.0, tl.float32), amax)
-    q = tl.clamp(values * scale[:, None], -448.0, 448.0).to(tl.float8e4nv)
+    product = values * scale[:, None]
+    q = tl.clamp(product, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    # torch's cast writes a NaN as 0x7F with the float32's sign bit; the hardware's cast gives 0x7F for any NaN.
+    nan_code = (0x7F | ((product.to(tl.int32, bitcast=True) >> 24) & 0x80)).to(tl.uint8)
+    q = tl.where(product != product, nan_code, q)
     row = payload_bytes + token * payload_stride * 4
-    tl.store(row + cols, q.to(tl.uint8, bitcast=True), mask=mask)
+    tl.store(row + cols, q, mask=mask)
     scale_row = payload_words + token * payload_stride + HIDDEN // 4
     if UE8M0:
         exponents = tl.reshape((scale_inv.to(tl.int32, bitcast=True) >> 23) & 0xFF, [BLOCK_SCALES // 4, 4])
