@@ -309,7 +309,7 @@ def check_fp8_cast(device: torch.device, report: RankReport) -> None:
                 unfused = message_payload(args)[0]
             finally:
                 del os.environ[FUSED_CAST_ENV]
-            name = f"fp8 cast, special values, H={hidden}, round_scale={round_scale}, use_ue8m0={use_ue8m0}"
+            name = f"fused-fp8-cast-nan-inf/H={hidden} round_scale={round_scale} use_ue8m0={use_ue8m0}"
             report.checks.append((name, _mismatch(fused, unfused)))
 
 
