@@ -28,6 +28,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
         "num_channels",
         "num_worst_tokens",
         "scales_dtype",
+        "on_buffer_device",
     ),
     "cached_dispatch": (
         "hidden",
@@ -37,8 +38,9 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
         "scales_row_bytes",
         "num_worst_tokens",
         "handle_serial",
+        "on_buffer_device",
     ),
-    "combine": ("hidden", "x_dtype", "num_topk", "num_worst_tokens", "handle_serial"),
+    "combine": ("hidden", "x_dtype", "num_topk", "num_worst_tokens", "handle_serial", "on_buffer_device"),
     "low_latency_dispatch": (
         "num_max_dispatch_tokens_per_rank",
         "hidden",
@@ -48,8 +50,16 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
         "quant",
         "round_scale",
         "use_ue8m0",
+        "on_buffer_device",
     ),
-    "low_latency_combine": ("num_max_dispatch_tokens_per_rank", "hidden", "num_experts", "num_topk", "handle_serial"),
+    "low_latency_combine": (
+        "num_max_dispatch_tokens_per_rank",
+        "hidden",
+        "num_experts",
+        "num_topk",
+        "handle_serial",
+        "on_buffer_device",
+    ),
     # deep_ep.autograd's combine of non-float32 weights: announces its second combine (the weights' own)
     "combine_weights_apart": ("weights_dtype",),
     "destroy": (),

@@ -406,6 +406,7 @@ class Buffer:
                     )
                 agree(
                     "cached_dispatch",
+                    on_buffer_device=int(device == self.device),
                     hidden=hidden,
                     x_dtype=dtype_code(x_data.dtype),
                     x_row_bytes=row_bytes,
@@ -454,6 +455,7 @@ class Buffer:
             num_channels = config.num_sms // 2
             agree(
                 "dispatch",
+                on_buffer_device=int(device == self.device),
                 hidden=hidden,
                 x_dtype=dtype_code(x_data.dtype),
                 x_row_bytes=row_bytes,
@@ -534,6 +536,7 @@ class Buffer:
                 checks.tensor(name, b, dtypes=(x.dtype,), shape=(route.num_tokens, x.shape[1]), device=device)
             agree(
                 "combine",
+                on_buffer_device=int(device == self.device),
                 hidden=x.shape[1],
                 x_dtype=dtype_code(x.dtype),
                 num_topk=num_topk,
@@ -680,6 +683,7 @@ class Buffer:
                 )
             agree(
                 "low_latency_dispatch",
+                on_buffer_device=int(device == self.device),
                 num_max_dispatch_tokens_per_rank=tokens_cap,
                 hidden=hidden,
                 num_experts=num_experts,
@@ -795,6 +799,7 @@ class Buffer:
                 raise ValueError("async_finish and return_recv_hook cannot both be set")
             agree(
                 "low_latency_combine",
+                on_buffer_device=int(device == self.device),
                 num_max_dispatch_tokens_per_rank=tokens_cap,
                 hidden=hidden,
                 num_experts=num_experts,

@@ -575,6 +575,14 @@ def _mismatch(rank: int, world: int, what: str) -> str:
             c.dispatch(num_worst_tokens=40 + rank)
         elif what == "experts":
             c.ll_dispatch(num_experts=c.experts * (1 + rank))
+        elif what == "device":
+            # Tensors on a device other than the Buffer's on one rank only (a kernel backend would take its
+            # fallback path there and its peer-memory path elsewhere): stood for by moving rank 1's Buffer.
+            c.buffer.device = torch.device("meta") if rank == 1 else c.buffer.device
+            try:
+                c.dispatch()
+            finally:
+                c.buffer.device = torch.device("cpu")
     _still_correct(c)
     return str(info.value)
 
@@ -587,6 +595,7 @@ def _mismatch(rank: int, world: int, what: str) -> str:
         ("tokens_cap", "num_max_dispatch_tokens_per_rank: rank 0=8, rank 1=9"),
         ("num_worst_tokens", "num_worst_tokens: rank 0=40, rank 1=41"),
         ("experts", "num_experts"),
+        ("device", "on_buffer_device: rank 0=1, rank 1=0"),
     ],
 )
 def test_collective_mismatch_raises_on_every_rank(what: str, fragment: str) -> None:
