@@ -1,5 +1,5 @@
 """`run_ranks` runs the caller's copy of deep_ep on every rank, or refuses: an A/B benchmark of two checkouts must
-not silently measure the installed one twice."""
+not silently measure the installed one twice. A rank that dies without reporting is named with its exit code."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
+
+import pytest
+
+from deep_ep.testing import RankFailure, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,3 +46,12 @@ def test_ranks_refuse_another_deep_ep_found_first(tmp_path) -> None:
     done = _caller_with_a_copy(tmp_path, cwd=ROOT)
     assert done.returncode != 0
     assert f"this rank imported deep_ep from {ROOT}, the caller from {tmp_path / 'copy'}" in done.stderr, done.stderr
+
+
+def _exit_three(rank: int, world: int) -> None:
+    os._exit(3)
+
+
+def test_a_rank_that_exits_is_reported_with_its_exit_code() -> None:
+    with pytest.raises(RankFailure, match=r"\[rank 0\] process exited with code 3 before reporting"):
+        run_ranks(1, _exit_three, timeout=60)

@@ -160,6 +160,7 @@ def _collect(procs: list, conns: list, timeout: float, doomed: set[int]) -> list
                 results[rank] = conn.recv()
             except EOFError:
                 if rank not in doomed:
+                    procs[rank].join(timeout=5)  # its pipe closes before it exits: no exitcode until joined
                     results[rank] = ("error", f"process exited with code {procs[rank].exitcode} before reporting\n")
             del waiting[rank]
     failures = [f"[rank {rank}] {body}" for rank, (status, body) in sorted(results.items()) if status == "error"]
