@@ -183,6 +183,41 @@ def test_compare_tensor_rules() -> None:
     assert diff.compare_tensor("op", "x", None, None)["passed"]
 
 
+def test_expert_count_list_must_be_a_list_of_python_ints() -> None:
+    """DeepEP returns num_recv_tokens_per_expert_list as list[int]; floats or a tensor of the same values fail."""
+    name = "num_recv_tokens_per_expert_list"
+    assert diff.compare_tensor("dispatch", name, [3, 5], [3, 5])["passed"]
+    for wrong in ([3.5, 5.5], [3.0, 5.0], torch.tensor([3, 5]), [True, 5], (3, 5)):
+        check = diff.compare_tensor("dispatch", name, [3, 5], wrong)
+        assert not check["passed"] and check["note"] == "not a Python list of int", wrong
+
+
+def _ll_case_outputs(case: diff.Case, world: int) -> tuple[diff.Inputs, dict]:
+    inputs = diff.build_inputs(case, world)
+    return inputs, diff.spec_outputs(inputs, num_channels=4)[0]
+
+
+def test_a_malformed_layout_range_fails_without_breaking_canonical_order() -> None:
+    case = diff.make_cases(2, families=["uniform"], modes=["low_latency"], dtypes=["bf16"], num_tokens=6)[0]
+    inputs, expected = _ll_case_outputs(case, 2)
+    actual = {op: dict(out) for op, out in expected.items()}
+    actual["low_latency_dispatch"]["layout_range"] = expected["low_latency_dispatch"]["layout_range"][:-1]
+    checks = diff.compare_outputs(inputs, 0, expected, actual, canonical=True)
+    failing = [(c["tensor"], c["note"]) for c in checks if not c["passed"]]
+    assert failing == [("layout_range", "dtype/shape")], failing  # rows compared in place: equal
+
+
+def test_a_comparison_that_raises_is_a_failing_check() -> None:
+    case = diff.make_cases(2, families=["uniform"], modes=["low_latency"], dtypes=["bf16"], num_tokens=6)[0]
+    inputs, expected = _ll_case_outputs(case, 2)
+    actual = dict(expected, low_latency_dispatch={"recv_x": None})  # no recv_count: the comparison cannot run
+    checks = diff.compare_outputs(inputs, 0, expected, actual)
+    (bad,) = [c for c in checks if not c["passed"]]
+    assert (bad["op"], bad["tensor"]) == ("low_latency_dispatch", "(comparison)")
+    assert bad["note"].startswith("the comparison raised KeyError")
+    assert [c["passed"] for c in checks if c["op"] == "low_latency_combine"] == [True]
+
+
 def test_participants_parse_and_resolve() -> None:
     assert diff.Participant.parse("spec").kind == "spec"
     p = diff.Participant.parse("reference@cuda/gloo")

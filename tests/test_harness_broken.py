@@ -216,3 +216,19 @@ def test_command_line_exits_non_zero_on_a_mismatch(tmp_path, capsys) -> None:
     assert "first mismatches" in out and "dispatch.recv_x[2, 3]" in out
     report = path.read_text()
     assert '"result": "FAIL"' in report and '"tensor": "recv_x"' in report
+
+
+def test_an_unordered_oracle_and_a_malformed_layout_range() -> None:
+    """Canonical row order applies when either side declares it (any backend may be the oracle); a layout_range
+    of the wrong shape is a failing check, with the rows compared in place, not a crash of the whole run."""
+    oracle, short = "reordered_rows", "broken_short_layout_range"
+    participants = [diff.Participant.parse(p) for p in (oracle, "spec", short)]
+    cases = [CASES["ll_bf16"], CASES["ll_int8"]]
+    report = diff.run_local(WORLD, diff.Plan(participants, cases, comm_timeout=60), setup=register_broken_backends)
+    assert not report.errors, report.format()
+    spec = [c for c in report.checks if c["participant"] == "spec"]
+    assert spec and all(c["passed"] for c in spec), report.format()
+    failing = {(c["op"], c["tensor"]) for c in report.checks if c["participant"] == _label(short) and not c["passed"]}
+    assert ("low_latency_dispatch", "layout_range") in failing
+    assert {op for op, _ in failing} == {"low_latency_dispatch"}  # its combine is right
+    assert f"[{_label(short)} vs {_label(oracle)}, dtype/shape]" in report.format()  # not "1 of 0 failing"

@@ -176,6 +176,23 @@ class Int8OffByTwo(Int8OffBy):
     delta = 2
 
 
+class ShortLayoutRange(ReferenceBackend):
+    """Declares another low-latency row order, and returns a layout_range one expert short ([L - 1, R])."""
+
+    name = "broken_short_layout_range"
+    features = ReferenceBackend.features | {diff.UNORDERED_FEATURE}
+
+    def low_latency_dispatch(self, args):
+        out, route, pending = super().low_latency_dispatch(args)
+
+        def cut() -> None:
+            t = out["layout_range"]
+            t.set_(t[:-1].clone())  # the same tensor object, which the handle holds
+
+        pending.then(cut)
+        return out, route, pending
+
+
 BROKEN = [
     FlippedBit,
     SwappedRows,
@@ -187,6 +204,7 @@ BROKEN = [
     DroppedMinusOneRule,
     Int8OffBy,
     Int8OffByTwo,
+    ShortLayoutRange,
 ]
 
 

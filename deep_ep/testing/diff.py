@@ -12,11 +12,11 @@ and compares every participant with the first one (the *oracle*) by the rules of
   scale of token t's row); normal dispatch compares handle items 0 and 3 only.
 - "exact": every output bit for bit, all six handle items included (the reference backend vs the spec).
 
-Low-latency rows: only rows below the oracle's `recv_count` are compared (the rest are unspecified). A
-backend that declares the feature `"unordered_ll_rows"` (or a participant written `name:any-order`) is
-compared after sorting each expert's rows by (source rank, `src_info`), the source rank of a row being
-read from the backend's own `layout_range`; `layout_range` is then compared by counts. A backend without
-the feature claims the SPEC 6 order and is compared in place.
+Low-latency rows: only rows below the oracle's `recv_count` are compared (the rest are unspecified). Where
+either side of a comparison declares the feature `"unordered_ll_rows"` (or is written `name:any-order`), rows
+are compared after sorting each expert's rows by (source rank, `src_info`), the source rank of a row being
+read from that side's own `layout_range`; `layout_range` is then compared by counts. Backends without the
+feature claim the SPEC 6 order and are compared in place.
 
 The op chain of a normal-mode case: `get_dispatch_layout` -> `dispatch` -> `combine` (expert outputs and
 weights derived from what arrived, plus 0-2 biases) -> `cached_dispatch` (a gradient) -> `combine_backward`.
@@ -735,7 +735,7 @@ def run_rank(rank: int, world: int, plan: Plan, setup: Callable[[], Any] | str |
                         outputs[oracle],
                         outputs[p.label],
                         rules=plan.rules,
-                        canonical=orders[p.label] == "any",
+                        canonical="any" in (orders[p.label], orders[oracle]),  # either may be unordered
                         max_records=plan.max_records,
                     )
                     for c in found:
@@ -938,38 +938,25 @@ def compare_tensor(
     (|actual - expected| <= bound, elementwise). index_of: int64 [M, p] mapping the leading dimension of the
     compared tensors to an index prefix in the original output (rows selected or reordered).
     """
-    check = {
-        "op": op,
-        "tensor": name,
-        "rule": rule,
-        "compared": 0,
-        "differing": 0,
-        "failing": 0,
-        "max_abs_err": 0.0,
-        "bit_equal": True,
-        "passed": True,
-        "mismatches": [],
-        "note": note,
-    }
+    check = _check(op, name, rule, note)
     if expected is None or actual is None:
         if (expected is None) != (actual is None):
-            check.update(bit_equal=False, passed=False, failing=1, max_abs_err=math.inf)
-            check["mismatches"].append({"index": None, "expected": _describe(expected), "actual": _describe(actual)})
+            _fail(check, expected, actual, "None on one side")
         return check
-    if isinstance(expected, (list, int)):
+    if isinstance(expected, list) or isinstance(actual, list):
+        # DeepEP returns Python lists of Python ints (user code feeds them to range() and splits): a tensor or
+        # floats with the right values is still wrong.
+        if not (_is_int_list(expected) and _is_int_list(actual)):
+            return _fail(check, expected, actual, "not a Python list of int")
+        expected, actual = torch.tensor(expected, dtype=torch.int64), torch.tensor(actual, dtype=torch.int64)
+    if isinstance(expected, int):
         expected = torch.tensor(expected, dtype=torch.int64)
-    if isinstance(actual, (list, int)):
+    if isinstance(actual, int):
         actual = torch.tensor(actual, dtype=torch.int64)
     if not isinstance(actual, torch.Tensor):
-        check.update(bit_equal=False, passed=False, failing=1, max_abs_err=math.inf)
-        check["mismatches"].append({"index": None, "expected": _describe(expected), "actual": _describe(actual)})
-        return check
+        return _fail(check, expected, actual, "not a tensor")
     if actual.dtype != expected.dtype or actual.shape != expected.shape:
-        check.update(bit_equal=False, passed=False, failing=1, max_abs_err=math.inf)
-        check["mismatches"].append(
-            {"index": None, "expected": _describe(expected), "actual": _describe(actual), "note": "dtype/shape"}
-        )
-        return check
+        return _fail(check, expected, actual, "dtype/shape")
     a, e = actual.contiguous(), expected.contiguous()
     check["compared"] = a.numel()
     if a.numel() == 0:
@@ -1020,10 +1007,40 @@ def compare_tensor(
     return check
 
 
+def _check(op: str, name: str, rule: str = "bits", note: str = "") -> dict:
+    return {
+        "op": op,
+        "tensor": name,
+        "rule": rule,
+        "compared": 0,
+        "differing": 0,
+        "failing": 0,
+        "max_abs_err": 0.0,
+        "bit_equal": True,
+        "passed": True,
+        "mismatches": [],
+        "note": note,
+    }
+
+
+def _fail(check: dict, expected: Any, actual: Any, note: str) -> dict:
+    """Mark `check` failed as a whole (nothing element-wise comparable), with `note` saying why."""
+    check.update(bit_equal=False, passed=False, failing=1, max_abs_err=math.inf, note=check["note"] or note)
+    check["mismatches"].append(
+        {"index": None, "expected": _describe(expected), "actual": _describe(actual), "note": note}
+    )
+    return check
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(type(v) is int for v in value)  # bool is no count
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"{value.dtype} {list(value.shape)}"
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def compare_outputs(
@@ -1043,24 +1060,31 @@ def compare_outputs(
         if op not in expected and op not in actual:
             continue
         if op not in actual or op not in expected:
-            check = compare_tensor(op, "(outputs)", None, None)
-            check.update(bit_equal=False, passed=False, failing=1, max_abs_err=math.inf)
             side = "participant" if op not in actual else "oracle"
-            check["mismatches"].append({"index": None, "expected": None, "actual": None, "note": f"no {side} outputs"})
-            checks.append(check)
+            checks.append(_fail(_check(op, "(outputs)"), None, None, f"no {side} outputs"))
             continue
-        e, a = expected[op], actual[op]
-        if op == "low_latency_dispatch":
-            checks += _compare_ll_dispatch(inputs, e, a, exact=exact, canonical=canonical, max_records=max_records)
-        elif op == "low_latency_combine":
-            checks.append(_compare_ll_combine(inputs, rank, e, a, exact=exact, max_records=max_records))
-        else:
-            for name, value in e.items():
-                if op == "dispatch" and not exact and name in _OTHER_HANDLE_ITEMS:
-                    continue  # SPEC 9: of the handle, items 0 and 3 only
-                checks.append(compare_tensor(op, name, value, a.get(name), max_records=max_records))
+        try:
+            checks += _compare_op(inputs, rank, op, expected[op], actual[op], exact, canonical, max_records)
+        except Exception as error:  # noqa: BLE001 - malformed outputs are a failing check, not a dead report
+            reason = f"the comparison raised {type(error).__name__}: {error}"
+            checks.append(_fail(_check(op, "(comparison)"), None, None, reason))
     for c in checks:
         c["rank"] = rank
+    return checks
+
+
+def _compare_op(
+    inputs: Inputs, rank: int, op: str, e: dict, a: dict, exact: bool, canonical: bool, max_records: int
+) -> list[dict]:
+    if op == "low_latency_dispatch":
+        return _compare_ll_dispatch(inputs, e, a, exact=exact, canonical=canonical, max_records=max_records)
+    if op == "low_latency_combine":
+        return [_compare_ll_combine(inputs, rank, e, a, exact=exact, max_records=max_records)]
+    checks = []
+    for name, value in e.items():
+        if op == "dispatch" and not exact and name in _OTHER_HANDLE_ITEMS:
+            continue  # SPEC 9: of the handle, items 0 and 3 only
+        checks.append(compare_tensor(op, name, value, a.get(name), max_records=max_records))
     return checks
 
 
@@ -1099,7 +1123,14 @@ def _compare_ll_dispatch(
             op, "recv_scales_strides", e["recv_scales_strides"], a["recv_scales_strides"], max_records=max_records
         ),
     ]
-    if canonical and isinstance(a["layout_range"], torch.Tensor) and a["layout_range"].shape == e["layout_range"].shape:
+    # Canonical order reads both sides' layout_range: only where both are int64 [L, R] (else rows are compared in
+    # place, and the layout_range check below reports the malformed one).
+    shape = (e["recv_count"].numel(), inputs.num_ranks)
+    canonical = canonical and all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.int64 and tuple(t.shape) == shape
+        for t in (e["layout_range"], a["layout_range"])
+    )
+    if canonical:
         checks.append(
             compare_tensor(
                 op,
@@ -1390,10 +1421,12 @@ class Report:
                     extra = f" (bits {m['expected_bits']} / {m['actual_bits']})"
                 if "bound" in m:
                     extra += f" bound {m['bound']:.3g}"
+                # A whole-tensor failure (shape, type, missing) has no elements to count: its note says why.
+                count = f"{m['failing']} of {m['compared']} failing" if m["index"] is not None else m.get("note", "")
                 lines.append(
                     f"  case {m['case_index']} [{m['case']}] rank {m['rank']} {m['op']}.{m['tensor']}"
                     f"{m['index'] if m['index'] is not None else ''}: expected {m['expected']}, actual {m['actual']}"
-                    f"{extra}  [{m['participant']} vs {m['oracle']}, {m['failing']} of {m['compared']} failing]"
+                    f"{extra}  [{m['participant']} vs {m['oracle']}, {count}]"
                 )
         lines.append(f"RESULT: {'PASS' if self.ok else 'FAIL'}")
         return "\n".join(lines)
