@@ -245,6 +245,8 @@ def test_make_cases_and_families() -> None:
     assert all(c.num_tokens == c.max_tokens for c in diff.make_cases(2, families=["max_tokens"]))
     with pytest.raises(ValueError, match="unknown family"):
         diff.make_cases(2, families=["nope"])
+    with pytest.raises(ValueError, match="max_tokens=4 < num_tokens=16"):  # was: T raised to 16 without a word
+        diff.make_cases(2, num_tokens=16, max_tokens=4)
     empty = make_family("empty_rank", 3, num_tokens=5, hidden=8, num_topk=2, num_experts=6, seed=4)
     assert [x.shape[0] for x in empty.x] == [5, 0, 5]
     full = make_family("max_tokens", 2, num_tokens=3, hidden=8, num_topk=2, num_experts=4, max_tokens=7)
@@ -269,6 +271,71 @@ def test_crosscheck_command_line(tmp_path, capsys) -> None:
     assert report["result"] == "PASS" and len(report["cases"]) == 8
     assert {row["op"] for row in report["summary"]} == set(diff.OPS)
     assert report["mismatches"] == [] and report["errors"] == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--world", "0"], "argument --world: must be >= 1, got 0"),
+        (["--world", "-2"], "argument --world: must be >= 1, got -2"),
+        (["--repeats", "0"], "argument --repeats: must be >= 1"),
+        (["--tokens", "-1"], "argument --tokens: must be >= 0"),
+        (["--hidden", "0"], "argument --hidden: must be >= 1"),
+        (["--comm-timeout", "0"], "argument --comm-timeout: must be >= 1"),
+        (["--modes", "normal", "--dtypes", "fp8_round"], "no case to run for --modes normal --dtypes fp8_round"),
+        (["--max-tokens", "4", "--tokens", "16"], "--max-tokens=4 is less than --tokens=16"),
+        (["--participants", "spec"], "two or more participants"),
+        (["--participants", "spec,reference:sorted"], "suffix must be"),
+        (["--families", "nope"], "unknown family 'nope'"),
+        (["--launcher", "torchrun"], "--launcher torchrun needs RANK and WORLD_SIZE"),
+    ],
+)
+def test_command_line_refuses_a_run_that_cannot_compare(argv, message, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        crosscheck.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_command_line_names_an_unknown_backend_once(capsys) -> None:
+    """Checked in the parent after --setup ran there, before any rank starts."""
+    setup = "test_harness_mutants:register_broken_backends"
+    with pytest.raises(SystemExit) as exit_info:
+        crosscheck.main(["--world", "2", "--participants", "spec,broken_flipped_bit,nope", "--setup", setup])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("unknown backend 'nope'; registered backends: ") == 1, err
+    assert "broken_flipped_bit" in err and "Traceback" not in err
+
+
+def test_nothing_compared_is_not_a_pass(capsys) -> None:
+    """A participant skipped in every case (here: cuda on CPU tensors) proves nothing: NOT RUN, exit status 3."""
+    argv = ["--world", "2", "--families", "uniform", "--modes", "normal", "--dtypes", "bf16", "--tokens", "4"]
+    assert crosscheck.main([*argv, "--backend", "cuda", "--quiet"]) == 3
+    out = capsys.readouterr().out
+    assert "compared in no case: cuda@cpu" in out and "RESULT: NOT RUN" in out and "RESULT: PASS" not in out
+
+
+def _skipped_everywhere(label: str) -> dict:
+    status = {"spec": {"status": "ok"}, label: {"status": "skipped", "reason": "unavailable"}}
+    return {"rank": 0, "world": 1, "row_order": {}, "cases": [{"index": 0, "status": status, "checks": []}]}
+
+
+def test_report_of_an_empty_plan_or_a_skipped_oracle_is_not_run() -> None:
+    empty = diff.Report(diff.Plan(list(SPEC_VS_REFERENCE), []), [])
+    assert (empty.result, empty.ok, empty.exit_status) == ("NOT RUN", False, 3)
+    assert "(the plan has no cases)" in empty.format() and empty.to_dict()["result"] == "NOT RUN"
+    case = diff.make_cases(1, families=["uniform"], modes=["normal"], dtypes=["bf16"])
+    oracle_skipped = diff.Plan([diff.Participant.parse("cuda"), diff.Participant.parse("spec")], case)
+    report = diff.Report(oracle_skipped, [_skipped_everywhere("cuda@cpu")])
+    assert report.not_compared == ["spec"] and report.result == "NOT RUN" and not report.ok
+
+
+def test_json_on_stdout_keeps_the_table_on_stderr(capsys) -> None:
+    argv = ["--world", "1", "--families", "uniform", "--modes", "normal", "--dtypes", "bf16", "--tokens", "4"]
+    assert crosscheck.main([*argv, "--json", "-", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["result"] == "PASS"
+    assert "RESULT: PASS" in captured.err
 
 
 @pytest.mark.gpu

@@ -30,7 +30,9 @@ costs its peers `Plan.comm_timeout` seconds, not the run). The spec of a case is
 scattered, ranks taking turns. docs/HARNESS.md has the whole story.
 
 Entry points: `make_cases` / `Plan`, `run_local` (a fresh world through `run_ranks`), `run_rank` (inside
-an initialised process group, e.g. under torchrun) + `Report`. `tools/crosscheck.py` is the command line.
+an initialised process group, e.g. under torchrun) + `Report`, whose `result` is PASS, FAIL, or NOT RUN where
+a participant was compared in no case (skipped everywhere, or an empty plan). `tools/crosscheck.py` is the
+command line.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ OPS = (
     "low_latency_combine",
 )
 UNORDERED_FEATURE = "unordered_ll_rows"
+EXIT_STATUS = {"PASS": 0, "FAIL": 1, "NOT RUN": 3}  # 2 is argparse's usage error
 _SPEC9_HANDLE_ITEMS = ("rank_prefix_matrix", "recv_src_idx")  # SPEC 9: handle items 0 and 3
 _OTHER_HANDLE_ITEMS = ("channel_prefix_matrix", "recv_channel_prefix_matrix", "is_token_in_rank", "send_head")
 
@@ -211,8 +214,9 @@ def make_cases(
     large: bool = False,
 ) -> list[Case]:
     """Every (family, mode, dtype) combination, `repeats` seeds each. `families` empty = all families
-    (`large_hidden` only with `large=True`). Hidden sizes are rounded up to what a format needs (fp8 in
-    low-latency mode: a multiple of 128, 512 with ue8m0); top-k is capped at the number of experts."""
+    (`large_hidden` only with `large=True`). `max_tokens` (T, default 1.5 N) must be at least `num_tokens`.
+    Hidden sizes are rounded up to what a format needs (fp8 in low-latency mode: a multiple of 128, 512 with
+    ue8m0); top-k is capped at the number of experts."""
     families = list(families) or [f for f in FAMILIES if large or f not in LARGE_FAMILIES]
     for name, allowed, values in (
         ("family", FAMILIES, families),
@@ -222,7 +226,9 @@ def make_cases(
         for value in values:
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; known: {', '.join(allowed)}")
-    tokens_cap = max(num_tokens, max_tokens if max_tokens is not None else num_tokens + num_tokens // 2)
+    if max_tokens is not None and max_tokens < num_tokens:
+        raise ValueError(f"max_tokens={max_tokens} < num_tokens={num_tokens}: T bounds the tokens per rank")
+    tokens_cap = max_tokens if max_tokens is not None else num_tokens + num_tokens // 2
     cases = []
     index = 0
     for mode in modes:
@@ -694,7 +700,8 @@ def _buffer_sizes(cases: Sequence[Case], mode: str, world: int) -> tuple[int, in
     return nvl, rdma, qps
 
 
-def _load_setup(setup: Callable[[], Any] | str | None) -> None:
+def load_setup(setup: Callable[[], Any] | str | None) -> None:
+    """Run `setup`: a callable, or "module:function" ("module" alone calls its `setup`); None does nothing."""
     if setup is None:
         return
     if isinstance(setup, str):
@@ -709,7 +716,7 @@ def run_rank(rank: int, world: int, plan: Plan, setup: Callable[[], Any] | str |
     `setup` (a callable or "module:function") runs first, e.g. to register backends in this process.
     Rank 0 prints progress to stderr when `plan.progress` is set. Collective: call it on every rank.
     """
-    _load_setup(setup)
+    load_setup(setup)
     ctx = _Rank(plan, rank, world)
     orders = {p.label: ctx.row_order(p) for p in plan.participants}
     progress = _Progress(plan.progress and rank == 0, len(plan.cases))
@@ -1281,12 +1288,26 @@ class Report:
         self.errors.sort(key=lambda c: (c["case_index"], c["rank"]))
 
     @property
+    def not_compared(self) -> list[str]:
+        """Participants compared with the oracle in no case: skipped everywhere, the oracle skipped, or no cases."""
+        compared = {c["participant"] for c in self.checks}
+        return [p.label for p in self.plan.participants[1:] if p.label not in compared]
+
+    @property
+    def result(self) -> str:
+        """ "FAIL" on any mismatch or error, else "NOT RUN" where a participant was compared in no case (a
+        skipped backend or an empty plan proves nothing), else "PASS"."""
+        if self.errors or not all(c["passed"] for c in self.checks):
+            return "FAIL"
+        return "NOT RUN" if self.not_compared else "PASS"
+
+    @property
     def ok(self) -> bool:
-        return not self.errors and all(c["passed"] for c in self.checks)
+        return self.result == "PASS"
 
     @property
     def exit_status(self) -> int:
-        return 0 if self.ok else 1
+        return EXIT_STATUS[self.result]
 
     def case(self, index: int) -> Case:
         return self.plan.cases[index]
@@ -1428,14 +1449,20 @@ class Report:
                     f"{m['index'] if m['index'] is not None else ''}: expected {m['expected']}, actual {m['actual']}"
                     f"{extra}  [{m['participant']} vs {m['oracle']}, {count}]"
                 )
-        lines.append(f"RESULT: {'PASS' if self.ok else 'FAIL'}")
+        if self.result == "NOT RUN":
+            lines.append(
+                f"compared in no case: {', '.join(self.not_compared)}"
+                + ("" if self.plan.cases else " (the plan has no cases)")
+            )
+        lines.append(f"RESULT: {self.result}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         plan = self.plan
         return _json_safe(
             {
-                "result": "PASS" if self.ok else "FAIL",
+                "result": self.result,
+                "not_compared": self.not_compared,
                 "world": self.rank_results[0]["world"] if self.rank_results else 0,
                 "world_backend": plan.world_backend,
                 "rules": plan.rules,
