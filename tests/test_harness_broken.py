@@ -38,6 +38,7 @@ CASES = {
     "reduction": _case("normal", num_tokens=16, hidden=16, num_topk=4, experts_per_rank=1, seed=11, bias=0),
     "sparse": _case("normal", family="sparse", num_tokens=10),
     "ll_int8": _case("low_latency", "int8", num_tokens=8, hidden=32, seed=5),
+    "normal_fp8": _case("normal", "fp8", seed=9),  # (e4m3, scales) tuples
 }
 CASE_INDEX = {name: i for i, name in enumerate(CASES)}
 MUTANTS = [
@@ -52,6 +53,12 @@ MUTANTS = [
     "broken_minus_one",
     "int8_off_by_one",
     "int8_off_by_two",
+    "broken_abs_weights",
+    "broken_abs_weights_ll",
+    "broken_cached_scales",
+    "broken_ignores_worst",
+    "broken_no_topk_counts",
+    "broken_tensor_counts",
 ]
 
 
@@ -170,16 +177,18 @@ def test_wrong_reduction_order_is_reported_with_the_values_of_both_orders(report
 
 
 @pytest.mark.parametrize(
-    ("mutant", "case", "op", "tensor", "rank", "index"),
+    ("mutant", "case", "ops", "tensor", "rank", "index"),
     [
-        ("broken_recv_count", "ll_bf16", "low_latency_dispatch", "recv_count", 1, [0]),
-        ("broken_expert_list", "normal", "dispatch", "num_recv_tokens_per_expert_list", 0, [1]),  # L = 2
+        ("broken_recv_count", "ll_bf16", ["low_latency_dispatch"], "recv_count", 1, [0]),
+        # L = 2; with and without topk_idx
+        ("broken_expert_list", "normal", ["dispatch", "dispatch_no_topk"], "num_recv_tokens_per_expert_list", 0, [1]),
     ],
 )
-def test_off_by_one_count(report: diff.Report, mutant: str, case: str, op: str, tensor: str, rank: int, index) -> None:
-    assert _failing(report, mutant, case) == {(op, tensor, rank)}
-    (record,) = _mismatches(report, mutant, case)
-    assert record["index"] == index and record["actual"] == record["expected"] + 1
+def test_off_by_one_count(report: diff.Report, mutant: str, case: str, ops, tensor: str, rank: int, index) -> None:
+    assert _failing(report, mutant, case) == {(op, tensor, rank) for op in ops}
+    records = _mismatches(report, mutant, case)
+    assert [r["op"] for r in records] == ops
+    assert all(r["index"] == index and r["actual"] == r["expected"] + 1 for r in records)
 
 
 def test_dropped_minus_one_rule(report: diff.Report) -> None:
@@ -232,3 +241,41 @@ def test_an_unordered_oracle_and_a_malformed_layout_range() -> None:
     assert ("low_latency_dispatch", "layout_range") in failing
     assert {op for op, _ in failing} == {"low_latency_dispatch"}  # its combine is right
     assert f"[{_label(short)} vs {_label(oracle)}, dtype/shape]" in report.format()  # not "1 of 0 failing"
+
+
+def test_signed_weights_catch_a_combine_that_drops_the_sign(report: diff.Report) -> None:
+    failing = _failing(report, "broken_abs_weights", "normal")
+    for op in ("combine", "combine_backward", "combine_worst"):  # the backward's weight gradient is signed too
+        assert (op, "combined_topk_weights", 0) in failing, op
+    assert {op for op, _, _ in failing} == {"combine", "combine_backward", "combine_worst"}
+    ll = _failing(report, "broken_abs_weights_ll", "ll_bf16")
+    assert ll == {("low_latency_combine", "combined_x", rank) for rank in range(WORLD)}
+
+
+def test_cached_dispatch_of_scales(report: diff.Report) -> None:
+    """The case's own (fp8, scales) x through cached dispatch; the gradient is bf16 and has no scales."""
+    failing = _failing(report, "broken_cached_scales", "normal_fp8")
+    ops = ("cached_dispatch_x", "cached_dispatch_worst")
+    assert failing == {(op, "recv_x_scales", rank) for op in ops for rank in range(WORLD)}
+    assert not _failing(report, "broken_cached_scales", "normal")  # bf16 x: nothing to zero
+
+
+def test_num_worst_tokens_and_a_dispatch_without_topk(report: diff.Report) -> None:
+    worst = _failing(report, "broken_ignores_worst", "normal")
+    assert {op for op, _, _ in worst} == {"dispatch_worst", "cached_dispatch_worst"}, worst
+    tensor = "num_recv_tokens_per_expert_list"
+    assert ("dispatch_worst", "recv_x", 0) in worst and ("dispatch_worst", tensor, 0) in worst
+    no_topk = _failing(report, "broken_no_topk_counts", "normal")
+    assert no_topk == {("dispatch_no_topk", tensor, r) for r in range(WORLD)}
+    for op in ("dispatch_no_topk", "dispatch_worst", "cached_dispatch_x", "cached_dispatch_worst", "combine_worst"):
+        row = [r for r in report.rows() if r["op"] == op and r["participant"] == _label("broken_flipped_bit")]
+        assert row and row[0]["cases"] == 4, op  # the normal-mode cases, in the table
+
+
+def test_expert_counts_as_a_tensor_fail(report: diff.Report) -> None:
+    failing = _failing(report, "broken_tensor_counts", "normal")
+    assert {(op, tensor) for op, tensor, _ in failing} == {
+        (op, "num_recv_tokens_per_expert_list") for op in ("dispatch", "dispatch_no_topk", "dispatch_worst")
+    }  # the empty list of a num_worst_tokens dispatch too
+    (record, *_) = _mismatches(report, "broken_tensor_counts", "normal")
+    assert record["note"] == "not a Python list of int" and record["actual"].startswith("torch.int64")

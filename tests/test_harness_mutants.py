@@ -4,6 +4,8 @@ import only this (they register the backends: registration is per process)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import deep_ep
@@ -193,6 +195,68 @@ class ShortLayoutRange(ReferenceBackend):
         return out, route, pending
 
 
+class AbsWeightsCombine(ReferenceBackend):
+    """Normal combine reduces |topk_weights|: right only while every weight is positive."""
+
+    name = "broken_abs_weights"
+
+    def combine(self, x, route, topk_weights, bias):
+        return super().combine(x, route, None if topk_weights is None else topk_weights.abs(), bias)
+
+
+class AbsWeightsLowLatency(ReferenceBackend):
+    """Low-latency combine weights the rows by |w|."""
+
+    name = "broken_abs_weights_ll"
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, route, out):
+        return super().low_latency_combine(x, topk_idx, topk_weights.abs(), route, out)
+
+
+class CachedScalesZero(ReferenceBackend):
+    """Cached dispatch of a (values, scales) tuple: the received scales are zero."""
+
+    name = "broken_cached_scales"
+
+    def cached_dispatch(self, x, x_scales, route):
+        recv, scales, pending = super().cached_dispatch(x, x_scales, route)
+        if scales is not None:
+            pending.then(scales.zero_)
+        return recv, scales, pending
+
+
+class IgnoresWorstTokens(ReferenceBackend):
+    """Dispatch ignores num_worst_tokens: no padding, and the count list of a plain dispatch."""
+
+    name = "broken_ignores_worst"
+
+    def dispatch(self, args):
+        return super().dispatch(dataclasses.replace(args, num_worst_tokens=0))
+
+
+class NoTopkZeroCounts(ReferenceBackend):
+    """Dispatch without topk_idx: num_recv_tokens_per_expert_list all zero (as if counted from topk_idx)."""
+
+    name = "broken_no_topk_counts"
+
+    def dispatch(self, args):
+        out, route, pending = super().dispatch(args)
+        if args.topk_idx is None:
+            out["num_recv_tokens_per_expert_list"] = [0] * len(out["num_recv_tokens_per_expert_list"])
+        return out, route, pending
+
+
+class TensorCounts(ReferenceBackend):
+    """num_recv_tokens_per_expert_list as an int64 tensor of the right values (DeepEP: a list of int)."""
+
+    name = "broken_tensor_counts"
+
+    def dispatch(self, args):
+        out, route, pending = super().dispatch(args)
+        out["num_recv_tokens_per_expert_list"] = torch.tensor(out["num_recv_tokens_per_expert_list"])
+        return out, route, pending
+
+
 BROKEN = [
     FlippedBit,
     SwappedRows,
@@ -205,6 +269,12 @@ BROKEN = [
     Int8OffBy,
     Int8OffByTwo,
     ShortLayoutRange,
+    AbsWeightsCombine,
+    AbsWeightsLowLatency,
+    CachedScalesZero,
+    IgnoresWorstTokens,
+    NoTopkZeroCounts,
+    TensorCounts,
 ]
 
 

@@ -2,7 +2,8 @@
 
 Runs seeded workload families (uniform, skewed, group_limited, sparse, idle_rank, empty_rank, max_tokens,
 small_hidden, and with --large large_hidden = 7168) in normal mode (layout, dispatch, combine, cached
-dispatch, combine as backward) and low-latency mode, in bf16, fp8 and int8, through every participant
+dispatch, combine as backward, cached dispatch of x, dispatch without top-k, and dispatch, cached dispatch and
+combine with num_worst_tokens) and low-latency mode, in bf16, fp8 and int8, through every participant
 inside one multi-rank run, and compares each participant with the first one (the oracle).
 
 Participants: `spec` (the executable spec, reference/), or `NAME[@DEVICE][/GROUP][:any-order]`: a

@@ -19,7 +19,9 @@ read from that side's own `layout_range`; `layout_range` is then compared by cou
 feature claim the SPEC 6 order and are compared in place.
 
 The op chain of a normal-mode case: `get_dispatch_layout` -> `dispatch` -> `combine` (expert outputs and
-weights derived from what arrived, plus 0-2 biases) -> `cached_dispatch` (a gradient) -> `combine_backward`.
+weights derived from what arrived, plus 0-2 biases) -> `cached_dispatch` (a gradient) -> `combine_backward`
+-> `cached_dispatch_x` (x in its own format again) -> `dispatch_no_topk` -> `dispatch_worst` (with
+`num_worst_tokens`) -> `cached_dispatch_worst` -> `combine_worst` (`NORMAL_OPS`).
 A low-latency case: `low_latency_dispatch` -> `low_latency_combine`. Each participant chains its own
 outputs, as a user would; expert outputs are computed on the CPU from the received rows' contents (not
 their positions), so any row order that is a correct one gives the same combine result.
@@ -66,15 +68,23 @@ LL_FORMATS = {
     "int8": (True, "int8", False, False),
 }
 RULES = ("spec9", "exact")
-OPS = (
+NORMAL_OPS = (
     "get_dispatch_layout",
     "dispatch",
     "combine",
-    "cached_dispatch",
+    "cached_dispatch",  # a bf16 gradient, with the handle of `dispatch`
     "combine_backward",
-    "low_latency_dispatch",
-    "low_latency_combine",
+    "cached_dispatch_x",  # x again, in the case's own format (scales included), with the handle of `dispatch`
+    "dispatch_no_topk",  # no topk_idx / topk_weights
+    "dispatch_worst",  # num_worst_tokens = R * T: every receive padded to that many rows
+    "cached_dispatch_worst",  # x with the handle of `dispatch_worst`
+    "combine_worst",  # with the handle of `dispatch_worst`, the padding rows NaN
 )
+LOW_LATENCY_OPS = ("low_latency_dispatch", "low_latency_combine")
+OPS = NORMAL_OPS + LOW_LATENCY_OPS
+_DISPATCH_OPS = ("dispatch", "dispatch_no_topk", "dispatch_worst")
+_WORST_OPS = ("dispatch_worst", "cached_dispatch_worst")
+_UNSPECIFIED_TAILS = ("recv_x", "recv_x_scales", "recv_topk_weights", "recv_src_idx")  # SPEC 4, num_worst_tokens
 UNORDERED_FEATURE = "unordered_ll_rows"
 EXIT_STATUS = {"PASS": 0, "FAIL": 1, "NOT RUN": 3}  # 2 is argparse's usage error
 _SPEC9_HANDLE_ITEMS = ("rank_prefix_matrix", "recv_src_idx")  # SPEC 9: handle items 0 and 3
@@ -385,10 +395,34 @@ def normal_backward_inputs(
     """(grad of recv_x bf16 [M, H], grad of recv_topk_weights fp32 [M, K]) for combine as the backward.
 
     The weight gradient is nonzero where the expert is not local, with a per-rank constant that float32
-    cannot hold exactly: the per-token sums over destinations then round, so their order shows.
+    cannot hold exactly: the per-token sums over destinations then round, so their order shows. The constant's
+    sign alternates with the rank, so that a combine that sums |w| shows here too.
     """
     grad_x = (recv_grad.float() * (0.5 + 0.125 * rank) - dequantize_normal(recv_x) * 0.25).to(torch.bfloat16)
-    return grad_x, recv_topk_weights * 0.5 + (0.1 + 0.03 * rank)
+    return grad_x, recv_topk_weights * 0.5 + (0.1 + 0.03 * rank) * (-1) ** rank
+
+
+def num_worst_tokens(case: Case, num_ranks: int) -> int:
+    """`num_worst_tokens` of the case's "dispatch_worst": R * T, as many rows as a rank can ever receive."""
+    return max(1, case.max_tokens * num_ranks)
+
+
+def num_received(w: Workload, rank: int) -> int:
+    """Rows `rank` receives in a normal dispatch: every rank's tokens with an expert on it (SPEC 4)."""
+    local = w.num_experts // w.num_ranks
+    return sum(int(((idx >= 0) & (idx // local == rank)).any(1).sum()) for idx in w.topk_idx)
+
+
+def worst_expert_inputs(
+    rank: int, recv_x: Any, recv_topk_weights: torch.Tensor, num_recv: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The combine inputs of a `num_worst_tokens` receive: expert outputs and returned weights, with the
+    padding rows (from `num_recv` on) NaN: SPEC 5 never reads them, and a combine that does shows."""
+    y = normal_expert_output(rank, recv_x, recv_topk_weights)
+    returned = normal_returned_weights(rank, recv_topk_weights)
+    y[num_recv:] = float("nan")
+    returned[num_recv:] = float("nan")
+    return y, returned
 
 
 def low_latency_expert_output(rank: int, recv_x: Any, recv_count: torch.Tensor) -> torch.Tensor:
@@ -454,38 +488,77 @@ def spec_outputs(inputs: Inputs, num_channels: int) -> list[Outputs]:
 
     layouts = reference.layout(w.topk_idx, w.num_experts)
     in_rank = [lay["is_token_in_rank"] for lay in layouts]
-    sent = reference.dispatch(
-        inputs.x,
-        in_rank,
-        [lay["num_tokens_per_expert"] for lay in layouts],
-        w.topk_idx,
-        w.topk_weights,
-        w.num_experts,
-        expert_alignment=case.expert_alignment,
-        num_channels=num_channels,
-    )
+    per_expert = [lay["num_tokens_per_expert"] for lay in layouts]
+
+    def dispatch(topk: bool = True, num_worst: int = 0) -> list[dict]:
+        return reference.dispatch(
+            inputs.x,
+            in_rank,
+            per_expert,
+            w.topk_idx if topk else None,
+            w.topk_weights if topk else None,
+            w.num_experts,
+            expert_alignment=case.expert_alignment,
+            num_worst_tokens=num_worst,
+            num_channels=num_channels,
+        )
+
+    worst = num_worst_tokens(case, num_ranks)
+    sent, plain, padded = dispatch(), dispatch(topk=False), dispatch(num_worst=worst)
     ys = [normal_expert_output(r, o["recv_x"], o["recv_topk_weights"]) for r, o in enumerate(sent)]
     returned = [normal_returned_weights(r, o["recv_topk_weights"]) for r, o in enumerate(sent)]
     combined = reference.combine(ys, in_rank, returned, inputs.bias)
     grads = reference.cached_dispatch(inputs.grad, in_rank)
     back_in = [normal_backward_inputs(r, grads[r], o["recv_x"], o["recv_topk_weights"]) for r, o in enumerate(sent)]
     back = reference.combine([b[0] for b in back_in], in_rank, [b[1] for b in back_in])
+    again, again_padded = (
+        reference.cached_dispatch(inputs.x, in_rank),
+        reference.cached_dispatch(inputs.x, in_rank, worst),
+    )
+    worst_in = [
+        worst_expert_inputs(r, o["recv_x"], o["recv_topk_weights"], num_received(w, r)) for r, o in enumerate(padded)
+    ]
+    combined_worst = reference.combine([y for y, _ in worst_in], in_rank, [v for _, v in worst_in], inputs.bias)
     for r in range(num_ranks):
-        o = sent[r]
-        data, scales = _split(o["recv_x"])
         outs[r]["get_dispatch_layout"] = {k: layouts[r][k] for k in _LAYOUT_NAMES}
-        outs[r]["dispatch"] = {
-            "recv_x": data,
-            "recv_x_scales": scales,
-            "recv_topk_idx": o["recv_topk_idx"],
-            "recv_topk_weights": o["recv_topk_weights"],
-            "num_recv_tokens_per_expert_list": o["num_recv_tokens_per_expert_list"],
-            **{k: o[k] for k in _SPEC9_HANDLE_ITEMS + _OTHER_HANDLE_ITEMS},
-        }
+        outs[r]["dispatch"] = _spec_dispatch_outputs(sent[r])
         outs[r]["combine"] = dict(combined[r])
         outs[r]["cached_dispatch"] = {"recv_x": grads[r]}
         outs[r]["combine_backward"] = dict(back[r])
+        outs[r]["cached_dispatch_x"] = _recv_outputs(again[r])
+        outs[r]["dispatch_no_topk"] = _spec_dispatch_outputs(plain[r])
+        outs[r]["dispatch_worst"] = _spec_dispatch_outputs(padded[r])
+        outs[r]["cached_dispatch_worst"] = _recv_outputs(again_padded[r])
+        outs[r]["combine_worst"] = dict(combined_worst[r])
     return outs
+
+
+def _recv_outputs(recv_x: Any) -> dict[str, Any]:
+    data, scales = _split(recv_x)
+    return {"recv_x": data, "recv_x_scales": scales}
+
+
+def _dispatch_outputs(
+    recv_x: Any, recv_topk_idx: Any, recv_topk_weights: Any, counts: Any, handle: Sequence
+) -> dict[str, Any]:
+    return {
+        **_recv_outputs(recv_x),
+        "recv_topk_idx": recv_topk_idx,
+        "recv_topk_weights": recv_topk_weights,
+        "num_recv_tokens_per_expert_list": counts,
+        **dict(zip(_HANDLE_NAMES, handle)),
+    }
+
+
+def _spec_dispatch_outputs(o: dict) -> dict[str, Any]:
+    keys = ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert_list")
+    return _dispatch_outputs(*(o[k] for k in keys), [o[k] for k in _HANDLE_NAMES])
+
+
+def _dispatched(result: tuple) -> dict[str, Any]:
+    """The comparable outputs of a participant's `Buffer.dispatch` result, on the CPU (the list stays a list)."""
+    recv_x, recv_idx, recv_w, counts, handle, _ = result
+    return _dispatch_outputs(_cpu(recv_x), _cpu(recv_idx), _cpu(recv_w), counts, _cpu(tuple(handle[:6])))
 
 
 _LAYOUT_NAMES = ("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert", "is_token_in_rank")
@@ -639,44 +712,56 @@ class _Rank:
         state["op"] = "get_dispatch_layout"
         per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, w.num_experts)
         outs["get_dispatch_layout"] = dict(zip(_LAYOUT_NAMES, _cpu((per_rank, per_rdma, per_expert, in_rank))))
-        state["op"] = "dispatch"
         config = Buffer.get_dispatch_config(self.world)
-        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-            _to(inputs.x[rank], device),
-            num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_rdma,
-            is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
-            topk_idx=idx,
-            topk_weights=weights,
-            expert_alignment=case.expert_alignment,
-            config=config,
-        )
-        recv_x, recv_w = _cpu(recv_x), _cpu(recv_w)
-        data, scales = _split(recv_x)
-        outs["dispatch"] = {
-            "recv_x": data,
-            "recv_x_scales": scales,
-            "recv_topk_idx": _cpu(recv_idx),
-            "recv_topk_weights": recv_w,
-            "num_recv_tokens_per_expert_list": counts,
-            **dict(zip(_HANDLE_NAMES, _cpu(tuple(handle[:6])))),
-        }
+        x, bias = _to(inputs.x[rank], device), _to(inputs.bias[rank], device)
+
+        def dispatch(**kwargs: Any) -> tuple:
+            return buffer.dispatch(
+                x,
+                num_tokens_per_rank=per_rank,
+                num_tokens_per_rdma_rank=per_rdma,
+                is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert,
+                expert_alignment=case.expert_alignment,
+                config=config,
+                **kwargs,
+            )
+
+        def cached(handle: tuple, value: Any) -> Any:
+            return _cpu(buffer.dispatch(_to(value, device), handle=handle, config=config)[0])
+
+        def combine(y: torch.Tensor, handle: tuple, weights: torch.Tensor, bias: Any = None) -> dict:
+            combined, combined_w, _ = buffer.combine(
+                y.to(device), handle, topk_weights=weights.to(device), bias=bias, config=config
+            )
+            return {"combined_x": _cpu(combined), "combined_topk_weights": _cpu(combined_w)}
+
+        state["op"] = "dispatch"
+        result = dispatch(topk_idx=idx, topk_weights=weights)
+        handle, recv_x, recv_w = result[4], _cpu(result[0]), _cpu(result[2])
+        outs["dispatch"] = _dispatched(result)
         state["op"] = "combine"
-        y = normal_expert_output(rank, recv_x, recv_w).to(device)
-        returned = normal_returned_weights(rank, recv_w).to(device)
-        combined, combined_w, _ = buffer.combine(
-            y, handle, topk_weights=returned, bias=_to(inputs.bias[rank], device), config=config
-        )
-        outs["combine"] = {"combined_x": _cpu(combined), "combined_topk_weights": _cpu(combined_w)}
+        y, returned = normal_expert_output(rank, recv_x, recv_w), normal_returned_weights(rank, recv_w)
+        outs["combine"] = combine(y, handle, returned, bias)
         state["op"] = "cached_dispatch"
-        recv_grad, *_ = buffer.dispatch(inputs.grad[rank].to(device), handle=handle, config=config)
-        recv_grad = _cpu(recv_grad)
+        recv_grad = cached(handle, inputs.grad[rank])
         outs["cached_dispatch"] = {"recv_x": recv_grad}
         state["op"] = "combine_backward"
         grad_x, grad_w = normal_backward_inputs(rank, recv_grad, recv_x, recv_w)
-        back_x, back_w, _ = buffer.combine(grad_x.to(device), handle, topk_weights=grad_w.to(device), config=config)
-        outs["combine_backward"] = {"combined_x": _cpu(back_x), "combined_topk_weights": _cpu(back_w)}
+        outs["combine_backward"] = combine(grad_x, handle, grad_w)
+        state["op"] = "cached_dispatch_x"
+        outs["cached_dispatch_x"] = _recv_outputs(cached(handle, inputs.x[rank]))
+        state["op"] = "dispatch_no_topk"
+        outs["dispatch_no_topk"] = _dispatched(dispatch())
+        state["op"] = "dispatch_worst"
+        result = dispatch(topk_idx=idx, topk_weights=weights, num_worst_tokens=num_worst_tokens(case, self.world))
+        handle, recv_x, recv_w = result[4], _cpu(result[0]), _cpu(result[2])
+        outs["dispatch_worst"] = _dispatched(result)
+        state["op"] = "cached_dispatch_worst"
+        outs["cached_dispatch_worst"] = _recv_outputs(cached(handle, inputs.x[rank]))
+        state["op"] = "combine_worst"
+        y, returned = worst_expert_inputs(rank, recv_x, recv_w, num_received(w, rank))
+        outs["combine_worst"] = combine(y, handle, returned, bias)
         return outs
 
 
@@ -1087,12 +1172,21 @@ def _compare_op(
         return _compare_ll_dispatch(inputs, e, a, exact=exact, canonical=canonical, max_records=max_records)
     if op == "low_latency_combine":
         return [_compare_ll_combine(inputs, rank, e, a, exact=exact, max_records=max_records)]
+    # SPEC 4: with num_worst_tokens, rows past num_recv are unspecified but in recv_topk_idx (-1): not compared
+    rows = num_received(inputs.workload, rank) if op in _WORST_OPS and not exact else None
     checks = []
     for name, value in e.items():
-        if op == "dispatch" and not exact and name in _OTHER_HANDLE_ITEMS:
+        if op in _DISPATCH_OPS and not exact and name in _OTHER_HANDLE_ITEMS:
             continue  # SPEC 9: of the handle, items 0 and 3 only
-        checks.append(compare_tensor(op, name, value, a.get(name), max_records=max_records))
+        got, note = a.get(name), ""
+        if rows is not None and name in _UNSPECIFIED_TAILS and _same_shape(value, got):
+            value, got, note = value[:rows], got[:rows], "rows below num_recv (the padding is unspecified)"
+        checks.append(compare_tensor(op, name, value, got, max_records=max_records, note=note))
     return checks
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
 
 
 def _ll_row_selection(

@@ -103,13 +103,15 @@ def make_workload(
     invalid_fraction: float = 0.0,
     skew: float = 0.0,
     weights_on_invalid: bool = False,
+    signed_weights: bool = False,
 ) -> Workload:
     """Every rank's inputs. `num_tokens` may differ per rank (a list). With `self_describing`, x[s][t] is
     the source rank in every column but the last, which holds t (DeepEP's test_intranode style).
 
     `invalid_fraction`: each entry becomes -1 with this probability (after the routing's own rule);
     `skew`: score boost of E/8 hot experts; `weights_on_invalid`: keep a nonzero weight where the index is
-    -1 (combine must skip those entries rather than rely on a zero weight)."""
+    -1 (combine must skip those entries rather than rely on a zero weight); `signed_weights`: each weight
+    negative with probability 1/2, |w| in [0.1, 1.1) (a combine that drops the sign must show)."""
     if num_topk > num_experts:
         raise ValueError(f"num_topk={num_topk} > num_experts={num_experts}")
     gen = torch.Generator().manual_seed(seed)
@@ -124,6 +126,8 @@ def make_workload(
         xs.append(x.to(dtype))
         topk_idx = _route(gen, n, num_experts, num_ranks, num_topk, routing, invalid_fraction, skew)
         w = torch.rand(n, num_topk, generator=gen) + 0.1
+        if signed_weights:  # drawn only when asked for: the other callers' streams stay as they were
+            w = torch.where(torch.rand(n, num_topk, generator=gen) < 0.5, -w, w)
         weights.append(w if weights_on_invalid else torch.where(topk_idx >= 0, w, torch.zeros_like(w)))
         idxs.append(topk_idx)
     return Workload(num_experts, hidden, num_topk, xs, idxs, weights)
@@ -162,8 +166,9 @@ def make_family(
 ) -> Workload:
     """Every rank's inputs for one workload family (see the module docstring and `FAMILIES`).
 
-    `num_tokens` is N per rank, `max_tokens` T (default N; "max_tokens" uses N = T). Weights are nonzero
-    where the index is -1, so a combine that forgets to skip those entries shows.
+    `num_tokens` is N per rank, `max_tokens` T (default N; "max_tokens" uses N = T). Weights are signed
+    (|w| >= 0.1) and nonzero where the index is -1, so a combine that drops the sign or forgets to skip those
+    entries shows.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown workload family {family!r}; known: {FAMILIES}")
@@ -182,6 +187,7 @@ def make_family(
         invalid_fraction=invalid_fraction,
         skew=skew,
         weights_on_invalid=True,
+        signed_weights=True,
     )
     w.family, w.max_tokens = family, tokens_cap
     return w
