@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -86,9 +87,14 @@ def _layer_vs_dense(rank: int, world: int, cfg: dict, buffer: Buffer, times: dic
         "MoELayer grad x": _rel_err(x.grad, dense_x[rank].grad),
         "MoELayer grad router": _rel_err(router_grad, full.router.grad),
         "MoELayer grad experts": max(
-            _rel_err(layer.w1.grad, full.w1.grad[mine]), _rel_err(layer.w2.grad, full.w2.grad[mine])
+            _rel_err(_grad(layer.w1), _grad(full.w1)[mine]), _rel_err(_grad(layer.w2), _grad(full.w2)[mine])
         ),
     }
+
+
+def _grad(t: torch.Tensor) -> torch.Tensor:
+    """t's gradient; zeros where autograd left None (no token reached the experts: N = 0 on every rank)."""
+    return t.grad if t.grad is not None else torch.zeros_like(t)
 
 
 def _ops_vs_spec(rank: int, world: int, cfg: dict, buffer: Buffer, times: dict) -> tuple[dict, dict]:
@@ -171,25 +177,41 @@ def _rank_round(rank: int, world: int, cfg: dict) -> dict:
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if actual.numel() == 0 and expected.numel() == 0:  # N = 0 tokens is a valid round; max() of nothing raises
+        return 0.0
     scale = expected.detach().abs().max().item() or 1.0
     return (actual.detach().float() - expected.detach().float()).abs().max().item() / scale
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= minimum (0 ranks or 0 rounds cannot run)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=128, help="tokens per rank")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--ffn", type=int, default=128)
-    parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--topk", type=int, default=4)
+    parser.add_argument("--ranks", type=_at_least(1), default=4)
+    parser.add_argument("--tokens", type=_at_least(0), default=128, help="tokens per rank")
+    parser.add_argument("--hidden", type=_at_least(1), default=256)
+    parser.add_argument("--ffn", type=_at_least(1), default=128)
+    parser.add_argument("--experts", type=_at_least(1), default=16)
+    parser.add_argument("--topk", type=_at_least(1), default=4)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--iters", type=int, default=5, help="rounds; times are medians after the first")
+    parser.add_argument("--iters", type=_at_least(1), default=5, help="rounds; times are medians after the first")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.experts % args.ranks:
         parser.error(f"--experts={args.experts} must be a multiple of --ranks={args.ranks}")
+    if args.topk > args.experts:
+        parser.error(f"--topk={args.topk} is more than --experts={args.experts}")
     cfg = dict(vars(args), dtype=getattr(torch, args.dtype))
     # float32: only the summation order differs from the dense layer; bf16 adds a rounding per hop.
     tolerance = 1e-5 if args.dtype == "float32" else 2e-2
