@@ -87,7 +87,7 @@ _WORST_OPS = ("dispatch_worst", "cached_dispatch_worst")
 _UNSPECIFIED_TAILS = ("recv_x", "recv_x_scales", "recv_topk_weights", "recv_src_idx")  # SPEC 4, num_worst_tokens
 UNORDERED_FEATURE = "unordered_ll_rows"
 EXIT_STATUS = {"PASS": 0, "FAIL": 1, "NOT RUN": 3}  # 2 is argparse's usage error
-_SPEC9_HANDLE_ITEMS = ("rank_prefix_matrix", "recv_src_idx")  # SPEC 9: handle items 0 and 3
+# SPEC 9 compares handle items 0 (rank_prefix_matrix) and 3 (recv_src_idx) only, not these:
 _OTHER_HANDLE_ITEMS = ("channel_prefix_matrix", "recv_channel_prefix_matrix", "is_token_in_rank", "send_head")
 
 
@@ -511,10 +511,8 @@ def spec_outputs(inputs: Inputs, num_channels: int) -> list[Outputs]:
     grads = reference.cached_dispatch(inputs.grad, in_rank)
     back_in = [normal_backward_inputs(r, grads[r], o["recv_x"], o["recv_topk_weights"]) for r, o in enumerate(sent)]
     back = reference.combine([b[0] for b in back_in], in_rank, [b[1] for b in back_in])
-    again, again_padded = (
-        reference.cached_dispatch(inputs.x, in_rank),
-        reference.cached_dispatch(inputs.x, in_rank, worst),
-    )
+    again = reference.cached_dispatch(inputs.x, in_rank)
+    again_padded = reference.cached_dispatch(inputs.x, in_rank, worst)
     worst_in = [
         worst_expert_inputs(r, o["recv_x"], o["recv_topk_weights"], num_received(w, r)) for r, o in enumerate(padded)
     ]
