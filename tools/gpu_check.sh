@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
 RUN=(python3 -m torch.distributed.run --standalone)
 NPROC="${NPROC:-$(nvidia-smi -L | wc -l)}"
-PLAN=(--families all --large --modes normal,low_latency --dtypes bf16,fp8,int8 --tokens 32 --max-tokens 64
+PLAN=(--families all --large --modes normal,low_latency --dtypes bf16,fp8,fp8_round,fp8_ue8m0,int8 --tokens 32 --max-tokens 64
       --topk 8 --experts-per-rank 8 --rules exact --comm-timeout 60)
 
 step() {  # step NAME SECONDS COMMAND...: run with a deadline; a failure is reported, not fatal
