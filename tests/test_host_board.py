@@ -84,7 +84,9 @@ def _absent_rank(rank: int, world: int) -> str | None:
     buffer.comm_timeout = 2.0
     start = time.monotonic()
     with pytest.raises(CommTimeoutError, match="combine") as info:
-        buffer._agree("combine", hidden=1, x_dtype=0, num_topk=0, num_worst_tokens=0, handle_serial=0)
+        buffer._agree(
+            "combine", hidden=1, x_dtype=0, num_topk=0, num_worst_tokens=0, handle_serial=0, on_buffer_device=1
+        )
     assert time.monotonic() - start < 20
     return str(info.value)
 
@@ -100,7 +102,9 @@ def _rank_that_exits(rank: int, world: int) -> str | None:
         os._exit(0)  # gone before the call: the others must not wait out comm_timeout
     start = time.monotonic()
     with pytest.raises(CommTimeoutError, match="went away") as info:
-        buffer._agree("combine", hidden=1, x_dtype=0, num_topk=0, num_worst_tokens=0, handle_serial=0)
+        buffer._agree(
+            "combine", hidden=1, x_dtype=0, num_topk=0, num_worst_tokens=0, handle_serial=0, on_buffer_device=1
+        )
     assert time.monotonic() - start < 30, "a dead rank was waited for as if it were slow"
     assert buffer.comm_timeout >= 300  # the default: the exit was noticed, not the timeout
     return str(info.value)
