@@ -22,16 +22,20 @@ operand is float64, else float32:
 
 No host synchronisation happens when the output size is known on the host: pass dispatch's
 `num_recv_tokens_per_expert_list` (made with the same `expert_alignment`) or a fixed `num_out_tokens`.
+Value checks (expert ids in range, size hints) raise ValueError on the CPU; on a device they are
+asynchronous device asserts (`torch._assert_async`) whose message names the argument, so they cost no sync.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from . import checks
 
 __all__ = ["PermuteHandle", "PermuteResult", "permute", "unpermute"]
 
@@ -79,7 +83,7 @@ def _layout(
     topk_idx: torch.Tensor,
     num_local_experts: int,
     expert_alignment: int,
-    num_tokens_per_expert: Sequence[int] | None,
+    num_tokens_per_expert: list[int] | None,
     num_out_tokens: int | None,
 ) -> PermuteHandle:
     """Place every valid (i, k) pair; device ops only, unless neither size hint is given."""
@@ -87,6 +91,11 @@ def _layout(
     device = topk_idx.device
     experts = num_local_experts
     flat = topk_idx.reshape(-1).long()
+    _check(
+        ((flat >= -1) & (flat < experts)).all(),
+        lambda: _bad_id_message(topk_idx, experts),
+        "recv_topk_idx has an entry that is neither -1 nor a local expert id in [0, num_local_experts)",
+    )
     key = torch.where(flat >= 0, flat, experts)  # -1 sorts last, into a dropped bucket
     pairs = torch.zeros(experts + 1, dtype=torch.long, device=device)
     pairs.scatter_add_(0, key, torch.ones_like(key))
@@ -100,22 +109,23 @@ def _layout(
     else:
         num_rows = int(aligned.sum())  # the host synchronisation the hints avoid
     if num_tokens_per_expert is not None:
-        given = torch.tensor(list(num_tokens_per_expert), dtype=torch.long).to(device)
-        _device_check(
-            torch.equal(aligned, given) if device.type == "cpu" else (aligned == given).all(),
+        _check(
+            (aligned == _host_ints_on(num_tokens_per_expert, device)).all(),
             lambda: (
-                f"num_tokens_per_expert={list(num_tokens_per_expert)} does not match recv_topk_idx, which "
+                f"num_tokens_per_expert={num_tokens_per_expert} does not match recv_topk_idx, which "
                 f"gives {aligned.tolist()} rows per expert with expert_alignment={expert_alignment}"
             ),
+            "num_tokens_per_expert does not match recv_topk_idx",
         )
     if num_out_tokens is not None:
         total = aligned.sum()
-        _device_check(
-            bool(total <= num_out_tokens) if device.type == "cpu" else total <= num_out_tokens,
+        _check(
+            total <= num_out_tokens,
             lambda: (
                 f"num_out_tokens={num_out_tokens} is smaller than the {int(total)} rows that recv_topk_idx "
                 f"needs with expert_alignment={expert_alignment}"
             ),
+            "num_out_tokens is smaller than the rows recv_topk_idx needs",
         )
 
     # Pairs sorted by (expert, i, k): a stable sort of the expert key keeps the flat (i, k) order.
@@ -136,13 +146,30 @@ def _layout(
     return PermuteHandle(position.view(num_recv, num_topk), source_pair, source_row, aligned, real, num_recv, num_rows)
 
 
-def _device_check(ok: Any, message: Any) -> None:
-    """Raise ValueError on the host (CPU tensors: free), or assert on the device without a sync."""
-    if isinstance(ok, bool):
-        if not ok:
+def _check(ok: torch.Tensor, message: Callable[[], str], device_message: str) -> None:
+    """On the CPU, raise ValueError(message()) when `ok` is false (reading it is free); on a device, assert
+    asynchronously, without a host sync: a failure is a device-side assert that prints `device_message`."""
+    if ok.device.type == "cpu":
+        if not bool(ok):
             raise ValueError(message())
     else:
-        torch._assert_async(ok, "deep_ep.permute: size hint does not match recv_topk_idx")
+        torch._assert_async(ok, f"deep_ep.permute: {device_message}")
+
+
+def _bad_id_message(topk_idx: torch.Tensor, experts: int) -> str:
+    index = [int(i) for i in ((topk_idx < -1) | (topk_idx >= experts)).nonzero()[0]]
+    return (
+        f"recv_topk_idx{index} = {int(topk_idx[tuple(index)])} is not a local expert id: entries must be -1 or in "
+        f"[0, num_local_experts={experts})"
+    )
+
+
+def _host_ints_on(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 [len(values)] on `device` without a host sync: an asynchronous copy from pinned memory, which
+    torch's caching host allocator keeps until the copy ran (and never reuses once a CUDA graph captured it)."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=torch.long)
+    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
 
 def _padded(t: torch.Tensor) -> torch.Tensor:
@@ -211,12 +238,13 @@ def permute(
 
     Arguments:
         recv_x: [M, H] any float dtype, dispatch's `recv_x` (M = num_recv, or num_worst_tokens).
-        recv_topk_idx: int64/int32 [M, K], dispatch's local expert ids, -1 = not here.
+        recv_topk_idx: int64/int32 [M, K], dispatch's local expert ids, -1 = not here (checked: ValueError
+            on the CPU, an asynchronous device assert naming recv_topk_idx elsewhere).
         num_local_experts: L, experts of this rank.
         expert_alignment: each expert's group is padded with zero rows to a multiple of this.
-        num_tokens_per_expert: optional host ints [L], dispatch's `num_recv_tokens_per_expert_list` made
-            with the same `expert_alignment`: sizes the output without a host sync (checked, on the device
-            when not on the CPU).
+        num_tokens_per_expert: optional host ints [L] (not a tensor), dispatch's
+            `num_recv_tokens_per_expert_list` made with the same `expert_alignment`: sizes the output without
+            a host sync (checked like recv_topk_idx; copied to the device from pinned memory, asynchronously).
         num_out_tokens: optional fixed output size P >= the rows needed (for `num_worst_tokens` dispatch or
             CUDA graphs); rows past the last group are zero. Without either hint, one host sync sizes P.
     Returns:
@@ -233,23 +261,12 @@ def permute(
         raise ValueError(f"recv_topk_idx has {recv_topk_idx.shape[0]} rows but recv_x has {recv_x.shape[0]}")
     if recv_topk_idx.device != recv_x.device:
         raise ValueError(f"recv_topk_idx is on {recv_topk_idx.device}, recv_x on {recv_x.device}")
-    _positive_int("num_local_experts", num_local_experts)
-    _positive_int("expert_alignment", expert_alignment)
+    num_local_experts = checks.integer("num_local_experts", num_local_experts, minimum=1)
+    expert_alignment = checks.integer("expert_alignment", expert_alignment, minimum=1)
     if num_out_tokens is not None:
-        _positive_int("num_out_tokens", num_out_tokens, minimum=0)
-    if num_tokens_per_expert is not None and len(num_tokens_per_expert) != num_local_experts:
-        raise ValueError(
-            f"num_tokens_per_expert has {len(num_tokens_per_expert)} entries, one per local expert "
-            f"(num_local_experts={num_local_experts}) expected"
-        )
-    if recv_x.device.type == "cpu" and recv_topk_idx.numel():
-        bad = (recv_topk_idx < -1) | (recv_topk_idx >= num_local_experts)
-        if bool(bad.any()):
-            index = [int(i) for i in bad.nonzero()[0]]
-            raise ValueError(
-                f"recv_topk_idx{index} = {int(recv_topk_idx[tuple(index)])} is not a local expert id: entries "
-                f"must be -1 or in [0, num_local_experts={num_local_experts})"
-            )
+        num_out_tokens = checks.integer("num_out_tokens", num_out_tokens, minimum=0)
+    if num_tokens_per_expert is not None:
+        num_tokens_per_expert = _host_counts(num_tokens_per_expert, num_local_experts)
     handle = _layout(recv_topk_idx, num_local_experts, expert_alignment, num_tokens_per_expert, num_out_tokens)
     return PermuteResult(_Permute.apply(recv_x, handle), handle.tokens_per_expert, handle)
 
@@ -281,14 +298,24 @@ def unpermute(
         raise ValueError(f"recv_topk_weights must be [{shape[0]}, {shape[1]}], got {_describe(recv_topk_weights)}")
     elif not recv_topk_weights.is_floating_point():
         raise TypeError(f"recv_topk_weights must be a floating-point tensor, got {recv_topk_weights.dtype}")
+    for name, tensor in (("expert_out", expert_out), ("recv_topk_weights", recv_topk_weights)):
+        if tensor.device != handle.position.device:
+            raise ValueError(f"{name} is on {tensor.device}, but permute's handle is on {handle.position.device}")
     return _Unpermute.apply(expert_out, recv_topk_weights, handle)
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}={value} must be >= {minimum}")
+def _host_counts(values: Any, num_local_experts: int) -> list[int]:
+    """The size hint as host ints (they size the output on the host; a tensor would need a sync to read)."""
+    if isinstance(values, torch.Tensor):
+        raise TypeError(
+            "num_tokens_per_expert must be host ints (dispatch's num_recv_tokens_per_expert_list), got a tensor"
+        )
+    if len(values) != num_local_experts:
+        raise ValueError(
+            f"num_tokens_per_expert has {len(values)} entries, one per local expert "
+            f"(num_local_experts={num_local_experts}) expected"
+        )
+    return [checks.integer(f"num_tokens_per_expert[{e}]", n, minimum=0) for e, n in enumerate(values)]
 
 
 def _describe(value: Any) -> str:

@@ -7,6 +7,11 @@ contract, so it is checked by float64 gradcheck (and by the loop oracle within 1
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,6 +19,8 @@ from hypothesis import strategies as st
 
 from deep_ep.permute import PermuteHandle, permute, unpermute
 from deep_ep.testing.compare import assert_bit_equal
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _case(num_recv: int, hidden: int, num_topk: int, experts: int, *, seed: int, dtype=torch.float32, drop=0.4):
@@ -136,6 +143,27 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="recv_topk_weights must be"):
         unpermute(got.permuted_x, got.handle, weights[:, :1])
     assert isinstance(got.handle, PermuteHandle)
+    meta = torch.device("meta")  # a second device on any host
+    with pytest.raises(ValueError, match="expert_out is on meta, but permute's handle is on cpu"):
+        unpermute(got.permuted_x.to(meta), got.handle)
+    with pytest.raises(ValueError, match="recv_topk_weights is on meta, but permute's handle is on cpu"):
+        unpermute(got.permuted_x, got.handle, weights.to(meta))
+
+
+def test_size_hints_must_be_host_ints() -> None:
+    x, idx, _ = _case(6, 3, 2, 3, seed=9, drop=0.0)
+    counts = permute(x, idx, 3).tokens_per_expert.tolist()
+    with pytest.raises(TypeError, match=r"num_tokens_per_expert\[0\] must be an int, got float"):
+        permute(x, idx, 3, num_tokens_per_expert=[float(n) for n in counts])
+    with pytest.raises(TypeError, match="num_tokens_per_expert must be host ints"):
+        permute(x, idx, 3, num_tokens_per_expert=torch.tensor(counts))
+    with pytest.raises(ValueError, match=r"num_tokens_per_expert\[1\]=-1 must be >= 0"):
+        permute(x, idx, 3, num_tokens_per_expert=[counts[0] + counts[1] + 1, -1, counts[2]])
+    with pytest.raises(TypeError, match="num_out_tokens must be an int, got float"):
+        permute(x, idx, 3, num_out_tokens=20.0)
+    # Int-likes are taken as ints (as checks.integer does for Buffer's arguments): sizes stay host ints.
+    got = permute(x, idx, 3, num_tokens_per_expert=np.array(counts), num_out_tokens=np.int64(sum(counts)))
+    assert type(got.handle.num_rows) is int and got.handle.num_rows == sum(counts)
 
 
 def test_permute_backward_sums_pairs_in_k_order() -> None:
@@ -206,3 +234,85 @@ def test_property_layout_and_inverse(num_recv: int, num_topk: int, experts: int,
     assert got.tokens_per_expert.tolist() == want_counts
     y = torch.randn(got.permuted_x.shape, generator=gen)
     assert_bit_equal("unpermute", unpermute(y, got.handle, weights), _oracle_unpermute(y, idx, weights, where))
+
+
+# ---- on a GPU host: pytest -m gpu tests/test_permute.py ----------------------------------------------------
+def _needs_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+def _hinted_step(x, idx, weights, grad, experts: int, align: int, hint: list[int]) -> tuple[torch.Tensor, ...]:
+    """permute with the size hint, unpermute, and backward: outputs, grad_x and grad_w."""
+    x = x.detach().requires_grad_()
+    weights = weights.detach().requires_grad_()
+    got = permute(x, idx, experts, expert_alignment=align, num_tokens_per_expert=hint)
+    out = unpermute(got.permuted_x * 3, got.handle, weights)
+    out.backward(grad)
+    return got.permuted_x, got.tokens_per_expert, out, x.grad, weights.grad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c['num_recv']}K{c['num_topk']}L{c['experts']}a{c['align']}")
+def test_gpu_size_hints_do_not_synchronise_and_match_the_cpu(case: dict) -> None:
+    _needs_cuda()
+    experts, align = case["experts"], case["align"]
+    x, idx, weights = _case(
+        case["num_recv"], case["hidden"], case["num_topk"], experts, seed=case["seed"], drop=case.get("drop", 0.4)
+    )
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(20))
+    hint = _oracle_permute(x, idx, experts, align)[1]
+    want = _hinted_step(x, idx, weights, grad, experts, align, hint)
+    inputs = [t.cuda() for t in (x, idx, weights, grad)]  # copied before: a pageable copy synchronises
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        got = _hinted_step(*inputs, experts, align, hint)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for name, a, e in zip(("permuted_x", "tokens_per_expert", "unpermute", "grad_x"), got, want):
+        assert_bit_equal(name, a.cpu(), e)
+    torch.testing.assert_close(got[4].cpu(), want[4], rtol=1e-6, atol=1e-6)  # a dot product in another order
+
+
+@pytest.mark.gpu
+def test_gpu_permute_with_size_hints_is_captured_by_a_cuda_graph() -> None:
+    _needs_cuda()
+    x, idx, weights = _case(7, 5, 3, 4, seed=1)
+    hint = _oracle_permute(x, idx, 4, 2)[1]
+    static_x, idx_d, weights_d = x.cuda(), idx.cuda(), weights.cuda()
+
+    def step() -> torch.Tensor:
+        got = permute(static_x, idx_d, 4, expert_alignment=2, num_tokens_per_expert=hint)
+        return unpermute(got.permuted_x * 3, got.handle, weights_d)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up on a side stream before capture, as torch.cuda.graph asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    new_x = torch.randn(x.shape, generator=torch.Generator().manual_seed(21))
+    static_x.copy_(new_x.cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    want = permute(new_x, idx, 4, expert_alignment=2)
+    assert_bit_equal("replayed unpermute", out.cpu(), unpermute(want.permuted_x * 3, want.handle, weights))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", [-2, 3])
+def test_gpu_bad_expert_id_is_a_device_assert_naming_recv_topk_idx(bad: int) -> None:
+    # A device-side assert ends the process's CUDA context, so the failing call runs in a child process.
+    _needs_cuda()
+    script = (
+        "import torch\n"
+        "from deep_ep.permute import permute\n"
+        f"idx = torch.tensor([[0, 1], [{bad}, -1], [2, 0]], device='cuda')\n"
+        "permute(torch.ones(3, 4, device='cuda'), idx, 3, num_out_tokens=8)\n"
+        "torch.cuda.synchronize()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0, f"recv_topk_idx with {bad} was accepted:\n{run.stdout}{run.stderr}"
+    assert "deep_ep.permute: recv_topk_idx" in run.stdout + run.stderr, run.stdout + run.stderr
