@@ -1,8 +1,10 @@
 """deep_ep.permute: expert-grouped layout, weighted inverse, gradients (single process, no communication).
 
-Forward results and the permute backward are compared bit for bit with plain Python loops that follow
-the documented order; the unpermute weight gradient is a dot product over H whose order is not part of the
-contract, so it is checked by float64 gradcheck (and by the loop oracle within 1e-6 relative in fp32).
+Forward results and both backward passes' row gradients are compared bit for bit with plain Python loops
+that follow the documented order (fp32, and bf16/fp16, where an accumulation in the data's dtype would show);
+the unpermute weight gradient is a dot product over H whose order is not part of the contract, so it is
+checked by float64 gradcheck and against the loop oracle within the error bound of an fp32 sum. The `gpu`
+tests at the end run on a GPU host: pytest -m gpu tests/test_permute.py.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ def test_num_out_tokens_pads_the_tail_and_hints_are_checked() -> None:
     assert fixed.permuted_x.shape[0] == rows + 5
     assert_bit_equal("groups", fixed.permuted_x[:rows], exact.permuted_x)
     assert_bit_equal("tail", fixed.permuted_x[rows:], torch.zeros(5, 4))
+    just = permute(x, idx, 3, expert_alignment=2, num_out_tokens=rows)  # exactly the rows needed is enough
+    assert_bit_equal("num_out_tokens == rows", just.permuted_x, exact.permuted_x)
     y = torch.randn(rows + 5, 4)
     assert_bit_equal(
         "unpermute ignores the tail", unpermute(y, fixed.handle, weights), unpermute(y[:rows], exact.handle, weights)
@@ -125,10 +129,18 @@ def test_num_out_tokens_pads_the_tail_and_hints_are_checked() -> None:
         permute(x, idx, 3, num_tokens_per_expert=[1, 2])
 
 
+@pytest.mark.parametrize("bad", [-2, 3, 5])  # the ids just outside [-1, L) with L = 3, and one far out
+def test_expert_ids_outside_minus_one_to_L_are_refused(bad: int) -> None:
+    x, idx, _ = _case(4, 3, 2, 3, seed=9)
+    idx[2, 1] = bad
+    with pytest.raises(ValueError, match=rf"recv_topk_idx\[2, 1\] = {bad} is not a local expert id"):
+        permute(x, idx, 3)
+    with pytest.raises(ValueError, match="recv_topk_idx"):  # the size hints do not skip the check
+        permute(x, idx, 3, num_out_tokens=8)
+
+
 def test_argument_errors() -> None:
     x, idx, weights = _case(4, 3, 2, 3, seed=9)
-    with pytest.raises(ValueError, match=r"recv_topk_idx\[.*is not a local expert id"):
-        permute(x, torch.where(idx == 2, 5, idx), 3)
     with pytest.raises(ValueError, match="rows but recv_x has"):
         permute(x[:3], idx, 3)
     with pytest.raises(TypeError, match="int64 or int32"):
@@ -194,6 +206,47 @@ def test_unpermute_backward() -> None:
     # A dot product over H: fp32 in an unspecified order, so within a few ulp of the float64 value.
     torch.testing.assert_close(w.grad, want_w, rtol=1e-6, atol=1e-6)
     assert_bit_equal("grad_w where nothing is local", w.grad[idx < 0], torch.zeros(int((idx < 0).sum())))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_backward_matches_loop_oracle(dtype: torch.dtype) -> None:
+    # The documented arithmetic in bf16/fp16: each sum in fp32, one rounding (an accumulation in the data's
+    # dtype, or a weight rounded to it, differs in the last bits).
+    gen = torch.Generator().manual_seed(17)
+    idx = torch.randint(-1, 3, (9, 4), generator=gen)  # a token may pick a local expert twice
+    x = torch.randn(9, 16, generator=gen).to(dtype).requires_grad_()
+    got = permute(x, idx, 3, expert_alignment=2)
+    grad = torch.randn(got.permuted_x.shape, generator=gen).to(dtype)
+    got.permuted_x.backward(grad)
+    _, _, where = _oracle_permute(x.detach(), idx, 3, 2)
+    assert_bit_equal("grad_x", x.grad, _oracle_unpermute(grad, idx, torch.where(idx >= 0, 1.0, 0.0), where))
+
+    y = torch.randn(got.permuted_x.shape, generator=gen).to(dtype).requires_grad_()
+    w = torch.rand(9, 4, generator=gen).requires_grad_()
+    grad_out = torch.randn(9, 16, generator=gen).to(dtype)
+    unpermute(y, got.handle, w).backward(grad_out)
+    want_y = torch.zeros_like(y)
+    for (i, k), row in where.items():
+        want_y[row] = (w[i, k].detach() * grad_out[i].float()).to(dtype)  # fp32 weight times fp32, one rounding
+    assert_bit_equal("grad_y", y.grad, want_y)
+    for (i, k), row in where.items():  # a dot product over H in fp32: within the bound of any summation order
+        terms = grad_out[i].double() * y[row].detach().double()  # each product exact in fp32
+        bound = 16 * 2.0**-24 * float(terms.abs().sum())
+        assert abs(float(w.grad[i, k]) - float(terms.sum())) <= bound, (i, k)
+
+
+def test_slots_without_a_local_expert_are_never_read() -> None:
+    # Weights and gradients of the slots that are -1 are not multiplied in (0 * nan would leak a nan).
+    x, idx, weights = _case(6, 4, 3, 3, seed=18, drop=0.4)
+    got = permute(x, idx, 3)
+    y = torch.randn(got.permuted_x.shape, generator=torch.Generator().manual_seed(19)).requires_grad_()
+    w = torch.where(idx >= 0, weights, float("nan")).requires_grad_()
+    _, _, where = _oracle_permute(x, idx, 3, 1)
+    out = unpermute(y, got.handle, w)
+    assert_bit_equal("unpermute", out, _oracle_unpermute(y.detach(), idx, weights, where))
+    grad = torch.full((6, 4), float("inf"))
+    out.backward(grad)
+    assert_bit_equal("grad_w of the -1 slots", w.grad[idx < 0], torch.zeros(int((idx < 0).sum())))
 
 
 @pytest.mark.parametrize("align", [1, 3])
