@@ -107,30 +107,39 @@ def moe_forward(
     Returns:
         y [N, H] of x's dtype: y[t] = sum_k w[t, k] * expert_{e_k}(x[t]); per rank the local experts' terms
         are summed in fp32 in k order (unpermute), then ranks ascending in fp32 (combine).
+    Errors: a bad argument or an exception from the router or the experts on one rank fails the call on every
+    rank (the peers raise CollectiveMismatchError), and the Buffer stays usable.
     """
-    num_local = w1.shape[0]
-    num_experts = num_local * buffer.group_size
-    if router_weight.shape[0] != num_experts:
-        raise ValueError(
-            f"router_weight has {router_weight.shape[0]} experts but w1 holds {num_local} per rank for "
-            f"{buffer.group_size} ranks ({num_experts} experts)"
-        )
-    topk_idx, topk_weights = route(x, router_weight, top_k, normalize_topk=normalize_topk)
+    if not isinstance(buffer, Buffer):
+        raise TypeError(f"buffer must be a deep_ep.Buffer, got {type(buffer).__name__}")
+    # An error on this rank alone (a bad argument, or one raised by route or the experts) still takes part in
+    # the agreement of the call it precedes, so the peers raise in their dispatch (combine) too instead of
+    # pairing it with this rank's next call.
+    with ep_autograd._rejected_as(buffer, "dispatch"):
+        num_local = w1.shape[0]
+        num_experts = num_local * buffer.group_size
+        if router_weight.shape[0] != num_experts:
+            raise ValueError(
+                f"router_weight has {router_weight.shape[0]} experts but w1 holds {num_local} per rank for "
+                f"{buffer.group_size} ranks ({num_experts} experts)"
+            )
+        topk_idx, topk_weights = route(x, router_weight, top_k, normalize_topk=normalize_topk)
     sent = ep_autograd.dispatch(buffer, x, topk_idx, topk_weights, num_experts, expert_alignment=expert_alignment)
-    counts = sent.num_recv_tokens_per_expert_list
-    grouped = permute(
-        sent.recv_x,
-        sent.recv_topk_idx,
-        num_local,
-        expert_alignment=expert_alignment,
-        num_tokens_per_expert=counts,
-    )
-    outputs, start = [], 0
-    for e, count in enumerate(counts):  # host ints from dispatch: no sync; a grouped GEMM on a GPU
-        outputs.append(expert_mlp(grouped.permuted_x[start : start + count], w1[e], w2[e], activation))
-        start += count
-    expert_out = torch.cat(outputs) if outputs else grouped.permuted_x
-    per_row = unpermute(expert_out, grouped.handle, sent.recv_topk_weights)
+    with ep_autograd._rejected_as(buffer, "combine"):
+        counts = sent.num_recv_tokens_per_expert_list
+        grouped = permute(
+            sent.recv_x,
+            sent.recv_topk_idx,
+            num_local,
+            expert_alignment=expert_alignment,
+            num_tokens_per_expert=counts,
+        )
+        outputs, start = [], 0
+        for e, count in enumerate(counts):  # host ints from dispatch: no sync; a grouped GEMM on a GPU
+            outputs.append(expert_mlp(grouped.permuted_x[start : start + count], w1[e], w2[e], activation))
+            start += count
+        expert_out = torch.cat(outputs) if outputs else grouped.permuted_x
+        per_row = unpermute(expert_out, grouped.handle, sent.recv_topk_weights)
     return ep_autograd.combine(buffer, per_row, sent.handle).combined_x
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from test_autograd import distributed_gradcheck
 
-from deep_ep import Buffer
+from deep_ep import Buffer, CollectiveMismatchError
 from deep_ep.moe import MoELayer, MoEWeights, dense_moe, expert_mlp, init_moe_weights, moe_forward, route
 from deep_ep.testing import run_ranks
 from deep_ep.testing.compare import assert_bit_equal
@@ -171,3 +171,66 @@ def _check_layer_arguments(rank: int, world: int) -> None:
     y.sum().backward()  # an expanded gradient, also with no rows at all on rank 0
     assert x.grad.shape == x.shape and layer.router.grad is not None
     assert layer.w1.grad is not None and layer.w2.grad is not None
+
+
+# ---- an error on one rank fails the call on every rank, and the next call pairs up ---------------------------
+def _step(buffer: Buffer, rank: int, world: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """moe_forward and backward on data unique to `seed`: y and the gradients of x, router, w1 and w2."""
+    weights = init_moe_weights(8, 6, 2 * world, seed=seed)
+    gen = torch.Generator().manual_seed(seed * 100 + rank)
+    x = torch.randn(5, 8, generator=gen).requires_grad_()
+    params = [t.clone().requires_grad_() for t in (weights.router, weights.w1[2 * rank : 2 * rank + 2])]
+    params.append(weights.w2[2 * rank : 2 * rank + 2].clone().requires_grad_())
+    y = moe_forward(x, *params, buffer, 2)
+    y.backward(torch.randn(5, 8, generator=gen))
+    return (y, x.grad, *(t.grad for t in params))
+
+
+ONE_RANK_ERRORS = {
+    # case: (how the last rank's arguments differ, its exception and message, the call its peers fail in)
+    "router_weight of another expert count": (
+        lambda a: dict(a, router_weight=a["router_weight"][:3]),
+        (ValueError, "router_weight has 3 experts"),
+        "dispatch",
+    ),
+    "x of another hidden size (route fails)": (
+        lambda a: dict(a, x=torch.randn(5, 9)),
+        (RuntimeError, "cannot be multiplied"),
+        "dispatch",
+    ),
+    "w1 of another ffn size (the experts fail)": (
+        lambda a: dict(a, w1=a["w1"][:, :, :5]),
+        (RuntimeError, "cannot be multiplied"),
+        "combine",
+    ),
+    "experts in bf16 (they fail after dispatch)": (
+        lambda a: dict(a, w1=a["w1"].bfloat16(), w2=a["w2"].bfloat16()),
+        (RuntimeError, "dtype"),
+        "combine",
+    ),
+}
+
+
+def _one_rank_fails(rank: int, world: int, case: str) -> str:
+    buffer = Buffer(dist.group.WORLD)
+    buffer.comm_timeout = 20.0  # a peer left waiting fails the test in seconds
+    weights = init_moe_weights(8, 6, 2 * world, seed=30)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(rank))
+    args = dict(x=x, router_weight=weights.router, w1=weights.w1[2 * rank : 2 * rank + 2], top_k=2)
+    args.update(w2=weights.w2[2 * rank : 2 * rank + 2], buffer=buffer)
+    differ, (error, message), _ = ONE_RANK_ERRORS[case]
+    last = rank == world - 1
+    with pytest.raises(error if last else CollectiveMismatchError, match=message if last else None) as info:
+        moe_forward(**(differ(args) if last else args))
+    # The next call (forward and backward) pairs up: it equals the same call on a Buffer that saw no error.
+    after = _step(buffer, rank, world, seed=31)
+    clean = _step(Buffer(dist.group.WORLD), rank, world, seed=31)
+    for name, a, b in zip(("y", "grad x", "grad router", "grad w1", "grad w2"), after, clean):
+        assert_bit_equal(f"{name} after the error", a, b)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("case", sorted(ONE_RANK_ERRORS))
+def test_an_error_on_one_rank_fails_the_call_on_every_rank(case: str) -> None:
+    messages = run_ranks(2, _one_rank_fails, case, timeout=120)
+    assert f"{ONE_RANK_ERRORS[case][2]}: rank(s) [1] rejected their arguments" in messages[0], messages
