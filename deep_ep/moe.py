@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import autograd as ep_autograd
+from . import checks
 from .buffer import Buffer
 from .permute import permute, unpermute
 
@@ -68,6 +69,9 @@ def route(
         topk_idx int64 [N, K] (highest score first) and topk_weights [N, K]: the softmax scores in float32
         (float64 when x is float64), renormalised to sum 1 with `normalize_topk`.
     """
+    top_k = checks.integer("top_k", top_k, minimum=1)
+    if top_k > router_weight.shape[0]:
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={router_weight.shape[0]}]")
     logits = F.linear(x, router_weight)
     scores = torch.softmax(logits.to(_score_dtype(x)), dim=-1)
     weights, idx = scores.topk(top_k, dim=-1)
@@ -107,8 +111,8 @@ def moe_forward(
     Returns:
         y [N, H] of x's dtype: y[t] = sum_k w[t, k] * expert_{e_k}(x[t]); per rank the local experts' terms
         are summed in fp32 in k order (unpermute), then ranks ascending in fp32 (combine).
-    Errors: a bad argument or an exception from the router or the experts on one rank fails the call on every
-    rank (the peers raise CollectiveMismatchError), and the Buffer stays usable.
+    Errors: a bad argument (each is checked, naming it) or an exception from the router or the experts on one
+    rank fails the call on every rank (the peers raise CollectiveMismatchError), and the Buffer stays usable.
     """
     if not isinstance(buffer, Buffer):
         raise TypeError(f"buffer must be a deep_ep.Buffer, got {type(buffer).__name__}")
@@ -116,14 +120,9 @@ def moe_forward(
     # the agreement of the call it precedes, so the peers raise in their dispatch (combine) too instead of
     # pairing it with this rank's next call.
     with ep_autograd._rejected_as(buffer, "dispatch"):
-        num_local = w1.shape[0]
-        num_experts = num_local * buffer.group_size
-        if router_weight.shape[0] != num_experts:
-            raise ValueError(
-                f"router_weight has {router_weight.shape[0]} experts but w1 holds {num_local} per rank for "
-                f"{buffer.group_size} ranks ({num_experts} experts)"
-            )
+        num_local = _num_local_experts(x, router_weight, w1, w2, buffer.group_size)
         topk_idx, topk_weights = route(x, router_weight, top_k, normalize_topk=normalize_topk)
+    num_experts = num_local * buffer.group_size
     sent = ep_autograd.dispatch(buffer, x, topk_idx, topk_weights, num_experts, expert_alignment=expert_alignment)
     with ep_autograd._rejected_as(buffer, "combine"):
         counts = sent.num_recv_tokens_per_expert_list
@@ -141,6 +140,30 @@ def moe_forward(
         expert_out = torch.cat(outputs) if outputs else grouped.permuted_x
         per_row = unpermute(expert_out, grouped.handle, sent.recv_topk_weights)
     return ep_autograd.combine(buffer, per_row, sent.handle).combined_x
+
+
+def _num_local_experts(
+    x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, num_ranks: int
+) -> int:
+    """L, once x [N, H], router_weight [L * num_ranks, H], w1 [L, H, F] and w2 [L, F, H] fit together."""
+    checks.tensor("x", x, dim=2)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    hidden = x.shape[1]
+    num_local, w1_hidden, ffn = checks.tensor("w1", w1, dim=3).shape
+    if w1_hidden != hidden:
+        raise ValueError(f"w1 {list(w1.shape)} must be [L, H, F] with H = {hidden}, the hidden size of x")
+    if checks.tensor("w2", w2, dim=3).shape != (num_local, ffn, hidden):
+        raise ValueError(f"w2 {list(w2.shape)} must be [L, F, H] = {[num_local, ffn, hidden]} (w1 is [L, H, F])")
+    num_experts, router_hidden = checks.tensor("router_weight", router_weight, dim=2).shape
+    if num_experts != num_local * num_ranks:
+        raise ValueError(
+            f"router_weight has {num_experts} experts but w1 holds {num_local} per rank for "
+            f"{num_ranks} ranks ({num_local * num_ranks} experts)"
+        )
+    if router_hidden != hidden:
+        raise ValueError(f"router_weight {list(router_weight.shape)} must be [E, H] with H = {hidden}, as x")
+    return num_local
 
 
 def dense_moe(
@@ -212,11 +235,21 @@ class MoELayer(nn.Module):
         normalize_topk: bool = False,
     ) -> None:
         super().__init__()
+        hidden, ffn_hidden, num_experts, top_k, expert_alignment = (
+            checks.integer(name, value, minimum=1)
+            for name, value in (
+                ("hidden", hidden),
+                ("ffn_hidden", ffn_hidden),
+                ("num_experts", num_experts),
+                ("top_k", top_k),
+                ("expert_alignment", expert_alignment),
+            )
+        )
         if buffer is None:
             buffer = Buffer(group if group is not None else dist.group.WORLD)
         if num_experts % buffer.group_size:
             raise ValueError(f"num_experts={num_experts} is not divisible by num_ranks={buffer.group_size}")
-        if not 1 <= top_k <= num_experts:
+        if top_k > num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
         self.buffer = buffer
         self.hidden, self.ffn_hidden, self.num_experts, self.top_k = hidden, ffn_hidden, num_experts, top_k

@@ -159,6 +159,10 @@ def _check_layer_arguments(rank: int, world: int) -> None:
         MoELayer(4, 4, 3, 1, dist.group.WORLD)
     with pytest.raises(ValueError, match="top_k=5"):
         MoELayer(4, 4, 4, 5, dist.group.WORLD)
+    with pytest.raises(TypeError, match="top_k must be an int, got float 2.0"):
+        MoELayer(4, 4, 4, 2.0, buffer=Buffer(dist.group.WORLD))
+    with pytest.raises(TypeError, match="ffn_hidden must be an int"):
+        MoELayer(4, 4.0, 4, 2, buffer=Buffer(dist.group.WORLD))
     layer = MoELayer(4, 4, 4, 2, buffer=Buffer(dist.group.WORLD))
     assert "local_experts=" in repr(layer)
     assert layer.w1.shape == (2, 4, 4) and layer.w2.shape == (2, 4, 4) and layer.router.shape == (4, 4)
@@ -171,6 +175,18 @@ def _check_layer_arguments(rank: int, world: int) -> None:
     y.sum().backward()  # an expanded gradient, also with no rows at all on rank 0
     assert x.grad.shape == x.shape and layer.router.grad is not None
     assert layer.w1.grad is not None and layer.w2.grad is not None
+
+
+def test_route_refuses_top_k_outside_one_to_num_experts() -> None:
+    x, router = torch.randn(3, 4), torch.randn(4, 4)
+    for top_k, error, message in (
+        (0, ValueError, "top_k=0 must be >= 1"),  # was: no expert at all, and a zero output
+        (-1, ValueError, "top_k=-1 must be >= 1"),
+        (5, ValueError, r"top_k=5 must be in \[1, num_experts=4\]"),
+        (2.0, TypeError, "top_k must be an int, got float 2.0"),
+    ):
+        with pytest.raises(error, match=message):
+            route(x, router, top_k)
 
 
 # ---- an error on one rank fails the call on every rank, and the next call pairs up ---------------------------
@@ -193,15 +209,23 @@ ONE_RANK_ERRORS = {
         (ValueError, "router_weight has 3 experts"),
         "dispatch",
     ),
-    "x of another hidden size (route fails)": (
+    "x of another hidden size": (
         lambda a: dict(a, x=torch.randn(5, 9)),
-        (RuntimeError, "cannot be multiplied"),
+        (ValueError, r"w1 \[2, 8, 6\] must be \[L, H, F\] with H = 9"),
         "dispatch",
     ),
-    "w1 of another ffn size (the experts fail)": (
+    "x 3-D": (lambda a: dict(a, x=a["x"][None]), (ValueError, r"^x must be 2-D, got shape \[1, 5, 8\]"), "dispatch"),
+    "w1 of another ffn size": (
         lambda a: dict(a, w1=a["w1"][:, :, :5]),
-        (RuntimeError, "cannot be multiplied"),
-        "combine",
+        (ValueError, r"w2 \[2, 6, 8\] must be \[L, F, H\]"),
+        "dispatch",
+    ),
+    "top_k 0": (lambda a: dict(a, top_k=0), (ValueError, "top_k=0 must be >= 1"), "dispatch"),
+    "top_k a float": (lambda a: dict(a, top_k=2.0), (TypeError, "top_k must be an int"), "dispatch"),
+    "top_k above num_experts": (
+        lambda a: dict(a, top_k=5),
+        (ValueError, r"top_k=5 must be in \[1, num_experts=4\]"),
+        "dispatch",
     ),
     "experts in bf16 (they fail after dispatch)": (
         lambda a: dict(a, w1=a["w1"].bfloat16(), w2=a["w2"].bfloat16()),
