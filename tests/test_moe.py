@@ -19,9 +19,17 @@ expert-parallel layer, and also the dense layer on all tokens, then compares. Wh
 - float64 `torch.autograd.gradcheck` of the whole layer (x, router, w1, w2) over the world: the full
   Jacobian on 1 rank, torch's fast mode (random projections u^T J v) on 2 and 4, where every Jacobian entry
   costs a round of collectives (test_autograd checks dispatch/combine's full Jacobian on 2 ranks).
+
+`dense_moe` shares `route`, `expert_mlp` and `init_moe_weights` with the layer, so it cannot catch their
+mistakes: those are checked against definitions written out by hand (explicit sums in float64): route's
+softmax top-k (on logits exact in bf16, so its fp32 softmax is checked in bf16 too), expert_mlp with two
+activations, the init scales (statistically), and the whole layer on 2 ranks with a non-default activation,
+forward and gradients within 1e-5 of the largest value. Then a rank that fails alone: every rank raises.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -175,6 +183,124 @@ def _check_layer_arguments(rank: int, world: int) -> None:
     y.sum().backward()  # an expanded gradient, also with no rows at all on rank 0
     assert x.grad.shape == x.shape and layer.router.grad is not None
     assert layer.w1.grad is not None and layer.w2.grad is not None
+
+
+# ---- the pieces against definitions written out by hand (dense_moe reuses them, so it cannot check them) ----
+def _naive_route(x: torch.Tensor, router: torch.Tensor, top_k: int, normalize: bool) -> tuple[list, list]:
+    """Per token, in float64: logits by explicit sums, softmax, the top_k largest (ties must not occur)."""
+    ids, weights = [], []
+    for t in range(x.shape[0]):
+        logits = [sum(float(x[t, h]) * float(router[e, h]) for h in range(x.shape[1])) for e in range(router.shape[0])]
+        assert len(set(logits)) == len(logits), "ties make the top-k order ambiguous"
+        exps = [math.exp(v - max(logits)) for v in logits]
+        probs = [v / sum(exps) for v in exps]
+        top = sorted(range(len(probs)), key=lambda e: -probs[e])[:top_k]
+        chosen = [probs[e] for e in top]
+        ids.append(top)
+        weights.append([w / sum(chosen) for w in chosen] if normalize else chosen)
+    return ids, weights
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_is_a_softmax_top_k_in_fp32(dtype: torch.dtype, normalize: bool) -> None:
+    # Logits (e + 8 a) / 64 with |e + 8 a| < 256, a small integer: exact in bf16 and distinct, so the top-k
+    # order is defined and only the softmax's precision remains (fp32: ~1e-7; computed in bf16: ~4e-3).
+    gen = torch.Generator().manual_seed(40)
+    experts, hidden = 8, 6
+    x = torch.randint(-1, 2, (12, hidden), generator=gen).float()
+    x[:, 0] = 1
+    router = torch.randint(-2, 3, (experts, hidden), generator=gen) / 8
+    router[:, 0] = torch.arange(experts) / 64
+    idx, weights = route(x.to(dtype), router.to(dtype), 3, normalize_topk=normalize)
+    want_idx, want_weights = _naive_route(x, router, 3, normalize)
+    assert idx.tolist() == want_idx
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights, torch.tensor(want_weights, dtype=torch.float32), rtol=1e-5, atol=0)
+
+
+def _naive_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act) -> torch.Tensor:
+    """activation(x @ w1) @ w2 by explicit sums in float64."""
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64)
+    for m in range(x.shape[0]):
+        inner = [act(sum(float(x[m, h]) * float(w1[h, f]) for h in range(x.shape[1]))) for f in range(w1.shape[1])]
+        for h in range(w2.shape[1]):
+            out[m, h] = sum(inner[f] * float(w2[f, h]) for f in range(w1.shape[1]))
+    return out
+
+
+def _silu(v: float) -> float:
+    return v / (1 + math.exp(-v))
+
+
+def test_expert_mlp_applies_the_activation_between_the_matmuls() -> None:
+    gen = torch.Generator().manual_seed(41)
+    x, w1, w2 = torch.randn(3, 4, generator=gen), torch.randn(4, 5, generator=gen), torch.randn(5, 4, generator=gen)
+    torch.testing.assert_close(expert_mlp(x, w1, w2).double(), _naive_mlp(x, w1, w2, _silu), rtol=1e-5, atol=1e-6)
+    got = expert_mlp(x, w1, w2, activation=torch.tanh).double()
+    torch.testing.assert_close(got, _naive_mlp(x, w1, w2, math.tanh), rtol=1e-5, atol=1e-6)
+
+
+def test_init_moe_weights_scales_by_fan_in() -> None:
+    # Standard normal entries divided by sqrt(fan in): router and w1 by sqrt(H), w2 by sqrt(F). H != F, so a
+    # swapped scale shows; 8192 entries in w1 and w2, 512 in the router (its std varies by ~3%).
+    hidden, ffn, experts = 64, 16, 8
+    weights = init_moe_weights(hidden, ffn, experts, seed=42)
+    assert (weights.router.shape, weights.w1.shape, weights.w2.shape) == ((8, 64), (8, 64, 16), (8, 16, 64))
+    for name, tensor, fan_in in (
+        ("router", weights.router, hidden),
+        ("w1", weights.w1, hidden),
+        ("w2", weights.w2, ffn),
+    ):
+        std = float(tensor.std()) * math.sqrt(fan_in)
+        assert 0.88 < std < 1.12, f"{name}: std * sqrt(fan in) = {std:.3f}, not about 1"
+    again = init_moe_weights(hidden, ffn, experts, seed=42, dtype=torch.bfloat16)  # the same draw, then cast
+    for a, b in zip((again.router, again.w1, again.w2), (weights.router, weights.w1, weights.w2)):
+        assert_bit_equal("bf16 weights", a, b.bfloat16())
+
+
+def _naive_layer(xs: list, router: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, top_k: int, act) -> list:
+    """Every rank's y, from the definitions, differentiable: per token a softmax over explicit logits, the
+    top_k largest renormalised, and each chosen expert's activation(x @ w1[e]) @ w2[e] weighted."""
+    ys = []
+    for x in xs:
+        rows = []
+        for t in range(x.shape[0]):
+            logits = torch.stack([(router[e] * x[t]).sum() for e in range(router.shape[0])])
+            exps = torch.exp(logits - logits.max())
+            probs = exps / exps.sum()
+            top = sorted(range(len(probs)), key=lambda e: -float(probs[e]))[:top_k]
+            chosen = probs[top] / probs[top].sum()
+            rows.append(sum(chosen[k] * (act(x[t] @ w1[e]) @ w2[e]) for k, e in enumerate(top)))
+        ys.append(torch.stack(rows))
+    return ys
+
+
+def _check_against_naive_layer(rank: int, world: int) -> None:
+    hidden, ffn, experts, top_k, tokens = 8, 6, 8, 3, 5
+    xs, gs = _inputs(world, tokens, hidden, 43, torch.float32)
+    layer = MoELayer(hidden, ffn, experts, top_k, dist.group.WORLD, seed=43, activation=torch.tanh, normalize_topk=True)
+    x = xs[rank].clone().requires_grad_()
+    y = layer(x)
+    (y * gs[rank]).sum().backward()
+    router_grad = layer.router.grad.clone()
+    dist.all_reduce(router_grad)
+
+    full = layer.full_weights()
+    params = [t.double().requires_grad_() for t in (full.router, full.w1, full.w2)]
+    naive_xs = [t.double().requires_grad_() for t in xs]
+    ys = _naive_layer(naive_xs, *params, top_k, torch.tanh)
+    sum((a * b.double()).sum() for a, b in zip(ys, gs)).backward()
+    mine = slice(layer.local_experts.start, layer.local_experts.stop)
+    _close("y", y, ys[rank].float(), 1e-5)
+    _close("grad x", x.grad, naive_xs[rank].grad.float(), 1e-5)
+    _close("grad router", router_grad, params[0].grad.float(), 1e-5)
+    _close("grad w1", layer.w1.grad, params[1].grad[mine].float(), 1e-5)
+    _close("grad w2", layer.w2.grad, params[2].grad[mine].float(), 1e-5)
+
+
+def test_layer_matches_a_naive_layer_with_another_activation() -> None:
+    run_ranks(2, _check_against_naive_layer)
 
 
 def test_route_refuses_top_k_outside_one_to_num_experts() -> None:
