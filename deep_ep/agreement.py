@@ -60,6 +60,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
         "handle_serial",
         "on_buffer_device",
     ),
+    "moe_layer": ("hidden", "ffn_hidden", "num_experts", "top_k", "expert_alignment", "seed"),
     # deep_ep.autograd's combine of non-float32 weights: announces its second combine (the weights' own)
     "combine_weights_apart": ("weights_dtype",),
     "destroy": (),

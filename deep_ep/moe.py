@@ -235,22 +235,36 @@ class MoELayer(nn.Module):
         normalize_topk: bool = False,
     ) -> None:
         super().__init__()
-        hidden, ffn_hidden, num_experts, top_k, expert_alignment = (
-            checks.integer(name, value, minimum=1)
-            for name, value in (
-                ("hidden", hidden),
-                ("ffn_hidden", ffn_hidden),
-                ("num_experts", num_experts),
-                ("top_k", top_k),
-                ("expert_alignment", expert_alignment),
-            )
-        )
         if buffer is None:
             buffer = Buffer(group if group is not None else dist.group.WORLD)
-        if num_experts % buffer.group_size:
-            raise ValueError(f"num_experts={num_experts} is not divisible by num_ranks={buffer.group_size}")
-        if top_k > num_experts:
-            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if not isinstance(buffer, Buffer):
+            raise TypeError(f"buffer must be a deep_ep.Buffer, got {type(buffer).__name__}")
+        # Checked, then agreed on by every rank: a rank that rejects its arguments, or ranks built with different
+        # sizes, fail here on every rank instead of leaving the others to wait in the first forward.
+        with buffer._collective("moe_layer") as agree:
+            hidden, ffn_hidden, num_experts, top_k, expert_alignment = (
+                checks.integer(name, value, minimum=1)
+                for name, value in (
+                    ("hidden", hidden),
+                    ("ffn_hidden", ffn_hidden),
+                    ("num_experts", num_experts),
+                    ("top_k", top_k),
+                    ("expert_alignment", expert_alignment),
+                )
+            )
+            if num_experts % buffer.group_size:
+                raise ValueError(f"num_experts={num_experts} is not divisible by num_ranks={buffer.group_size}")
+            if top_k > num_experts:
+                raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+            agree(
+                "moe_layer",
+                hidden=hidden,
+                ffn_hidden=ffn_hidden,
+                num_experts=num_experts,
+                top_k=top_k,
+                expert_alignment=expert_alignment,
+                seed=seed,
+            )
         self.buffer = buffer
         self.hidden, self.ffn_hidden, self.num_experts, self.top_k = hidden, ffn_hidden, num_experts, top_k
         self.num_local_experts = num_experts // buffer.group_size

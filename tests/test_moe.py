@@ -384,3 +384,34 @@ def _one_rank_fails(rank: int, world: int, case: str) -> str:
 def test_an_error_on_one_rank_fails_the_call_on_every_rank(case: str) -> None:
     messages = run_ranks(2, _one_rank_fails, case, timeout=120)
     assert f"{ONE_RANK_ERRORS[case][2]}: rank(s) [1] rejected their arguments" in messages[0], messages
+
+
+def _layer_built_apart(rank: int, world: int, case: str) -> str:
+    """MoELayer(...) where the last rank differs: every rank raises at once, and a layer built afterwards on the
+    same Buffer works."""
+    buffer = Buffer(dist.group.WORLD)
+    buffer.comm_timeout = 20.0  # a peer left waiting fails the test in seconds
+    last = rank == world - 1
+    sizes = dict(hidden=4, ffn_hidden=4, num_experts=2 * world, top_k=2)
+    if last:
+        sizes.update({"top_k": dict(top_k=0), "hidden": dict(hidden=8), "seed": {}}[case])
+    seed = 1 if last and case == "seed" else 0
+    with pytest.raises((ValueError, CollectiveMismatchError)) as info:
+        MoELayer(**sizes, buffer=buffer, seed=seed)
+    layer = MoELayer(4, 4, 2 * world, 2, buffer=buffer)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(rank)).requires_grad_()
+    layer(x).sum().backward()
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "case,last_says,others_say",
+    [
+        ("top_k", "top_k=0 must be >= 1", "moe_layer: rank(s) [1] rejected their arguments"),
+        ("hidden", "hidden: rank 0=4, rank 1=8", None),
+        ("seed", "seed: rank 0=0, rank 1=1", None),
+    ],
+)
+def test_layers_built_apart_fail_on_every_rank(case: str, last_says: str, others_say: str | None) -> None:
+    messages = run_ranks(2, _layer_built_apart, case, timeout=120)
+    assert last_says in messages[1] and (others_say or last_says) in messages[0], messages
