@@ -68,7 +68,10 @@ class HostBoard:
     """Tensors of up to CAPACITY_BYTES swapped among the ranks of `comm`, all on this machine, through shared memory."""
 
     def __init__(self, comm: Comm, memory: mmap.mmap, fd: int, pids: list[int]) -> None:
-        self._comm, self._memory, self._fd = comm, memory, fd  # fd: the board file, for its lock
+        # The comm owns this board: a weak reference keeps the two out of a cycle, so both go (and the board file
+        # is closed) as soon as their Buffer is dropped, not at the next cyclic garbage collection.
+        self._comm = weakref.proxy(comm)
+        self._memory, self._fd = memory, fd  # fd: the board file, for its lock
         # A Buffer dropped without destroy() (DeepEP's default: freed on deletion) must not keep the board file
         # open: the descriptor is closed when this board is collected, or by close(). (The mapping goes with the
         # mmap object, once the views of it are gone.)

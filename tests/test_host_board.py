@@ -23,7 +23,8 @@ from deep_ep.testing.compare import assert_bit_equal
 
 
 def _rows_under_skew(rank: int, world: int, calls: int) -> int:
-    board = HostBoard.open(Comm(dist.group.WORLD))
+    comm = Comm(dist.group.WORLD)  # the board's owner (the board holds it weakly)
+    board = HostBoard.open(comm)
     assert board is not None
     jitter = random.Random(rank)
     for call in range(1, calls + 1):
@@ -118,7 +119,8 @@ def test_a_rank_that_exited_is_noticed_before_the_timeout() -> None:
 def _posts_then_exits(rank: int, world: int) -> list[list[int]] | None:
     from deep_ep import host_board
 
-    board = HostBoard.open(Comm(dist.group.WORLD))
+    comm = Comm(dist.group.WORLD)  # the board's owner (the board holds it weakly)
+    board = HostBoard.open(comm)
     assert board is not None
     if rank == 1:
         time.sleep(0.3)  # rank 0 is waiting already and has seen this rank's slot unposted
@@ -251,11 +253,14 @@ def _descriptors_after_dropped_buffers(rank: int, world: int) -> int:
 
     Buffer(dist.group.WORLD)  # whatever a first Buffer opens once (gloo's connections, imports) is open now
     gc.collect()
-    before = open_descriptors()
-    for _ in range(20):
-        Buffer(dist.group.WORLD)  # dropped without destroy(): DeepEP's default, "freed on deletion"
-    gc.collect()
-    return open_descriptors() - before
+    gc.disable()  # released when dropped, not at some later cyclic collection
+    try:
+        before = open_descriptors()
+        for _ in range(20):
+            Buffer(dist.group.WORLD)  # dropped without destroy(): DeepEP's default, "freed on deletion"
+        return open_descriptors() - before
+    finally:
+        gc.enable()
 
 
 def test_a_dropped_buffer_closes_its_board_file() -> None:
