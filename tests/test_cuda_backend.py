@@ -614,7 +614,13 @@ def _sim_edge_cases(rank: int, world: int) -> list[str]:
             *_counted(second[0], second[1]),
             *_counted(third[0], third[1]),
         )
-        # 7. Two new Buffers on one group with workspaces of different sizes, used in turn.
+        # 7. A column-major is_token_in_rank (same values, strides (1, N)), then its handle's cached dispatch
+        # and combine.
+        column_major = dict(layout, is_token_in_rank=layout["is_token_in_rank"].t().contiguous().t())
+        recv_x, _, _, _, handle, _ = buffer.dispatch(x16, **column_major)
+        again = buffer.dispatch(x16, handle=handle)[0]
+        record("column-major mask", backend, recv_x, handle[3], again, buffer.combine(recv_x, handle)[0])
+        # 8. Two new Buffers on one group with workspaces of different sizes, used in turn.
         one, other = Buffer(dist.group.WORLD, backend=backend), Buffer(dist.group.WORLD, backend=backend)
         first = one.dispatch(big, **layout)[0]
         second = other.dispatch(small, **layout)[0]
@@ -639,6 +645,7 @@ def test_review_cases_on_the_emulated_backend(tmp_path) -> None:
             "low-latency layout change",
             "low-latency odd offsets",
             "low-latency calls in flight",
+            "column-major mask",
             "two Buffers",
         ]
     )

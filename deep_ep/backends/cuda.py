@@ -11,12 +11,13 @@ docs/CUDA.md has the design, the memory-ordering argument and the results. In sh
 - A cached dispatch pulls instead: each rank copies its token rows into its own workspace, one barrier, and
   `pull_rows_kernel` reads each received row straight from its source's workspace into the output (the handle's
   recv_src_idx says which row), so nothing is copied out afterwards.
-- Combine pushes each received row back into its source's workspace (x, and the weights), one barrier, and the
-  source sums in SPEC order with the ordered-sum kernel (`deep_ep.kernels.ordered_sum`), reading each row once.
+- Combine pushes each row received from a peer back into that peer's workspace (x, and the weights; a rank's rows
+  from itself stay where they are), one barrier, and the source sums in SPEC order with the ordered-sum kernel
+  (`deep_ep.kernels.ordered_sum`), reading each row once, its own rows from the combine's input.
 - Alternate calls use alternate halves of the workspace, so one barrier per call suffices: a rank writes into
   a half again only after a barrier that every peer reached after reading that half.
-- The push kernel runs on `Config.num_sms` SMs (a persistent grid). The copy-out is a device memcpy; the
-  combine's sum is one kernel over the whole GPU.
+- The push kernel runs on `Config.num_sms` SMs (a persistent grid). The copy-out is one torch copy (a memcpy where
+  rows are whole 16-byte words); the combine's sum is one kernel over the whole GPU.
 - `num_worst_tokens`, one-rank groups and tensors on another GPU run the reference algorithm over the same NCCL
   group (identical results by definition; logged once each). Low-latency mode has its own kernels
   (cuda_low_latency.py).
@@ -126,7 +127,7 @@ def align_up(value: int, to: int) -> int:
 class PushPlan:
     """One direction of a route as the push kernel takes it (built once per handle and direction).
 
-    dest: int32 [num_rows, R], the row that row i takes in rank d's region, or -1 (rows: the tokens for a
+    dest: int32 [num_rows, R], contiguous, the row that row i takes in rank d's region, or -1 (rows: the tokens for a
     dispatch, the received rows for a combine); capacity: the largest region's rows on any rank (the same on
     every rank); received: the rows of this rank's region that the call fills; order: int32, the rows the kernel
     takes, in the order it takes them, or None for every row, ascending.
@@ -153,7 +154,8 @@ def dispatch_push_plan(
     offset = torch.tensor(first_row, dtype=torch.long).sub_(1).to(device, non_blocking=True)
     if running is None:
         running = running_count(is_token_in_rank)
-    dest = torch.where(is_token_in_rank, running + offset, -1).int()
+    # Row-major whatever the mask's strides: the kernel reads dest[i, d] at i * R + d.
+    dest = torch.where(is_token_in_rank, running + offset, -1).int().contiguous()
     return PushPlan(dest, workspace_rows(counts, True), rows_received(counts, rank, True))
 
 
