@@ -5,14 +5,14 @@ bit for bit, over NCCL, then a quick timing of both at DeepEP's benchmark shape.
     torchrun --nproc-per-node 4 tools/cuda_selftest.py    # the same under torchrun
 
 Each rank builds every rank's inputs from one seeded generator (deep_ep.testing.workloads), runs each
-operation on a `cuda` Buffer and on a `reference` Buffer of the same group, and compares the results
-bit for bit: layout; dispatch with and without top-k, with expert alignment, with an fp8 (x, scales) tuple
-whose scales are not contiguous, asynchronously, and with num_worst_tokens; cached dispatch (a float32 gradient,
-x itself, the fp8 tuple); combine with 0, 1 and 2 biases, with top-k weights, in float32; and on each GPU the
-low-latency dispatch's fused fp8 cast against deep_ep.quant on rows with NaN, infinities and extremes. Prints
-one line per workload and every failure, then the timing table; exits 1 if any check failed on any rank.
-`--quick` runs a few workloads only; `--no-timing` skips the timing. The CPU test suite runs this same
-comparison on gloo with a CPU stand-in of the backend.
+operation on a `cuda` Buffer and on a `reference` Buffer of the same group, and compares the results bit for
+bit: layout; dispatch with and without top-k, with expert alignment, with an fp8 (x, scales) tuple whose scales
+are not contiguous, with a column-major is_token_in_rank, asynchronously, and with num_worst_tokens; cached
+dispatch (a float32 gradient, x itself, the fp8 tuple); combine with 0, 1 and 2 biases, with top-k weights, in
+float32; and on each GPU the low-latency dispatch's fused fp8 cast against deep_ep.quant on rows with NaN,
+infinities and extremes. Prints one line per workload and every failure, then the timing table; exits 1 if any
+check failed on any rank. `--quick` runs a few workloads only; `--no-timing` skips the timing. The CPU test
+suite runs this same comparison on gloo with a CPU stand-in of the backend.
 """
 
 from __future__ import annotations
@@ -180,6 +180,16 @@ def compare_case(rank: int, world: int, cand: Buffer, ref: Buffer, case: Case, r
             qa, qb = cand.dispatch((x_q, scales), handle=da[4]), ref.dispatch((x_q, scales), handle=db[4])
             check("cached_dispatch(fp8 tuple).recv_x", qa[0][0], qb[0][0])
             check("cached_dispatch(fp8 tuple).recv_scales", qa[0][1], qb[0][1])
+        # A column-major is_token_in_rank (same values), then its handle's cached dispatch.
+        column_major = dict(layout, is_token_in_rank=layout["is_token_in_rank"].t().contiguous().t())
+        ma, mb = both(lambda b: b.dispatch(x, **column_major))
+        check("dispatch(column-major mask).recv_x", ma[0], mb[0])
+        check("dispatch(column-major mask).recv_src_idx", ma[4][3], mb[4][3])
+        check(
+            "cached_dispatch(column-major mask).recv_x",
+            cand.dispatch(x, handle=ma[4])[0],
+            ref.dispatch(x, handle=mb[4])[0],
+        )
         ea, eb = both(
             lambda b: b.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, async_finish=True, **layout)
         )
