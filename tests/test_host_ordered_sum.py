@@ -157,3 +157,80 @@ def test_a_read_only_home_builds_in_a_temp_directory() -> None:
         assert done.stdout.startswith(f"c ({tempfile.gettempdir()}/deep_ep-"), done.stdout
     else:
         assert "no C compiler" in done.stdout, done.stdout
+
+
+def _status_in_a_new_process(env: dict, code: str = "print(h.status())\n") -> str:
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    run_env = dict(os.environ, PYTHONPATH=path, **env)
+    script = "from deep_ep.kernels import host_ordered_sum as h\n" + code
+    done = subprocess.run([sys.executable, "-c", script], env=run_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+needs_compiler = pytest.mark.skipif(
+    not (shutil.which("cc") or shutil.which("gcc")), reason="checks the build, which needs a C compiler"
+)
+
+
+@needs_compiler
+def test_a_cache_directory_others_may_write_is_not_used(tmp_path) -> None:
+    # Someone else could plant a library there: it would run as this process.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    status = _status_in_a_new_process({"DEEP_EP_CACHE_DIR": str(shared)})
+    assert status.startswith("torch (no cache directory") and not list(shared.iterdir()), status
+
+
+@needs_compiler
+def test_a_cached_library_that_is_foreign_stale_or_broken_is_rebuilt(tmp_path) -> None:
+    env = {"DEEP_EP_CACHE_DIR": str(tmp_path)}
+    first = _status_in_a_new_process(env)
+    assert first.startswith("c ("), first
+    target = first[len("c (") : -1]
+    stale = tmp_path / "stale.c"
+    stale.write_text("int something_else(void) { return 0; }\n")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    for damage in ("no entry point", "truncated", "others may write it"):
+        if damage == "no entry point":
+            subprocess.run([compiler, "-shared", "-fPIC", str(stale), "-o", target], check=True, timeout=60)
+        elif damage == "truncated":
+            with open(target, "wb") as broken:
+                broken.write(b"\x7fELF")
+        else:
+            os.chmod(target, 0o666)
+        status = _status_in_a_new_process(env)
+        assert status == first, (damage, status)  # rebuilt in place, loaded
+        assert not os.stat(target).st_mode & 0o022, damage
+
+
+@needs_compiler
+def test_threads_asking_at_once_get_one_library(tmp_path) -> None:
+    code = (
+        "import threading, torch\n"
+        "rows = torch.zeros(1, 1, dtype=torch.bfloat16)\n"
+        "got = []\n"
+        "threads = [threading.Thread(target=lambda: got.append(h.usable(rows))) for _ in range(8)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print(got.count(True), h.status())\n"
+    )
+    status = _status_in_a_new_process({"DEEP_EP_CACHE_DIR": str(tmp_path)}, code)
+    assert status.startswith("8 c ("), status
+
+
+@needs_compiler
+def test_cc_with_arguments_is_split_as_a_shell_would() -> None:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    with tempfile.TemporaryDirectory() as cache:
+        status = _status_in_a_new_process({"DEEP_EP_CACHE_DIR": cache, "CC": f"{compiler} -O2"})
+    assert status.startswith("c ("), status
+
+
+def test_int64_row_indices_beyond_int32_are_refused() -> None:
+    rows = torch.zeros(3, 4, dtype=torch.bfloat16)
+    if not host_ordered_sum.usable(rows):
+        pytest.skip(host_ordered_sum.status())
+    index = torch.tensor([[1], [2**32 + 1]], dtype=torch.int64)  # would wrap to row 1 as int32
+    with pytest.raises(ValueError, match="outside"):
+        host_ordered_sum.ordered_gather_sum(rows, index)

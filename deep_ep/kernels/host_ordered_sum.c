@@ -5,7 +5,8 @@
  * biases' row t, then for d = 0..R-1 the row row_index[t, d] of `rows` (of `own_rows` for d == own_column),
  * skipping -1 (adding +0.0 to a sum that started from +0.0 changes no bit). Each addition is one float32
  * rounding; the 8 or 32 lanes of a vector are 8 or 32 columns, never terms of one column, so the order per
- * column is exactly the sequential one. NaN becomes 0xffff, as torch's float32 -> bf16 conversion gives it.
+ * column is exactly the sequential one. NaN becomes 0xffff (torch's own float32 -> bf16 conversion gives 0xffff
+ * or 0x7fc0 by vector width; a summed NaN's bits are not part of the contract, docs/SEMANTICS.md).
  */
 #include <stdint.h>
 #include <string.h>
