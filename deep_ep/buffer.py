@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import operator
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -144,6 +145,7 @@ class Buffer:
 
     @comm_timeout.setter
     def comm_timeout(self, seconds: float) -> None:
+        self._check_alive()
         if not seconds > 0:
             raise ValueError(f"comm_timeout must be > 0 seconds, got {seconds!r}")
         self._comm.timeout_s = float(seconds)
@@ -211,6 +213,7 @@ class Buffer:
 
     def get_comm_stream(self) -> Any:
         """The stream communication runs on: the current CUDA stream, or None on the CPU."""
+        self._check_alive()
         if self.device.type == "cuda":
             return torch.cuda.current_stream(self.device)
         return None
@@ -257,6 +260,7 @@ class Buffer:
 
         def agree(name: str, **fields: int) -> None:
             nonlocal agreed
+            fields = {key: operator.index(value) for key, value in fields.items()}  # a bad one rejects, unsent
             agreed = True
             self._agree(name, **fields)
 
@@ -645,6 +649,8 @@ class Buffer:
             dispatched_ids = None
             if self.check_values and host_sync_allowed(device):  # they read the device: not under graph capture
                 dispatched_ids = checks.expert_id_values("topk_idx", topk_idx, num_experts, distinct=True)
+                if dispatched_ids.data_ptr() == topk_idx.data_ptr():  # a CPU topk_idx itself: the caller may rewrite it
+                    dispatched_ids = dispatched_ids.clone()
             if use_ue8m0 and not round_scale:
                 raise ValueError("use_ue8m0=True needs round_scale=True")
             if async_finish and return_recv_hook:
@@ -814,7 +820,7 @@ class Buffer:
             def receive() -> None:
                 start = time.perf_counter_ns()
                 pending.wait()
-                if combine_wait_recv_cost_stats is not None:
+                if combine_wait_recv_cost_stats is not None and host_sync_allowed(device):  # as the dispatch's
                     combine_wait_recv_cost_stats.add_(time.perf_counter_ns() - start)
 
             event, hook = self._ll_finish(receive, "low_latency_combine", async_finish, return_recv_hook, device)

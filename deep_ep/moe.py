@@ -252,6 +252,7 @@ class MoELayer(nn.Module):
                     ("expert_alignment", expert_alignment),
                 )
             )
+            seed = checks.integer("seed", seed)
             if num_experts % buffer.group_size:
                 raise ValueError(f"num_experts={num_experts} is not divisible by num_ranks={buffer.group_size}")
             if top_k > num_experts:

@@ -216,6 +216,10 @@ def _buffer_basics(rank: int, world: int) -> None:
     buffer.destroy()
     with pytest.raises(RuntimeError, match="destroyed"):
         buffer.get_dispatch_layout(torch.zeros(1, 1, dtype=torch.long), world)
+    with pytest.raises(RuntimeError, match="destroyed"):
+        buffer.get_comm_stream()
+    with pytest.raises(RuntimeError, match="destroyed"):
+        buffer.comm_timeout = 5.0
 
 
 def test_buffer_attributes_and_lifetime() -> None:

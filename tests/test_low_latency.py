@@ -556,3 +556,38 @@ def test_a_receive_that_failed_fails_again_instead_of_returning() -> None:
     fine()
     fine()
     assert calls == [1, 2]
+
+
+def _combine_ids_and_capture(rank: int, world: int) -> None:
+    w = _workload(world, dict(experts_per_rank=2, topk=2, seed=61, routing="uniform", tokens=[4] * world), 16)
+    x, idx, weights = w.x[rank], w.topk_idx[rank].clone(), w.topk_weights[rank]
+    buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
+    recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, 8, w.num_experts, use_fp8=False)
+    y = _expert_output(recv_x, rank)
+    # The caller's own CPU topk_idx rewritten in place after the dispatch is not the dispatched one any more.
+    idx[0, 0] = next(e for e in range(w.num_experts) if e not in idx[0].tolist())
+    with pytest.raises(ValueError, match="but the handle's dispatch sent"):
+        buffer.low_latency_combine(y, idx, weights, handle)
+    # Under CUDA-graph capture (stood for by the façade's host-sync switch) no wall time is added to either
+    # statistic: a captured graph would replay the capture's figure.
+    from deep_ep import buffer as facade
+
+    dispatch_cost = torch.zeros(world, dtype=torch.int64)
+    combine_cost = torch.zeros(world, dtype=torch.int64)
+    idx = w.topk_idx[rank]
+    allowed = facade.host_sync_allowed
+    facade.host_sync_allowed = lambda device: False
+    try:
+        got = buffer.low_latency_dispatch(
+            x, idx, 8, w.num_experts, use_fp8=False, dispatch_wait_recv_cost_stats=dispatch_cost
+        )
+        buffer.low_latency_combine(
+            _expert_output(got[0], rank), idx, weights, got[2], combine_wait_recv_cost_stats=combine_cost
+        )
+    finally:
+        facade.host_sync_allowed = allowed
+    assert dispatch_cost.tolist() == [0] * world and combine_cost.tolist() == [0] * world
+
+
+def test_combine_ids_are_the_dispatched_ones_and_capture_adds_no_wall_time() -> None:
+    run_ranks(2, _combine_ids_and_capture)

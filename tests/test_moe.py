@@ -394,9 +394,9 @@ def _layer_built_apart(rank: int, world: int, case: str) -> str:
     last = rank == world - 1
     sizes = dict(hidden=4, ffn_hidden=4, num_experts=2 * world, top_k=2)
     if last:
-        sizes.update({"top_k": dict(top_k=0), "hidden": dict(hidden=8), "seed": {}}[case])
-    seed = 1 if last and case == "seed" else 0
-    with pytest.raises((ValueError, CollectiveMismatchError)) as info:
+        sizes.update({"top_k": dict(top_k=0), "hidden": dict(hidden=8)}.get(case, {}))
+    seed = {"seed": 1, "seed_text": "x", "seed_half": 0.5}.get(case, 0) if last else 0
+    with pytest.raises((ValueError, TypeError, CollectiveMismatchError)) as info:
         MoELayer(**sizes, buffer=buffer, seed=seed)
     layer = MoELayer(4, 4, 2 * world, 2, buffer=buffer)
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(rank)).requires_grad_()
@@ -410,6 +410,8 @@ def _layer_built_apart(rank: int, world: int, case: str) -> str:
         ("top_k", "top_k=0 must be >= 1", "moe_layer: rank(s) [1] rejected their arguments"),
         ("hidden", "hidden: rank 0=4, rank 1=8", None),
         ("seed", "seed: rank 0=0, rank 1=1", None),
+        ("seed_text", "seed must be an int, got str 'x'", "moe_layer: rank(s) [1] rejected their arguments"),
+        ("seed_half", "seed must be an int, got float 0.5", "moe_layer: rank(s) [1] rejected their arguments"),
     ],
 )
 def test_layers_built_apart_fail_on_every_rank(case: str, last_says: str, others_say: str | None) -> None:

@@ -770,6 +770,8 @@ def _create_apart(rank: int, world: int, what: str) -> tuple[str, str]:
         "backend": dict(backend="reference_twin" if last else "reference"),
         "mode": dict(low_latency_mode=last),
         "sizes": dict(num_nvl_bytes=1 << 20 if last else 1 << 21),
+        "rdma": dict(num_rdma_bytes=1 << 20 if last else 0),
+        "quant": dict(low_latency_quant="int8" if last else "fp8"),
     }[what]
     with pytest.raises((ValueError, CollectiveMismatchError)) as info:
         Buffer(dist.group.WORLD, **arguments)
@@ -784,6 +786,8 @@ def _create_apart(rank: int, world: int, what: str) -> tuple[str, str]:
         ("backend", "backend: rank 0='reference', rank 1='reference', rank 2='reference_twin'", None),
         ("mode", "low_latency_mode: rank 0=0, rank 1=0, rank 2=1", None),
         ("sizes", "num_nvl_bytes: rank 0=2097152, rank 1=2097152, rank 2=1048576", None),
+        ("rdma", "num_rdma_bytes: rank 0=0, rank 1=0, rank 2=1048576", None),
+        ("quant", "low_latency_quant: rank 0='fp8', rank 1='fp8', rank 2='int8'", None),
     ],
 )
 def test_buffers_created_apart_fail_on_every_rank(what: str, last_says: str, others_say: str | None) -> None:
