@@ -40,7 +40,7 @@ __all__ = ["CombineResult", "DispatchResult", "combine", "dispatch"]
 
 
 class DispatchResult(NamedTuple):
-    """recv_x [num_recv, H] (x's dtype); recv_topk_idx int64 [num_recv, K] (local ids, -1 = not here);
+    """recv_x [num_recv, H] (x's dtype); recv_topk_idx [num_recv, K] of topk_idx's dtype (local ids, -1 = not here);
     recv_topk_weights [num_recv, K] (topk_weights' dtype, 0 where not local);
     num_recv_tokens_per_expert_list list[int] [L] (aligned; [] with num_worst_tokens); handle; event."""
 

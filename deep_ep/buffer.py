@@ -373,9 +373,10 @@ class Buffer:
             num_worst_tokens: > 0: receive tensors get exactly this many rows, no host synchronisation.
             config: a `Config` (its num_sms // 2 is the channel count of the handle's channel matrices).
         Returns:
-            recv_x ([num_recv, H], or a tuple with scales), recv_topk_idx (int64 [num_recv, K], local
-            expert ids or -1), recv_topk_weights (float32 [num_recv, K]), num_recv_tokens_per_expert_list
-            (list[int] of length L), handle, event. Cached mode returns (recv_x, None, None, None, None, event).
+            recv_x ([num_recv, H], or a tuple with scales), recv_topk_idx (topk_idx's dtype [num_recv, K],
+            local expert ids or -1), recv_topk_weights (float32 [num_recv, K]), num_recv_tokens_per_expert_list
+            (list[int] of length L; [] with num_worst_tokens), handle, event. Cached mode returns
+            (recv_x, None, None, None, None, event).
         """
         with self._collective("dispatch" if handle is None else "cached_dispatch") as agree:
             self._begin(previous_event, async_finish, allocate_on_comm_stream)
@@ -513,7 +514,7 @@ class Buffer:
         """Send expert outputs back to their tokens' ranks and sum them per token (no weights applied).
 
         Arguments:
-            x: bf16 (reference backend: also fp16/fp32) [num_recv, H], row i = row i of dispatch's recv_x.
+            x: bf16 (reference backend: also fp16/fp32/fp64) [num_recv, H], row i = row i of dispatch's recv_x.
             handle: the dispatch's handle. topk_weights: float32 [num_recv, K] or None.
             bias: None, a tensor, or a pair, each [N, H] of x's dtype, added first.
         Returns:
@@ -577,8 +578,8 @@ class Buffer:
     # ---- low-latency mode (SPEC section 6) -------------------------------------------------------
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset low-latency buffers (the reference backend keeps none between calls; arguments are checked).
-        A receive whose hook was never called (the hook lost to an exception, say) is finished here and its
-        results dropped, so the next low-latency call may go on."""
+        A receive whose hook was never called (the hook lost to an exception, say) is finished here (filling
+        that call's outputs and statistics, as its hook would have), so the next low-latency call may go on."""
         self._check_alive()
         self._require_low_latency()
         checks.integer("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
@@ -616,7 +617,8 @@ class Buffer:
         async_finish: bool = False,
         return_recv_hook: bool = False,
     ) -> tuple[Any, torch.Tensor, tuple, EventOverlap, Callable[[], None] | None]:
-        """Send one message per (token, selected expert) into per-expert receive slots; no host sync.
+        """Send one message per (token, selected expert) into per-expert receive slots; the exchange needs no host
+        sync (the value checks read topk_idx on the host unless `check_values` is off or a graph is captured).
 
         Arguments:
             x: bf16 [N, H], N <= num_max_dispatch_tokens_per_rank (T, equal on all ranks).

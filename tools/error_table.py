@@ -35,7 +35,7 @@ FOOTER = """
 | different `num_worst_tokens` | `CollectiveMismatchError` | `...[num_worst_tokens]` |
 | different `num_experts` in `low_latency_dispatch` | `CollectiveMismatchError` | `...[experts]` |
 | tensors on the Buffer's device on some ranks only (a kernel backend would take its peer-memory path on some ranks and its fallback on others) | `CollectiveMismatchError` naming `on_buffer_device` | `...[device]` |
-| one rank's `Buffer(...)` rejects its arguments (`num_nvl_bytes=-1`, say) | that rank raises its own error; every other rank `CollectiveMismatchError` ("rank(s) [2] rejected their arguments") at once | `test_buffers_created_apart_fail_on_every_rank[bad_bytes-*]` |
+| one rank's `Buffer(...)` rejects its arguments (`num_nvl_bytes=-1`, say; not `group`: a rank without a process group cannot reach its peers) | that rank raises its own error; every other rank `CollectiveMismatchError` ("rank(s) [2] rejected their arguments") at once | `test_buffers_created_apart_fail_on_every_rank[bad_bytes-*]` |
 | ranks create their `Buffer` with different backends (`"auto"` or `DEEP_EP_BACKEND` picked differently), `low_latency_mode`, `low_latency_quant`, `num_nvl_bytes` or `num_rdma_bytes` | `CollectiveMismatchError` on every rank, naming each rank's value (backends by name) | `test_buffers_created_apart_fail_on_every_rank[*]` |
 | a peer exits in the middle of `dispatch` / `combine` | `CommTimeoutError` naming the operation ("a peer went away") | `test_dead_peer_raises_timeout_naming_the_op[exit-*]` |
 | a peer stalls in the middle of `dispatch` / `combine` | `CommTimeoutError` naming the operation after `buffer.comm_timeout` s | `test_dead_peer_raises_timeout_naming_the_op[stall-*]` |
