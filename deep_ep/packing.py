@@ -53,6 +53,8 @@ class RowFormat:
         offset = 0
         for field in self.fields:
             if field.name == name:
+                if field.nbytes == 0:  # no bytes to view (a [M, 0] field may sit where its dtype cannot)
+                    return rows.new_empty((rows.shape[0], *field.row_shape), dtype=field.dtype)
                 part = rows[:, offset : offset + field.nbytes]
                 size = field.dtype.itemsize
                 aligned = part.storage_offset() % size == 0 and part.stride(0) % size == 0
@@ -66,9 +68,11 @@ class RowFormat:
         """The fields of uint8 rows [M, width], each a contiguous tensor [M, *row_shape]."""
         out, offset = {}, 0
         for field in self.fields:
-            # A fresh dense copy: a dtype view needs standard strides and an aligned start.
-            part = rows[:, offset : offset + field.nbytes].clone(memory_format=torch.contiguous_format)
-            out[field.name] = part.view(field.dtype).reshape(rows.shape[0], *field.row_shape)
+            if field.nbytes == 0:  # no bytes to view
+                out[field.name] = rows.new_empty((rows.shape[0], *field.row_shape), dtype=field.dtype)
+            else:  # a fresh dense copy: a dtype view needs standard strides and an aligned start
+                part = rows[:, offset : offset + field.nbytes].clone(memory_format=torch.contiguous_format)
+                out[field.name] = part.view(field.dtype).reshape(rows.shape[0], *field.row_shape)
             offset += field.nbytes
         return out
 

@@ -620,6 +620,19 @@ def _sim_edge_cases(rank: int, world: int) -> list[str]:
         recv_x, _, _, _, handle, _ = buffer.dispatch(x16, **column_major)
         again = buffer.dispatch(x16, handle=handle)[0]
         record("column-major mask", backend, recv_x, handle[3], again, buffer.combine(recv_x, handle)[0])
+        # 9. One rank without tokens whose empty x sits 2 bytes off a word (normal and low-latency dispatch), and a
+        # rank that received no rows combining an empty view 2 bytes off a word.
+        flat = torch.zeros(2 * 128 + 1, dtype=torch.bfloat16)
+        mine = x16 if rank == 0 else flat[1:1].view(0, 16)
+        own_ids = torch.stack([torch.randperm(2, generator=torch.Generator().manual_seed(t))[:1] for t in range(6)])
+        own_ids = own_ids[: mine.shape[0]]  # every token to rank 0's experts: rank 1 receives nothing
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(own_ids, 4)
+        only_zero = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+        recv_x, _, _, _, handle, _ = buffer.dispatch(mine, **only_zero)
+        back = recv_x if rank == 0 else flat[1:1].view(0, 16)
+        ll_mine = ll_x if rank == 0 else flat[1:1].view(0, 128)
+        got = ll.low_latency_dispatch(ll_mine, ids[: ll_mine.shape[0]], 4, 4, use_fp8=False)
+        record("empty inputs off a word", backend, recv_x, buffer.combine(back, handle)[0], *_counted(got[0], got[1]))
         # 8. Two new Buffers on one group with workspaces of different sizes, used in turn.
         one, other = Buffer(dist.group.WORLD, backend=backend), Buffer(dist.group.WORLD, backend=backend)
         first = one.dispatch(big, **layout)[0]
@@ -646,6 +659,7 @@ def test_review_cases_on_the_emulated_backend(tmp_path) -> None:
             "low-latency odd offsets",
             "low-latency calls in flight",
             "column-major mask",
+            "empty inputs off a word",
             "two Buffers",
         ]
     )

@@ -300,6 +300,15 @@ def _combine_reads_values(rank: int, world: int) -> None:
     zero_x, zero_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w[:, :0], bias=bias)
     assert none is None and zero_w.shape == (tokens, 0) and zero_w.dtype == torch.float32
     assert_bit_equal("combined_x with K = 0 weights", zero_x, no_x)
+    # A K = 0 dispatch of an fp8 tuple whose scales (three int32 words) leave the empty top-k field where no int64
+    # view could start: the same rows as without top-k, and [num_recv, 0] selections.
+    x_q, scales = x.to(torch.float8_e4m3fn), torch.arange(3 * tokens, dtype=torch.int32).view(tokens, 3)
+    none_k = dict(topk_idx=idx[:, :0], topk_weights=weights[:, :0])
+    (k0_x, k0_scales), k0_idx, k0_w, _, _, _ = buffer.dispatch((x_q, scales), **none_k, **layout)
+    (plain_x, plain_scales), *_ = buffer.dispatch((x_q, scales), **layout)
+    assert_bit_equal("K = 0 dispatch recv_x", k0_x, plain_x)
+    assert_bit_equal("K = 0 dispatch recv_x_scales", k0_scales, plain_scales)
+    assert k0_idx.shape == (plain_x.shape[0], 0) and k0_w.shape == (plain_x.shape[0], 0)
 
 
 def test_combine_reads_values_of_inputs_that_require_grad() -> None:

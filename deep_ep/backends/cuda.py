@@ -239,6 +239,8 @@ def pad_columns(rows: torch.Tensor, pitch: int) -> torch.Tensor:
 def source_words(rows: torch.Tensor, pitch: int) -> tuple[torch.Tensor, bool]:
     """Byte rows [N, W] as the int32 words [N, ceil(W / 4)] the push kernel reads (a view where the layout
     allows, else a copy padded to `pitch` bytes), and whether every row starts 16-byte aligned."""
+    if rows.numel() == 0:  # nothing to read; an empty view may still sit at an offset no int32 view takes
+        return rows.new_empty(rows.shape[0], -(-rows.shape[1] // WORD), dtype=torch.int32), True
     whole = rows.shape[1] % WORD == 0 and rows.stride(1) == 1 and rows.stride(0) % WORD == 0
     if not (whole and rows.data_ptr() % WORD == 0):
         rows = pad_columns(rows, pitch)
@@ -258,6 +260,8 @@ def output_words(rows: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     16-byte aligned; None where they cannot be viewed so (W not a multiple of 4 bytes, or strided)."""
     if rows.shape[1] % WORD or rows.stride(1) != 1 or rows.stride(0) % WORD or rows.data_ptr() % WORD:
         return None
+    if rows.numel() == 0:  # nothing to write (and an empty view's offset may refuse the int32 view)
+        return rows.new_empty(rows.shape[0], rows.shape[1] // WORD, dtype=torch.int32), True
     words = rows.view(torch.int32)
     return words, words.stride(0) % 4 == 0 and words.data_ptr() % 16 == 0
 

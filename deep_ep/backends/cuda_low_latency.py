@@ -107,6 +107,8 @@ def kernel_refusal(hidden: int, use_fp8: bool, quant_format: str) -> str | None:
 def bf16_words(t: torch.Tensor) -> torch.Tensor:
     """bf16 `t` as int32 words (pairs of columns), copied first where its start or strides do not allow that view
     (`contiguous()` keeps a contiguous tensor 2 bytes off a word, or a one-row view with an odd row stride)."""
+    if t.numel() == 0:  # nothing to read; an empty view may still sit at an offset no int32 view takes
+        return t.new_empty(*t.shape[:-1], t.shape[-1] // 2, dtype=torch.int32)
     if t.data_ptr() % WORD or t.stride(-1) != 1 or any(stride % 2 for stride in t.stride()[:-1]):
         t = t.clone(memory_format=torch.contiguous_format)
     return t.view(torch.int32)
