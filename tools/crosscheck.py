@@ -29,7 +29,6 @@ import datetime
 import os
 import sys
 import time
-from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,23 +37,12 @@ import torch.distributed as dist  # noqa: E402
 
 import deep_ep  # noqa: E402
 from deep_ep.testing import diff  # noqa: E402
+from deep_ep.testing.cli import at_least  # noqa: E402
 from deep_ep.testing.workloads import FAMILIES, LARGE_HIDDEN  # noqa: E402
 
 
 def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
-    """An argparse type: a number of `kind` >= minimum (a world of 0 ranks or 0 repeats compares nothing)."""
-
-    def parse(text: str) -> float:
-        value = kind(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
-        return value
-
-    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         "--backend", help="shorthand: participants = spec,reference,BACKEND (compare BACKEND with both)"
     )
     parser.add_argument(
-        "--world", type=_at_least(1), default=4, help="ranks of the local launcher (ignored under torchrun)"
+        "--world", type=at_least(1), default=4, help="ranks of the local launcher (ignored under torchrun)"
     )
     parser.add_argument(
         "--launcher",
@@ -80,29 +68,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtypes", default="bf16,fp8,int8", help="bf16, fp8, int8 (low-latency also fp8_round, fp8_ue8m0)"
     )
-    parser.add_argument("--tokens", type=_at_least(0), default=16, help="N, tokens per rank")
+    parser.add_argument("--tokens", type=at_least(0), default=16, help="N, tokens per rank")
     parser.add_argument(
-        "--max-tokens", type=_at_least(0), default=None, help="T >= N (default 1.5 N); max_tokens uses N = T"
+        "--max-tokens", type=at_least(0), default=None, help="T >= N (default 1.5 N); max_tokens uses N = T"
     )
-    parser.add_argument("--hidden", type=_at_least(1), default=128)
-    parser.add_argument("--small-hidden", type=_at_least(1), default=16)
-    parser.add_argument("--large-hidden", type=_at_least(1), default=LARGE_HIDDEN)
-    parser.add_argument("--topk", type=_at_least(1), default=4)
-    parser.add_argument("--experts-per-rank", type=_at_least(1), default=4)
+    parser.add_argument("--hidden", type=at_least(1), default=128)
+    parser.add_argument("--small-hidden", type=at_least(1), default=16)
+    parser.add_argument("--large-hidden", type=at_least(1), default=LARGE_HIDDEN)
+    parser.add_argument("--topk", type=at_least(1), default=4)
+    parser.add_argument("--experts-per-rank", type=at_least(1), default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=_at_least(1), default=1, help="seeds per (family, mode, dtype)")
+    parser.add_argument("--repeats", type=at_least(1), default=1, help="seeds per (family, mode, dtype)")
     parser.add_argument(
         "--rules", choices=diff.RULES, default="spec9", help="spec9: SPEC 9 tolerances; exact: all bits"
     )
     parser.add_argument("--json", help="write the JSON report here ('-' = stdout)")
-    parser.add_argument("--max-mismatches", type=_at_least(0), default=10, help="mismatches printed")
+    parser.add_argument("--max-mismatches", type=at_least(0), default=10, help="mismatches printed")
     parser.add_argument("--setup", help="'module:function' run in every rank first (e.g. registers a backend)")
     parser.add_argument(
-        "--timeout", type=_at_least(1, float), default=900.0, help="seconds for the whole run (local launcher)"
+        "--timeout", type=at_least(1, float), default=900.0, help="seconds for the whole run (local launcher)"
     )
     parser.add_argument(
         "--comm-timeout",
-        type=_at_least(1, float),
+        type=at_least(1, float),
         default=120.0,
         help="seconds a participant's collective waits for peers (a participant failing on some ranks only "
         "costs this long once; its group is then replaced)",

@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,6 +32,7 @@ from deep_ep import Buffer  # noqa: E402
 from deep_ep.moe import MoELayer, dense_moe, expert_mlp, init_moe_weights, route  # noqa: E402
 from deep_ep.permute import permute, unpermute  # noqa: E402
 from deep_ep.testing import run_ranks  # noqa: E402
+from deep_ep.testing.cli import at_least  # noqa: E402
 from deep_ep.testing.compare import first_mismatch  # noqa: E402
 
 OPS = ["get_dispatch_layout", "dispatch", "combine", "dispatch (cached, backward)", "combine (backward)"]
@@ -183,29 +183,17 @@ def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.detach().float() - expected.detach().float()).abs().max().item() / scale
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an int >= minimum (0 ranks or 0 rounds cannot run)."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=_at_least(1), default=4)
-    parser.add_argument("--tokens", type=_at_least(0), default=128, help="tokens per rank")
-    parser.add_argument("--hidden", type=_at_least(1), default=256)
-    parser.add_argument("--ffn", type=_at_least(1), default=128)
-    parser.add_argument("--experts", type=_at_least(1), default=16)
-    parser.add_argument("--topk", type=_at_least(1), default=4)
+    parser.add_argument("--ranks", type=at_least(1), default=4)
+    parser.add_argument("--tokens", type=at_least(0), default=128, help="tokens per rank")
+    parser.add_argument("--hidden", type=at_least(1), default=256)
+    parser.add_argument("--ffn", type=at_least(1), default=128)
+    parser.add_argument("--experts", type=at_least(1), default=16)
+    parser.add_argument("--topk", type=at_least(1), default=4)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--iters", type=_at_least(1), default=5, help="rounds; times are medians after the first")
+    parser.add_argument("--iters", type=at_least(1), default=5, help="rounds; times are medians after the first")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.experts % args.ranks:
