@@ -601,7 +601,9 @@ class Buffer:
             )
         receive, self._deferred_receive = self._deferred_receive, None
         if receive is not None:
-            receive()
+            # A failure belongs to that call: it is raised where its event is waited on, not here.
+            with contextlib.suppress(Exception):
+                receive()
 
     def low_latency_dispatch(
         self,
@@ -842,8 +844,14 @@ class Buffer:
             self._unreceived_hook = (op, hook)
             return EventOverlap(), hook
         if async_finish and device.type == "cpu":
+
+            def finish() -> None:
+                if self._deferred_receive is receive:
+                    self._deferred_receive = None  # waited on: the next call has nothing to finish
+                receive()
+
             self._deferred_receive = receive
-            return EventOverlap(EventHandle(device, finish=receive)), None
+            return EventOverlap(EventHandle(device, finish=finish)), None
         receive()
         return EventOverlap(EventHandle(device) if async_finish else None), None
 

@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 import reference
 from deep_ep import Buffer, CollectiveMismatchError
+from deep_ep.backends import register_backend
+from deep_ep.backends.reference import ReferenceBackend
 from deep_ep.testing import run_ranks
 from deep_ep.testing.compare import assert_bit_equal
 from deep_ep.testing.workloads import Workload, make_workload
@@ -591,3 +593,57 @@ def _combine_ids_and_capture(rank: int, world: int) -> None:
 
 def test_combine_ids_are_the_dispatched_ones_and_capture_adds_no_wall_time() -> None:
     run_ranks(2, _combine_ids_and_capture)
+
+
+class _ReceiveFails(ReferenceBackend):
+    """The reference backend whose receive raises for a dispatch of 3 tokens: a backend failing in a receive."""
+
+    name = "receive_fails"
+
+    def low_latency_dispatch(self, args):
+        out, route, pending = super().low_latency_dispatch(args)
+        if args.x.shape[0] == 3:
+
+            def fail() -> None:
+                raise RuntimeError("the receive failed")
+
+            pending = pending.then(fail)
+        return out, route, pending
+
+
+def _deferred_failures(rank: int, world: int) -> None:
+    register_backend("receive_fails", _ReceiveFails)
+    buffer = Buffer(dist.group.WORLD, low_latency_mode=True, backend="receive_fails")
+    x, ids = torch.randn(4, 16).bfloat16(), torch.zeros(4, 1, dtype=torch.long)
+    # The failing call's event not yet waited: the next call goes on, and the failure is raised at that event.
+    failing = buffer.low_latency_dispatch(x[:3], ids[:3], 4, 2 * world, use_fp8=False, async_finish=True)
+    buffer.low_latency_dispatch(x, ids, 4, 2 * world, use_fp8=False)
+    with pytest.raises(RuntimeError, match="the receive failed"):
+        failing[3].current_stream_wait()
+    # Waited on (and raised) first: the next call does not raise it again.
+    failing = buffer.low_latency_dispatch(x[:3], ids[:3], 4, 2 * world, use_fp8=False, async_finish=True)
+    with pytest.raises(RuntimeError, match="the receive failed"):
+        failing[3].current_stream_wait()
+    recv_x, count, _, _, _ = buffer.low_latency_dispatch(x, ids, 4, 2 * world, use_fp8=False)
+    assert int(count.sum()) == 4 * world * (rank == 0)  # every token went to expert 0, on rank 0
+
+
+def test_a_deferred_receive_that_fails_raises_at_its_event_only() -> None:
+    run_ranks(2, _deferred_failures)
+
+
+def _no_selections(rank: int, world: int) -> None:
+    # K = 0 with message rows that are not whole 4-byte words (bf16 H = 1; int8 H = 7): nothing is received.
+    for quant, hidden in (("fp8", 1), ("int8", 7)):
+        buffer = Buffer(dist.group.WORLD, low_latency_mode=True, low_latency_quant=quant)
+        x, ids = torch.ones(2, hidden, dtype=torch.bfloat16), torch.empty(2, 0, dtype=torch.long)
+        for use_fp8 in (False, True) if quant == "int8" else (False,):
+            recv_x, count, handle, _, _ = buffer.low_latency_dispatch(x, ids, 4, 2 * world, use_fp8=use_fp8)
+            assert count.tolist() == [0, 0]
+            y = torch.zeros(2, world * 4, hidden, dtype=torch.bfloat16)
+            combined = buffer.low_latency_combine(y, ids, torch.empty(2, 0), handle)[0]
+            assert combined.shape == (2, hidden) and not combined.any()
+
+
+def test_no_selections_with_rows_of_any_width() -> None:
+    run_ranks(2, _no_selections)

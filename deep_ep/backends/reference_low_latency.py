@@ -122,7 +122,11 @@ class LowLatencyMixin:
 
         def unpack() -> None:
             recv = received.view(rows, -1)
-            recv_ids = recv[:, fmt.width :].contiguous().view(torch.int32).view(rows, num_topk)
+            # A fresh copy: the ids start fmt.width bytes into each row, where an int32 view may not start.
+            ids = recv[:, fmt.width :].clone(memory_format=torch.contiguous_format)
+            recv_ids = (
+                ids.view(torch.int32).view(rows, num_topk) if num_topk else ids.new_empty((rows, 0), dtype=torch.int32)
+            )
             # Messages in (source, token, k) order; a stable sort by expert keeps that order inside each expert.
             expert = torch.where(recv_ids >= 0, recv_ids, experts_per_rank).reshape(-1).long()
             sorted_expert, order = torch.sort(expert, stable=True)
