@@ -151,6 +151,15 @@ def test_support_matrix_reasons() -> None:
     assert "limit of 16" in ascend.unsupported_reason(a3, 8, 8, 7168, 17, 256)
     assert "limit of 1024" in ascend.unsupported_reason(a3, 8, 8, 7168, 8, 2048)
     assert "num_topk=9 exceeds num_experts=8" in ascend.unsupported_reason(a3, 2, 8, 7168, 9, 8)
+    assert "need 0 < K" in ascend.unsupported_reason(a2, 16, 8, 7168, 0, 256)  # no selections: the reference
+
+
+def test_hccl_buffsize_is_read_as_cann_reads_it(monkeypatch) -> None:
+    monkeypatch.setenv("HCCL_BUFFSIZE", "300")
+    assert ascend.hccl_buffsize_mb() == 300
+    monkeypatch.setenv("HCCL_BUFFSIZE", "200MB")
+    with pytest.raises(ValueError, match="HCCL_BUFFSIZE='200MB' must be an integer number of MB"):
+        ascend.hccl_buffsize_mb()
 
 
 def test_hccl_buffsize_formulas_by_hand() -> None:

@@ -163,6 +163,8 @@ def unsupported_reason(
         return f"hidden={hidden} is outside the {name} range [{limits.min_hidden}, {limits.max_hidden}]{multiple}"
     if tokens > limits.max_tokens:
         return f"num_max_dispatch_tokens_per_rank={tokens} exceeds the {name} limit of {limits.max_tokens} tokens"
+    if num_topk < 1:
+        return f"num_topk={num_topk}: the {name} ops need 0 < K (no selections to send)"
     if num_topk > limits.max_topk:
         return f"num_topk={num_topk} exceeds the {name} limit of {limits.max_topk}"
     if num_topk > num_experts:
@@ -201,7 +203,12 @@ def required_hccl_buffsize_mb(
 def hccl_buffsize_mb() -> int:
     """HCCL_BUFFSIZE as CANN reads it (MB), its documented default when unset."""
     text = os.environ.get("HCCL_BUFFSIZE", "").strip()
-    return int(text) if text else _HCCL_BUFFSIZE_DEFAULT_MB
+    if not text:
+        return _HCCL_BUFFSIZE_DEFAULT_MB
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"HCCL_BUFFSIZE={text!r} must be an integer number of MB (as CANN reads it)") from None
 
 
 def classify_chip(device_name: str) -> str | None:
