@@ -479,6 +479,8 @@ def test_low_latency_fp8_and_int8_layouts():
 
     with pytest.raises(ValueError, match="round_scale"):
         low_latency_dispatch(x, idx, 2, 4, use_ue8m0=True)
+    with pytest.raises(ValueError, match="apply only to the fp8 format"):  # as deep_ep.Buffer, not ignored
+        low_latency_dispatch(x, idx, 2, 4, use_fp8=False, round_scale=True)
     with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank"):
         low_latency_dispatch(x, idx, 1, 4)
     with pytest.raises(ValueError, match="multiple of 512"):
