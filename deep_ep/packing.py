@@ -50,17 +50,23 @@ class RowFormat:
     def field_view(self, rows: torch.Tensor, name: str) -> torch.Tensor:
         """Field `name` of uint8 rows [M, width] as [M, *row_shape]: a strided view where the bytes line up
         with the dtype, else a dense copy."""
+        offset = self.offset(name)
+        field = next(field for field in self.fields if field.name == name)
+        if field.nbytes == 0:  # no bytes to view (a [M, 0] field may sit where its dtype cannot)
+            return rows.new_empty((rows.shape[0], *field.row_shape), dtype=field.dtype)
+        part = rows[:, offset : offset + field.nbytes]
+        size = field.dtype.itemsize
+        aligned = part.storage_offset() % size == 0 and part.stride(0) % size == 0
+        if not aligned or (part.dim() and part.stride(-1) != 1):
+            part = part.clone(memory_format=torch.contiguous_format)
+        return part.view(field.dtype).view(rows.shape[0], *field.row_shape)
+
+    def offset(self, name: str) -> int:
+        """The byte offset of field `name` in a packed row (KeyError if there is none)."""
         offset = 0
         for field in self.fields:
             if field.name == name:
-                if field.nbytes == 0:  # no bytes to view (a [M, 0] field may sit where its dtype cannot)
-                    return rows.new_empty((rows.shape[0], *field.row_shape), dtype=field.dtype)
-                part = rows[:, offset : offset + field.nbytes]
-                size = field.dtype.itemsize
-                aligned = part.storage_offset() % size == 0 and part.stride(0) % size == 0
-                if not aligned or (part.dim() and part.stride(-1) != 1):
-                    part = part.clone(memory_format=torch.contiguous_format)
-                return part.view(field.dtype).view(rows.shape[0], *field.row_shape)
+                return offset
             offset += field.nbytes
         raise KeyError(name)
 

@@ -30,8 +30,12 @@ def _torch_empty(size: tuple[int, ...], dtype: torch.dtype, device: torch.device
 def channel_of_tokens(num_tokens: int, num_channels: int, device: torch.device) -> torch.Tensor:
     """int64 [N]: DeepEP's channel of each token (contiguous ranges of ceil(N / C) tokens). Cached: a model
     dispatches the same token count call after call; callers only read it."""
-    per_channel = max(-(-num_tokens // num_channels), 1)
-    return torch.arange(num_tokens, device=device) // per_channel
+    return torch.arange(num_tokens, device=device) // tokens_per_channel(num_tokens, num_channels)
+
+
+def tokens_per_channel(num_tokens: int, num_channels: int) -> int:
+    """The length of DeepEP's channels: ceil(N / C) tokens (at least 1)."""
+    return max(-(-num_tokens // num_channels), 1)
 
 
 def running_count(is_token_in_rank: torch.Tensor) -> torch.Tensor:
@@ -80,12 +84,15 @@ class Route:
         rank: int,
         running: torch.Tensor | None = None,
         all_num_tokens: list[int] | None = None,
+        send_tokens: torch.Tensor | None = None,
     ) -> Route:
         """counts: host int [R, R] of tokens sent from rank s to rank d; running: `running_count` of the mask,
-        if the caller has it; all_num_tokens: every rank's token count, if the caller exchanged them."""
+        if the caller has it; all_num_tokens: every rank's token count, if the caller exchanged them;
+        send_tokens: the route's `send_tokens`, if the caller computed them."""
         send_splits = counts[rank].tolist()
-        # (d, t) pairs come sorted by d, then t; the host knows how many, so no second synchronisation.
-        send_tokens = _nonzero_known(is_token_in_rank.t(), sum(send_splits))[:, 1]
+        if send_tokens is None:
+            # (d, t) pairs come sorted by d, then t; the host knows how many, so no second synchronisation.
+            send_tokens = _nonzero_known(is_token_in_rank.t(), sum(send_splits))[:, 1]
         recv_splits = counts[:, rank].tolist()
         num_tokens, num_recv, all_counts = is_token_in_rank.shape[0], sum(recv_splits), counts.tolist()
         return Route(

@@ -35,7 +35,7 @@ from deep_ep.backends.cuda import (
 )
 from deep_ep.backends.cuda_low_latency import LowLatencyLayout, kernel_refusal
 from deep_ep.backends.peer_memory import workspace_size
-from deep_ep.backends.reference import _ordered_sum
+from deep_ep.backends.reference import _host_prefix_matrices, _ordered_sum
 from deep_ep.errors import BackendUnavailableError
 from deep_ep.kernels.ordered_sum import (
     ordered_gather_sum,
@@ -43,7 +43,7 @@ from deep_ep.kernels.ordered_sum import (
     triton_usable,
 )
 from deep_ep.packing import RowFormat
-from deep_ep.routing import Route
+from deep_ep.routing import Route, channel_of_tokens
 from deep_ep.testing import diff, run_ranks
 from deep_ep.testing.compare import assert_bit_equal, first_mismatch
 from deep_ep.testing.symm_mem_emulation import DIRECTORY_ENV, SimCudaBackend
@@ -663,3 +663,97 @@ def test_review_cases_on_the_emulated_backend(tmp_path) -> None:
             "two Buffers",
         ]
     )
+
+
+# ---- a fresh dispatch's bookkeeping kernels against the reference's torch operations --------------------------
+def _mask_layouts(mask: torch.Tensor) -> list[torch.Tensor]:
+    """The same values as a dense, a column-major and a strided (every other column of a wider one) tensor."""
+    wide = torch.zeros(mask.shape[0], 2 * mask.shape[1], dtype=torch.bool)
+    wide[:, ::2] = mask
+    return [mask, mask.t().contiguous().t(), wide[:, ::2]]
+
+
+def _exchanged_rows(masks: list[torch.Tensor], num_channels: int) -> list[list[int]]:
+    """Each rank's row of the count exchange as the reference reads it on the host: tokens per destination, then
+    per (destination, channel)."""
+    rows = []
+    for mask in masks:
+        channel = channel_of_tokens(mask.shape[0], num_channels, torch.device("cpu"))
+        per_channel = torch.zeros(mask.shape[1], num_channels, dtype=torch.long)
+        per_channel.index_add_(1, channel, mask.t().long())
+        rows.append(mask.sum(0).tolist() + per_channel.view(-1).tolist())
+    return rows
+
+
+def _bookkeeping_cases(rank: int, world: int) -> int:
+    """EMULATION host (kernels in Triton's interpreter): the cuda backend's `_exact_route` and `_unpack` against the
+    reference backend's, bit for bit, over random masks, token counts across the kernel's 1024-token blocks, channel
+    counts, mask layouts, id dtypes and packed formats. Returns the cases compared."""
+    from deep_ep.testing import symm_mem_emulation
+
+    symm_mem_emulation.register()
+    group = dist.group.WORLD
+    ref, sim = deep_ep.Buffer(group, backend="reference").runtime, deep_ep.Buffer(group, backend="cuda_sim").runtime
+    gen, compared = torch.Generator().manual_seed(7), 0
+    for num_tokens, num_channels, density in [(1, 1, 0.5), (37, 3, 0.3), (1024, 10, 0.6), (2500, 12, 0.2)]:
+        sizes = [num_tokens + 5 * r for r in range(world)]  # every rank draws every rank's mask: same counts
+        masks = [torch.rand(n, world, generator=gen) < density for n in sizes]
+        rows = _exchanged_rows(masks, num_channels)
+        counts = torch.tensor([row[:world] for row in rows])
+        matrices = _host_prefix_matrices(rows, rank, num_channels, torch.device("cpu"))
+        channel = channel_of_tokens(sizes[rank], num_channels, torch.device("cpu"))
+        for mask in _mask_layouts(masks[rank]):
+            args = (mask, counts, matrices[0], channel, matrices[4], sizes)
+            (want, want_head), (got, got_head) = ref._exact_route(*args), sim._exact_route(*args)
+            assert_bit_equal("send_head (EMULATED kernel)", got_head, want_head)
+            assert_bit_equal("send_tokens (EMULATED kernel)", got.send_tokens, want.send_tokens)
+            assert (got.send_splits, got.recv_splits, got.num_recv) == (
+                want.send_splits,
+                want.recv_splits,
+                want.num_recv,
+            )
+            plan = dispatch_push_plan(counts.tolist(), rank, mask)
+            assert_bit_equal("push plan dest (EMULATED kernel)", got.cache["cuda_dispatch_plan"].dest, plan.dest)
+            compared += 1
+        _compare_unpack(ref, sim, want, gen, rank, world)
+    return compared
+
+
+def _compare_unpack(ref, sim, route: Route, gen: torch.Generator, rank: int, world: int) -> None:
+    """Both backends' unpack of the same received rows (in a pitch wider than a row, as in the workspace): ids
+    spanning every rank's experts and -1, weights with NaN and -0.0, with and without fp8 scales."""
+    experts_per_rank, rows = 4, max(route.num_recv, 1)
+    for idx_dtype, scales_cols in [(torch.int64, 0), (torch.int32, 3), (torch.int64, 1)]:
+        idx = torch.randint(-1, experts_per_rank * world, (rows, 5), generator=gen).to(idx_dtype)
+        weights = torch.randn(rows, 5, generator=gen)
+        weights[0, :2] = torch.tensor([float("nan"), -0.0])
+        if idx_dtype == torch.int64:  # low word in this rank's range, high word not: not one of its experts
+            idx[-1, 0] = (1 << 32) + rank * experts_per_rank
+        scales = torch.randn(rows, scales_cols, generator=gen) if scales_cols else None
+        fields = dict(scales=scales, topk_idx=idx, topk_weights=weights, src=torch.randperm(rows).int())
+        fmt = RowFormat.of(**fields)
+        if fmt.width % 8:
+            fields["pad"] = torch.zeros(rows, -fmt.width % 8, dtype=torch.uint8)
+            fmt = RowFormat.of(**fields)
+        workspace = torch.zeros(rows, fmt.width + 16, dtype=torch.uint8)
+        workspace[:, : fmt.width] = fmt.pack(**fields)
+        received = workspace[:, : fmt.width]
+        outs = []
+        for backend in (ref, sim):
+            out = {
+                "recv_x_scales": None if scales is None else torch.empty_like(scales),
+                "recv_topk_idx": torch.empty_like(idx),
+                "recv_topk_weights": torch.empty_like(weights),
+                "handle": [None, None, None, torch.empty(rows, dtype=torch.int32)],
+            }
+            backend._unpack(fmt, received, out, route, experts_per_rank)
+            outs.append([out["recv_topk_idx"], out["recv_topk_weights"], out["handle"][3], out["recv_x_scales"]])
+        for name, got, want in zip(("topk_idx", "topk_weights", "src", "scales"), outs[1], outs[0]):
+            assert_bit_equal(f"unpacked {name} (EMULATED kernel)", got, want)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed (an extra check)")
+def test_fresh_dispatch_bookkeeping_kernels_match_the_reference(tmp_path) -> None:
+    """EMULATION of symmetric memory (the kernels run in Triton's interpreter; the code is the backend's own)."""
+    env = {DIRECTORY_ENV: str(tmp_path), "TRITON_INTERPRET": "1"}
+    assert run_ranks(3, _bookkeeping_cases, env=env, timeout=280) == [12, 12, 12]

@@ -42,8 +42,8 @@ import torch.distributed as dist
 from ..comm import Comm, Pending, group_device_types
 from ..kernels import on_device
 from ..kernels.ordered_sum import ordered_gather_sum
-from ..packing import byte_rows
-from ..routing import Route, running_count
+from ..packing import RowFormat, byte_rows
+from ..routing import Route, running_count, tokens_per_channel
 from .base import DispatchArgs, LowLatencyDispatchArgs
 from .cuda_low_latency import CudaLowLatencyRoute, LowLatencyKernels, kernel_refusal
 from .peer_memory import WORD, SymmetricWorkspace, word_deltas
@@ -58,6 +58,14 @@ def _normal_kernels() -> Any:
     from ..kernels import triton_normal
 
     return triton_normal
+
+
+@functools.cache
+def _fresh_dispatch_kernels() -> Any:
+    """deep_ep.kernels.triton_fresh_dispatch, imported at first use (it imports Triton)."""
+    from ..kernels import triton_fresh_dispatch
+
+    return triton_fresh_dispatch
 
 
 ROW_ALIGN = 16  # bytes: workspace rows start 16-byte aligned, so the kernel stores 16-byte vectors
@@ -266,6 +274,17 @@ def output_words(rows: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     return words, words.stride(0) % 4 == 0 and words.data_ptr() % 16 == 0
 
 
+def _field_words(fmt: RowFormat, rows: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, list[int]] | None:
+    """Packed byte rows [M, fmt.width] as int32 words, and the word offset of each named field; None where a
+    field does not start on a word or the rows cannot be viewed as words."""
+    offsets = [fmt.offset(name) for name in names]
+    if any(offset % WORD for offset in offsets) or rows.shape[1] % WORD or rows.stride(1) != 1:
+        return None
+    if rows.stride(0) % WORD or rows.storage_offset() % WORD:
+        return None
+    return rows.view(torch.int32), [offset // WORD for offset in offsets]
+
+
 @dataclass(frozen=True)
 class _Push:
     """One tensor of a push (or a pull): its rows (the source's, or the output's) as int32 words, whether they
@@ -386,6 +405,76 @@ class CudaBackend(ReferenceBackend):
             # `pending` on this stream, before any later call with the handle reads it).
             route.cache["recv_src_idx"] = out["handle"][3]
         return out, route, pending
+
+    def _exact_route(
+        self,
+        in_rank: torch.Tensor,
+        counts: torch.Tensor,
+        rank_prefix_matrix: torch.Tensor,
+        channel: torch.Tensor,
+        channel_base: torch.Tensor,
+        all_num_tokens: list[int],
+    ) -> tuple[Route, torch.Tensor]:
+        """The reference's route, send_head and (kept with the route) the push plan, from one kernel."""
+        num_tokens, num_ranks = in_rank.shape
+        if self.comm.size == 1 or in_rank.device != self.device or num_tokens == 0:
+            return super()._exact_route(in_rank, counts, rank_prefix_matrix, channel, channel_base, all_num_tokens)
+        rank, device = self.comm.rank, in_rank.device
+        send_tokens = torch.empty(sum(counts[rank].tolist()), dtype=torch.long, device=device)
+        route = Route.exact(in_rank, counts, rank, None, all_num_tokens, send_tokens)
+        send_head = torch.empty(num_tokens, num_ranks, dtype=torch.int32, device=device)
+        dest = torch.empty_like(send_head)
+        with on_device(self.device):
+            _fresh_dispatch_kernels().route_kernel[(num_ranks,)](
+                in_rank.view(torch.uint8),
+                rank_prefix_matrix,
+                channel_base,
+                send_head,
+                dest,
+                send_tokens,
+                num_tokens,
+                in_rank.stride(0),
+                in_rank.stride(1),
+                tokens_per_channel(num_tokens, channel_base.shape[0]),
+                rank,
+                R=num_ranks,
+                R_POW2=1 << (num_ranks - 1).bit_length(),
+                BLOCK=1024,
+            )
+        counts_list = route.all_counts
+        plan = PushPlan(dest, workspace_rows(counts_list, True), rows_received(counts_list, rank, True))
+        route.cache["cuda_dispatch_plan"] = plan
+        return route, send_head
+
+    def _unpack(self, fmt: RowFormat, received: torch.Tensor, out: dict, route: Route, experts_per_rank: int) -> None:
+        """The reference's unpack in one kernel where the packed fields are whole int32 words (else the reference's
+        torch operations)."""
+        topk_idx = out["recv_topk_idx"]
+        usable = topk_idx is not None and topk_idx.shape[1] > 0 and received.shape[0] > 0
+        words = _field_words(fmt, received, ("topk_idx", "topk_weights", "src")) if usable else None
+        if words is None or route.padded or received.device != self.device:
+            super()._unpack(fmt, received, out, route, experts_per_rank)
+            return
+        if out["recv_x_scales"] is not None:
+            fmt.unpack_into(received, scales=out["recv_x_scales"])
+        rows, num_topk = topk_idx.shape
+        row_words, offsets = words
+        with on_device(self.device):
+            _fresh_dispatch_kernels().unpack_kernel[(-(-rows // 64),)](
+                row_words,
+                topk_idx,
+                out["recv_topk_weights"].view(torch.int32),
+                out["handle"][3],
+                rows,
+                row_words.stride(0),
+                *offsets,
+                self.comm.rank * experts_per_rank,
+                experts_per_rank,
+                K=num_topk,
+                K_POW2=1 << (num_topk - 1).bit_length(),
+                IDX64=topk_idx.dtype == torch.int64,
+                ROWS=64,
+            )
 
     def _forward(
         self, route: Route, transfers: list[tuple[torch.Tensor, torch.Tensor | None]], op: str

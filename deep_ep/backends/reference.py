@@ -102,8 +102,6 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         else:  # CUDA-graph capture: nothing may be read on the host (a padded route, see below)
             matrices = _prefix_matrices(comm.all_gather(torch.cat(parts), "dispatch"), rank, args.num_channels)
         rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_counts, channel_base = matrices
-        running = running_count(in_rank)  # shared by send_head, the route and the cuda backend's plan
-        send_head = _send_head(in_rank, running, channel, channel_base)
 
         if args.num_worst_tokens:
             if host is not None:  # every rank sees every total, so all ranks raise together
@@ -113,11 +111,16 @@ class ReferenceBackend(LowLatencyMixin, Backend):
                         f"num_worst_tokens={args.num_worst_tokens} is smaller than the tokens received: "
                         f"{totals} per rank"
                     )
+            running = running_count(in_rank)  # shared by send_head and the route
+            send_head = _send_head(in_rank, running, channel, channel_base)
             route = Route.padded_for(in_rank, recv_counts, args.num_worst_tokens, args.num_worst_tokens, running)
             count_list: list[int] = []
         else:
             # The receive sizes and the per-expert counts: known on the host since the count exchange.
-            route = Route.exact(in_rank, host[:, :num_ranks], rank, running, [row[width + 2] for row in rows])
+            all_num_tokens = [row[width + 2] for row in rows]
+            route, send_head = self._exact_route(
+                in_rank, host[:, :num_ranks], rank_prefix_matrix, channel, channel_base, all_num_tokens
+            )
             host_experts = host[:, num_ranks * (1 + args.num_channels) :]
             host_experts = host_experts[:, rank * experts_per_rank : (rank + 1) * experts_per_rank].sum(0)
             align = args.expert_alignment
@@ -157,22 +160,39 @@ class ReferenceBackend(LowLatencyMixin, Backend):
             ),
         }
 
-        def unpack() -> None:
-            # One pass from the received bytes into the outputs, then the small per-row fix-ups.
-            fmt.unpack_into(received, x=out["recv_x"], scales=out["recv_x_scales"], src=out["handle"][3])
-            real = _real_rows(route)
-            if real is not None:
-                out["handle"][3].masked_fill_(~real, -1)
-            if topk_idx is not None:
-                idx = fmt.field_view(received, "topk_idx")
-                local = (idx >= rank * experts_per_rank) & (idx < (rank + 1) * experts_per_rank)
-                if real is not None:
-                    local &= real.unsqueeze(1)
-                out["recv_topk_idx"].copy_(torch.where(local, idx - rank * experts_per_rank, -1))
-                weights = fmt.field_view(received, "topk_weights")
-                out["recv_topk_weights"].copy_(torch.where(local, weights, 0.0))
+        return out, route, pending.then(lambda: self._unpack(fmt, received, out, route, experts_per_rank))
 
-        return out, route, pending.then(unpack)
+    def _exact_route(
+        self,
+        in_rank: torch.Tensor,
+        counts: torch.Tensor,
+        rank_prefix_matrix: torch.Tensor,
+        channel: torch.Tensor,
+        channel_base: torch.Tensor,
+        all_num_tokens: list[int],
+    ) -> tuple[Route, torch.Tensor]:
+        """A fresh dispatch's exact route and DeepEP's send_head [N, R], from the mask and the exchanged counts
+        (counts: host [R, R]; rank_prefix_matrix, channel_base: on the device; channel: each token's channel)."""
+        running = running_count(in_rank)  # shared by send_head, the route and the cuda backend's plan
+        send_head = _send_head(in_rank, running, channel, channel_base)
+        return Route.exact(in_rank, counts, self.comm.rank, running, all_num_tokens), send_head
+
+    def _unpack(self, fmt: RowFormat, received: torch.Tensor, out: dict, route: Route, experts_per_rank: int) -> None:
+        """From a fresh dispatch's received packed rows (uint8 [num_recv, fmt.width]) into its outputs: one pass,
+        then the small per-row fix-ups (topk ids made local, others -1 with weight +0.0; padding rows -1)."""
+        fmt.unpack_into(received, scales=out["recv_x_scales"], src=out["handle"][3])
+        real = _real_rows(route)
+        if real is not None:
+            out["handle"][3].masked_fill_(~real, -1)
+        if out["recv_topk_idx"] is not None:
+            first = self.comm.rank * experts_per_rank
+            idx = fmt.field_view(received, "topk_idx")
+            local = (idx >= first) & (idx < first + experts_per_rank)
+            if real is not None:
+                local &= real.unsqueeze(1)
+            out["recv_topk_idx"].copy_(torch.where(local, idx - first, -1))
+            weights = fmt.field_view(received, "topk_weights")
+            out["recv_topk_weights"].copy_(torch.where(local, weights, 0.0))
 
     def cached_dispatch(
         self, x: torch.Tensor, x_scales: torch.Tensor | None, route: Route

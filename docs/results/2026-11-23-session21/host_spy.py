@@ -68,9 +68,10 @@ def main() -> None:
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, experts)
     layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
     recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout)
-    for _ in range(20):  # warm-up: compile and allocate
+    for _ in range(20):  # warm-up: compile and allocate (a fresh dispatch too: it may have kernels of its own)
         buffer.dispatch(x, handle=handle)
         buffer.combine(recv_x, handle)
+        buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout)
     torch.cuda.synchronize()
     ops = os.environ.get("OPS", "cached,combine").split(",")
     times = {}

@@ -1,0 +1,96 @@
+"""Triton kernels of the cuda backend's fresh dispatch: its bookkeeping in two launches instead of ~25 small torch
+operations (each 10-20 us of host time on a GPU host, and a fresh dispatch is paced by the host).
+
+`route_kernel`, once the count exchange is on the device: for every (token t, destination d) the running count of
+tokens 0..t sent to d, and from it DeepEP's `send_head`, the push kernel's destination row and the route's
+`send_tokens` (the reference computes these with `running_count`, `_send_head`, `nonzero` and `dispatch_push_plan`).
+`unpack_kernel`, once the packed per-token fields have arrived: the source index, and topk_idx / topk_weights
+made local (ids of this rank's experts shifted to 0..L-1, others -1 with weight +0.0), as the reference's unpack.
+Both produce the same bits as the torch code they replace (tests/test_cuda_backend.py compares them).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def route_kernel(
+    in_rank,  # uint8 [N, R]: is_token_in_rank's bytes, strides (in_stride_t, in_stride_d)
+    rank_prefix,  # int32 [R, R]: DeepEP's rank_prefix_matrix, [s][d] = tokens sent to d by ranks 0..s
+    channel_base,  # int32 [C, R]: 1 + the tokens sent to d before channel c starts
+    send_head,  # int32 [N, R] out: position of (t, d) in its (channel, d) stream, or -1
+    dest,  # int32 [N, R] out: the row (t, d) takes in rank d's region of the push, or -1
+    send_tokens,  # int64 [sum of this rank's sends] out: the token of each sent row, by d, then t
+    num_tokens,
+    in_stride_t,
+    in_stride_d,
+    tokens_per_channel,
+    rank,
+    R: tl.constexpr,
+    R_POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    d = tl.program_id(0)  # one program per destination: its column's running count is a scan over the tokens
+    peers = tl.arange(0, R_POW2)
+    mine = tl.load(rank_prefix + rank * R + peers, mask=peers < R, other=0)
+    # Rows of ranks 0..rank-1 (none for rank 0: its row -1 is read as row 0 and zeroed, integer arithmetic only).
+    lower = tl.load(rank_prefix + tl.maximum(rank - 1, 0) * R + peers, mask=peers < R, other=0) * tl.minimum(rank, 1)
+    sent = mine - lower  # this rank's rows to each destination
+    send_begin = tl.sum(tl.where(peers < d, sent, 0), 0)  # where d's block starts in send_tokens
+    first_row = tl.sum(tl.where(peers == d, lower, 0), 0)  # rows of lower sources ahead of ours at d
+    carry = tl.zeros((), dtype=tl.int32)
+    for start in range(0, num_tokens, BLOCK):
+        t = start + tl.arange(0, BLOCK)
+        live = t < num_tokens
+        hit = (tl.load(in_rank + t.to(tl.int64) * in_stride_t + d * in_stride_d, mask=live, other=0) != 0).to(tl.int32)
+        running = carry + tl.cumsum(hit, 0)
+        chosen = hit != 0
+        base = tl.load(channel_base + (t // tokens_per_channel) * R + d, mask=live, other=0)
+        at = t.to(tl.int64) * R + d
+        tl.store(send_head + at, tl.where(chosen, running - base, -1), mask=live)
+        tl.store(dest + at, tl.where(chosen, first_row + running - 1, -1), mask=live)
+        tl.store(send_tokens + send_begin + running - 1, t.to(tl.int64), mask=live & chosen)
+        carry += tl.sum(hit, 0)
+
+
+@triton.jit
+def unpack_kernel(
+    words,  # int32: the received packed rows as words, row stride `row_stride`
+    recv_topk_idx,  # [M, K] out, int64 (IDX64) or int32
+    recv_weight_bits,  # int32 [M, K] out: the float32 weights' bits
+    recv_src,  # int32 [M] out: each row's token index at its source
+    num_rows,
+    row_stride,  # words
+    idx_word,  # word offset of topk_idx in a packed row
+    weight_word,  # word offset of topk_weights
+    src_word,  # word offset of the source index
+    first_expert,  # rank * L: this rank's experts are [first_expert, first_expert + L)
+    local_experts,  # L
+    K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    IDX64: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    live = rows < num_rows
+    row_words = rows.to(tl.int64) * row_stride
+    tl.store(recv_src + rows, tl.load(words + row_words + src_word, mask=live), mask=live)
+    k = tl.arange(0, K_POW2)
+    cell = live[:, None] & (k < K)[None, :]
+    at = row_words[:, None] + k[None, :]
+    if IDX64:
+        # An id in this rank's range is a small non-negative int64: high word 0, low word in range.
+        low = tl.load(words + row_words[:, None] + idx_word + 2 * k[None, :], mask=cell, other=-1)
+        high = tl.load(words + row_words[:, None] + idx_word + 2 * k[None, :] + 1, mask=cell, other=-1)
+        local = (high == 0) & (low >= first_expert) & (low < first_expert + local_experts)
+        ids = tl.where(local, low - first_expert, -1).to(tl.int64)
+    else:
+        low = tl.load(words + at + idx_word, mask=cell, other=-1)
+        local = (low >= first_expert) & (low < first_expert + local_experts)
+        ids = tl.where(local, low - first_expert, -1)
+    out = rows.to(tl.int64)[:, None] * K + k[None, :]
+    tl.store(recv_topk_idx + out, ids, mask=cell)
+    weights = tl.load(words + at + weight_word, mask=cell, other=0)
+    tl.store(recv_weight_bits + out, tl.where(local, weights, 0), mask=cell)  # +0.0 is all-zero bits
