@@ -153,15 +153,17 @@ class _Dispatch(torch.autograd.Function):
             config=options.config,
             **options.comm_kwargs(buffer, layout_event if options.async_finish else None),
         )
-        after: list[Callable[[], None]] = []
+        # Which received pairs are local, copied out of recv_topk_idx once it is filled (at the event's wait when
+        # async): the caller owns recv_topk_idx and may rewrite it in place (say -1 -> an overflow bucket).
+        local = torch.empty(recv_idx.shape, dtype=torch.bool, device=recv_idx.device)
+        after: list[Callable[[], None]] = [lambda: torch.ge(recv_idx, 0, out=local)]
         if native:
             recv_x = recv
         else:  # the exact weights arrived whole; keep only the local pairs, as dispatch does
             recv_x, recv_w = recv
-            after.append(lambda: recv_w.masked_fill_(recv_idx < 0, 0))
+            after.append(lambda: recv_w.masked_fill_(~local, 0))
         box.handle, box.counts, box.event = handle, counts, _finish(event, options, after)
-        ctx.buffer, ctx.handle, ctx.options, ctx.native = buffer, handle, options, native
-        ctx.recv_idx = recv_idx  # not saved_tensors: it is filled in place when async
+        ctx.buffer, ctx.handle, ctx.options, ctx.native, ctx.local = buffer, handle, options, native, local
         ctx.mark_non_differentiable(recv_idx)
         return recv_x, recv_idx, recv_w
 
@@ -170,7 +172,7 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx: Any, grad_recv_x: torch.Tensor, _grad_idx: Any, grad_recv_w: torch.Tensor) -> tuple[Any, ...]:
         buffer: Buffer = ctx.buffer
         grad_recv_x = _dense(grad_recv_x)
-        grad_recv_w = _dense(grad_recv_w.masked_fill(ctx.recv_idx < 0, 0))
+        grad_recv_w = _dense(grad_recv_w.masked_fill(~ctx.local, 0))
         kwargs = ctx.options.backward_kwargs(buffer)
         if ctx.native:
             grad_x, grad_w, event = buffer.combine(grad_recv_x, ctx.handle, topk_weights=grad_recv_w, **kwargs)

@@ -247,6 +247,30 @@ def test_num_worst_tokens_and_errors() -> None:
     run_ranks(2, _check_worst_and_errors)
 
 
+def _check_recv_topk_idx_reused(rank: int, world: int) -> None:
+    """The caller owns recv_topk_idx: rewriting it in place (-1 -> an overflow bucket, as scatter code does) must
+    not change the weight gradients, which follow the routing (the pair's owner rank) alone."""
+    tokens, topk, experts = 6, 3, 2 * world
+    w = make_workload(world, tokens, 4, topk, experts, seed=51, routing="sparse", dtype=torch.float32)
+    buffer = Buffer(dist.group.WORLD)
+    table = _table(6, world, world, tokens, topk, dtype=torch.float64)  # [destination, source, token, k]
+    valid = w.topk_idx[rank] >= 0
+    owner = torch.where(valid, w.topk_idx[rank] // (experts // world), 0)
+    want = torch.where(valid, table[owner, rank, torch.arange(tokens).unsqueeze(1), torch.arange(topk)], 0.0)
+    for dtype, async_finish in [(torch.float32, False), (torch.float64, True)]:
+        weights = w.topk_weights[rank].to(dtype, copy=True).requires_grad_()
+        sent = ep.dispatch(buffer, w.x[rank], w.topk_idx[rank], weights, experts, async_finish=async_finish)
+        sent.event.current_stream_wait()
+        sent.recv_topk_idx.masked_fill_(sent.recv_topk_idx < 0, experts // world)
+        src_rank, src_token = _sources(sent.handle, rank)
+        (sent.recv_topk_weights * table[rank, src_rank, src_token].to(dtype)).sum().backward()
+        assert_bit_equal(f"grad topk_weights ({dtype})", weights.grad, want.to(dtype))
+
+
+def test_rewriting_recv_topk_idx_in_place_keeps_the_weight_gradients() -> None:
+    run_ranks(2, _check_recv_topk_idx_reused)
+
+
 # ---- float64 gradcheck over the whole world -------------------------------------------------------------------
 
 
