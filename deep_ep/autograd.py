@@ -285,6 +285,10 @@ def dispatch(
         if topk_weights.shape != topk_idx.shape:
             shapes = f"{list(topk_weights.shape)} but topk_idx has {list(topk_idx.shape)}"
             raise ValueError(f"topk_weights has shape {shapes}")
+        # Backward combines their gradients: a dtype combine refuses would pass forward and fail in backward.
+        _check_combinable(buffer, "x", x, "its gradient")
+        if topk_weights.dtype != torch.float32:
+            _check_combinable(buffer, "topk_weights", topk_weights, "its gradient")
     options = _Options(config, previous_event, async_finish, allocate_on_comm_stream)
     box = _Box()
     recv_x, recv_idx, recv_w = _Dispatch.apply(
@@ -329,6 +333,11 @@ def combine(
             not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point()
         ):
             raise TypeError(f"topk_weights must be None or a floating-point tensor, got {_describe(topk_weights)}")
+        if topk_weights is not None and topk_weights.dtype != torch.float32:
+            # Such weights travel as the x of a combine of their own, whose checks would call them x.
+            _check_combinable(buffer, "topk_weights", topk_weights, "it")
+            if topk_weights.dim() != 2 or topk_weights.shape[0] != x.shape[0]:
+                raise ValueError(f"topk_weights must be [{x.shape[0]}, K] (x's rows), got {list(topk_weights.shape)}")
         if bias is None:
             biases: tuple[Any, Any] = (None, None)
         elif isinstance(bias, torch.Tensor):
@@ -352,6 +361,14 @@ def _rejected_as(buffer: Buffer, op: str) -> Iterator[None]:
     except Exception:
         buffer._reject(op)
         raise
+
+
+def _check_combinable(buffer: Buffer, name: str, tensor: torch.Tensor, what: str) -> None:
+    """Refuse, before any communication, a tensor whose dtype the Buffer's combine (which carries `what`) refuses."""
+    dtypes = buffer.runtime_combine_dtypes()
+    if tensor.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} has dtype {tensor.dtype}, but combine carries {what} and takes {names}")
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:

@@ -271,6 +271,41 @@ def test_rewriting_recv_topk_idx_in_place_keeps_the_weight_gradients() -> None:
     run_ranks(2, _check_recv_topk_idx_reused)
 
 
+def _check_dtypes_combine_refuses(rank: int, world: int) -> None:
+    """Tensors whose dtype the Buffer's combine refuses are refused where they are passed: dispatch's x and non-float32
+    weights (backward combines their gradients), combine's non-float32 weights (summed by a combine of their own).
+    One rank alone passing one fails the call on every rank, and the Buffer stays usable."""
+    from deep_ep import CollectiveMismatchError
+
+    tokens, hidden, topk, experts = 4, 3, 2, 2 * world
+    w = make_workload(world, tokens, hidden, topk, experts, seed=61, dtype=torch.float32)
+    buffer = Buffer(dist.group.WORLD)
+    x, idx, weights = w.x[rank], w.topk_idx[rank], w.topk_weights[rank].clone().requires_grad_()
+    for bad_x in (x.to(torch.int8), x.to(torch.float8_e4m3fn)):
+        with pytest.raises(TypeError, match=f"x has dtype {bad_x.dtype}, but combine carries its gradient"):
+            ep.dispatch(buffer, bad_x, idx, weights, experts)
+    with pytest.raises(TypeError, match="topk_weights has dtype torch.float8_e4m3fn"):
+        ep.dispatch(buffer, x, idx, weights.detach().to(torch.float8_e4m3fn), experts)
+    last = rank == world - 1
+    with pytest.raises(TypeError if last else CollectiveMismatchError, match="x has dtype" if last else "rejected"):
+        ep.dispatch(buffer, x.to(torch.int8) if last else x, idx, weights, experts)
+
+    x64 = x.double().requires_grad_()
+    sent = ep.dispatch(buffer, x64, idx, weights.double(), experts)
+    recv_w = sent.recv_topk_weights
+    with pytest.raises(ValueError if last else CollectiveMismatchError, match="topk_weights must be" if last else None):
+        ep.combine(buffer, sent.recv_x, sent.handle, topk_weights=recv_w[:1] if last else recv_w)
+    out = ep.combine(buffer, sent.recv_x, sent.handle, topk_weights=recv_w)
+    (out.combined_x.sum() + out.combined_topk_weights.sum()).backward()
+    in_rank = buffer.get_dispatch_layout(idx, experts)[3]
+    assert_bit_equal("grad x after the errors", x64.grad, in_rank.sum(1, keepdim=True).double().expand(-1, hidden))
+    assert_bit_equal("grad topk_weights after the errors", weights.grad, (idx >= 0).float())
+
+
+def test_dtypes_combine_refuses_fail_in_forward_on_every_rank() -> None:
+    run_ranks(2, _check_dtypes_combine_refuses)
+
+
 # ---- float64 gradcheck over the whole world -------------------------------------------------------------------
 
 
