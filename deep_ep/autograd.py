@@ -32,7 +32,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .agreement import dtype_code
-from .buffer import Buffer
+from .buffer import Buffer, _once
 from .config import Config
 from .utils import EventOverlap
 
@@ -156,14 +156,16 @@ class _Dispatch(torch.autograd.Function):
         # Which received pairs are local, copied out of recv_topk_idx once it is filled (at the event's wait when
         # async): the caller owns recv_topk_idx and may rewrite it in place (say -1 -> an overflow bucket).
         local = torch.empty(recv_idx.shape, dtype=torch.bool, device=recv_idx.device)
-        after: list[Callable[[], None]] = [lambda: torch.ge(recv_idx, 0, out=local)]
+        fill_local = _once(lambda: torch.ge(recv_idx, 0, out=local))
+        after: list[Callable[[], None]] = [fill_local]
         if native:
             recv_x = recv
         else:  # the exact weights arrived whole; keep only the local pairs, as dispatch does
             recv_x, recv_w = recv
             after.append(lambda: recv_w.masked_fill_(~local, 0))
         box.handle, box.counts, box.event = handle, counts, _finish(event, options, after)
-        ctx.buffer, ctx.handle, ctx.options, ctx.native, ctx.local = buffer, handle, options, native, local
+        ctx.buffer, ctx.handle, ctx.options, ctx.native = buffer, handle, options, native
+        ctx.local, ctx.fill_local = local, fill_local
         ctx.mark_non_differentiable(recv_idx)
         return recv_x, recv_idx, recv_w
 
@@ -171,6 +173,9 @@ class _Dispatch(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_recv_x: torch.Tensor, _grad_idx: Any, grad_recv_w: torch.Tensor) -> tuple[Any, ...]:
         buffer: Buffer = ctx.buffer
+        # Usually done already; an async dispatch whose event was never waited on completes (and masks) here.
+        ctx.handle.complete()
+        ctx.fill_local()
         grad_recv_x = _dense(grad_recv_x)
         grad_recv_w = _dense(grad_recv_w.masked_fill(~ctx.local, 0))
         kwargs = ctx.options.backward_kwargs(buffer)

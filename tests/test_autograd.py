@@ -266,6 +266,14 @@ def _check_recv_topk_idx_reused(rank: int, world: int) -> None:
         (sent.recv_topk_weights * table[rank, src_rank, src_token].to(dtype)).sum().backward()
         assert_bit_equal(f"grad topk_weights ({dtype})", weights.grad, want.to(dtype))
 
+    # Nor does backward depend on the event's wait: here a combine with the handle completes the async dispatch.
+    weights = w.topk_weights[rank].clone().requires_grad_()
+    sent = ep.dispatch(buffer, w.x[rank], w.topk_idx[rank], weights, experts, async_finish=True)
+    ep.combine(buffer, sent.recv_x, sent.handle)
+    src_rank, src_token = _sources(sent.handle, rank)
+    (sent.recv_topk_weights * table[rank, src_rank, src_token].float()).sum().backward()
+    assert_bit_equal("grad topk_weights (event never waited on)", weights.grad, want.float())
+
 
 def test_rewriting_recv_topk_idx_in_place_keeps_the_weight_gradients() -> None:
     run_ranks(2, _check_recv_topk_idx_reused)
