@@ -32,7 +32,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .agreement import dtype_code
-from .buffer import Buffer
+from .buffer import Buffer, _once
 from .config import Config
 from .utils import EventOverlap
 
@@ -153,15 +153,19 @@ class _Dispatch(torch.autograd.Function):
             config=options.config,
             **options.comm_kwargs(buffer, layout_event if options.async_finish else None),
         )
-        after: list[Callable[[], None]] = []
+        # Which received pairs are local, copied out of recv_topk_idx once it is filled (at the event's wait when
+        # async): the caller owns recv_topk_idx and may rewrite it in place (say -1 -> an overflow bucket).
+        local = torch.empty(recv_idx.shape, dtype=torch.bool, device=recv_idx.device)
+        fill_local = _once(lambda: torch.ge(recv_idx, 0, out=local))
+        after: list[Callable[[], None]] = [fill_local]
         if native:
             recv_x = recv
         else:  # the exact weights arrived whole; keep only the local pairs, as dispatch does
             recv_x, recv_w = recv
-            after.append(lambda: recv_w.masked_fill_(recv_idx < 0, 0))
+            after.append(lambda: recv_w.masked_fill_(~local, 0))
         box.handle, box.counts, box.event = handle, counts, _finish(event, options, after)
         ctx.buffer, ctx.handle, ctx.options, ctx.native = buffer, handle, options, native
-        ctx.recv_idx = recv_idx  # not saved_tensors: it is filled in place when async
+        ctx.local, ctx.fill_local = local, fill_local
         ctx.mark_non_differentiable(recv_idx)
         return recv_x, recv_idx, recv_w
 
@@ -169,8 +173,11 @@ class _Dispatch(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_recv_x: torch.Tensor, _grad_idx: Any, grad_recv_w: torch.Tensor) -> tuple[Any, ...]:
         buffer: Buffer = ctx.buffer
+        # Usually done already; an async dispatch whose event was never waited on completes (and masks) here.
+        ctx.handle.complete()
+        ctx.fill_local()
         grad_recv_x = _dense(grad_recv_x)
-        grad_recv_w = _dense(grad_recv_w.masked_fill(ctx.recv_idx < 0, 0))
+        grad_recv_w = _dense(grad_recv_w.masked_fill(~ctx.local, 0))
         kwargs = ctx.options.backward_kwargs(buffer)
         if ctx.native:
             grad_x, grad_w, event = buffer.combine(grad_recv_x, ctx.handle, topk_weights=grad_recv_w, **kwargs)
@@ -283,6 +290,10 @@ def dispatch(
         if topk_weights.shape != topk_idx.shape:
             shapes = f"{list(topk_weights.shape)} but topk_idx has {list(topk_idx.shape)}"
             raise ValueError(f"topk_weights has shape {shapes}")
+        # Backward combines their gradients: a dtype combine refuses would pass forward and fail in backward.
+        _check_combinable(buffer, "x", x, "its gradient")
+        if topk_weights.dtype != torch.float32:
+            _check_combinable(buffer, "topk_weights", topk_weights, "its gradient")
     options = _Options(config, previous_event, async_finish, allocate_on_comm_stream)
     box = _Box()
     recv_x, recv_idx, recv_w = _Dispatch.apply(
@@ -327,6 +338,11 @@ def combine(
             not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point()
         ):
             raise TypeError(f"topk_weights must be None or a floating-point tensor, got {_describe(topk_weights)}")
+        if topk_weights is not None and topk_weights.dtype != torch.float32:
+            # Such weights travel as the x of a combine of their own, whose checks would call them x.
+            _check_combinable(buffer, "topk_weights", topk_weights, "it")
+            if topk_weights.dim() != 2 or topk_weights.shape[0] != x.shape[0]:
+                raise ValueError(f"topk_weights must be [{x.shape[0]}, K] (x's rows), got {list(topk_weights.shape)}")
         if bias is None:
             biases: tuple[Any, Any] = (None, None)
         elif isinstance(bias, torch.Tensor):
@@ -350,6 +366,14 @@ def _rejected_as(buffer: Buffer, op: str) -> Iterator[None]:
     except Exception:
         buffer._reject(op)
         raise
+
+
+def _check_combinable(buffer: Buffer, name: str, tensor: torch.Tensor, what: str) -> None:
+    """Refuse, before any communication, a tensor whose dtype the Buffer's combine (which carries `what`) refuses."""
+    dtypes = buffer.runtime_combine_dtypes()
+    if tensor.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} has dtype {tensor.dtype}, but combine carries {what} and takes {names}")
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:

@@ -247,6 +247,73 @@ def test_num_worst_tokens_and_errors() -> None:
     run_ranks(2, _check_worst_and_errors)
 
 
+def _check_recv_topk_idx_reused(rank: int, world: int) -> None:
+    """The caller owns recv_topk_idx: rewriting it in place (-1 -> an overflow bucket, as scatter code does) must
+    not change the weight gradients, which follow the routing (the pair's owner rank) alone."""
+    tokens, topk, experts = 6, 3, 2 * world
+    w = make_workload(world, tokens, 4, topk, experts, seed=51, routing="sparse", dtype=torch.float32)
+    buffer = Buffer(dist.group.WORLD)
+    table = _table(6, world, world, tokens, topk, dtype=torch.float64)  # [destination, source, token, k]
+    valid = w.topk_idx[rank] >= 0
+    owner = torch.where(valid, w.topk_idx[rank] // (experts // world), 0)
+    want = torch.where(valid, table[owner, rank, torch.arange(tokens).unsqueeze(1), torch.arange(topk)], 0.0)
+    for dtype, async_finish in [(torch.float32, False), (torch.float64, True)]:
+        weights = w.topk_weights[rank].to(dtype, copy=True).requires_grad_()
+        sent = ep.dispatch(buffer, w.x[rank], w.topk_idx[rank], weights, experts, async_finish=async_finish)
+        sent.event.current_stream_wait()
+        sent.recv_topk_idx.masked_fill_(sent.recv_topk_idx < 0, experts // world)
+        src_rank, src_token = _sources(sent.handle, rank)
+        (sent.recv_topk_weights * table[rank, src_rank, src_token].to(dtype)).sum().backward()
+        assert_bit_equal(f"grad topk_weights ({dtype})", weights.grad, want.to(dtype))
+
+    # Nor does backward depend on the event's wait: here a combine with the handle completes the async dispatch.
+    weights = w.topk_weights[rank].clone().requires_grad_()
+    sent = ep.dispatch(buffer, w.x[rank], w.topk_idx[rank], weights, experts, async_finish=True)
+    ep.combine(buffer, sent.recv_x, sent.handle)
+    src_rank, src_token = _sources(sent.handle, rank)
+    (sent.recv_topk_weights * table[rank, src_rank, src_token].float()).sum().backward()
+    assert_bit_equal("grad topk_weights (event never waited on)", weights.grad, want.float())
+
+
+def test_rewriting_recv_topk_idx_in_place_keeps_the_weight_gradients() -> None:
+    run_ranks(2, _check_recv_topk_idx_reused)
+
+
+def _check_dtypes_combine_refuses(rank: int, world: int) -> None:
+    """Tensors whose dtype the Buffer's combine refuses are refused where they are passed: dispatch's x and non-float32
+    weights (backward combines their gradients), combine's non-float32 weights (summed by a combine of their own).
+    One rank alone passing one fails the call on every rank, and the Buffer stays usable."""
+    from deep_ep import CollectiveMismatchError
+
+    tokens, hidden, topk, experts = 4, 3, 2, 2 * world
+    w = make_workload(world, tokens, hidden, topk, experts, seed=61, dtype=torch.float32)
+    buffer = Buffer(dist.group.WORLD)
+    x, idx, weights = w.x[rank], w.topk_idx[rank], w.topk_weights[rank].clone().requires_grad_()
+    for bad_x in (x.to(torch.int8), x.to(torch.float8_e4m3fn)):
+        with pytest.raises(TypeError, match=f"x has dtype {bad_x.dtype}, but combine carries its gradient"):
+            ep.dispatch(buffer, bad_x, idx, weights, experts)
+    with pytest.raises(TypeError, match="topk_weights has dtype torch.float8_e4m3fn"):
+        ep.dispatch(buffer, x, idx, weights.detach().to(torch.float8_e4m3fn), experts)
+    last = rank == world - 1
+    with pytest.raises(TypeError if last else CollectiveMismatchError, match="x has dtype" if last else "rejected"):
+        ep.dispatch(buffer, x.to(torch.int8) if last else x, idx, weights, experts)
+
+    x64 = x.double().requires_grad_()
+    sent = ep.dispatch(buffer, x64, idx, weights.double(), experts)
+    recv_w = sent.recv_topk_weights
+    with pytest.raises(ValueError if last else CollectiveMismatchError, match="topk_weights must be" if last else None):
+        ep.combine(buffer, sent.recv_x, sent.handle, topk_weights=recv_w[:1] if last else recv_w)
+    out = ep.combine(buffer, sent.recv_x, sent.handle, topk_weights=recv_w)
+    (out.combined_x.sum() + out.combined_topk_weights.sum()).backward()
+    in_rank = buffer.get_dispatch_layout(idx, experts)[3]
+    assert_bit_equal("grad x after the errors", x64.grad, in_rank.sum(1, keepdim=True).double().expand(-1, hidden))
+    assert_bit_equal("grad topk_weights after the errors", weights.grad, (idx >= 0).float())
+
+
+def test_dtypes_combine_refuses_fail_in_forward_on_every_rank() -> None:
+    run_ranks(2, _check_dtypes_combine_refuses)
+
+
 # ---- float64 gradcheck over the whole world -------------------------------------------------------------------
 
 
