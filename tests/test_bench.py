@@ -4,6 +4,7 @@ counts against an independent count from the routing. No timing assertions."""
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 import pytest
@@ -36,6 +37,8 @@ RECORD_FIELDS = {
     "cross_gbps",
     "raw_a2a_ms",
     "ratio_to_raw_a2a",
+    "host_ms",
+    "host_ms_rank_medians",
 }
 
 
@@ -267,6 +270,30 @@ def test_back_to_back_timing_keeps_all_but_the_first_call_of_each_burst(monkeypa
     bursts = [list(range(2, bench.BURST + 2))] * (cfg.iters // bench.BURST)
     bursts.append(list(range(2, cfg.iters % bench.BURST + 2)))
     assert samples == [float(t) for burst in bursts for t in burst]  # 23 samples; each burst's first dropped
+
+
+def test_gpu_host_issue_times_reach_the_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle GPU timing keeps the host's issuing time per call; the report carries it as host_ms (the max over ranks
+    of the per-rank medians, as time_ms), summed into the round trip; runs without host times report None."""
+    monkeypatch.setattr(bench.torch.cuda, "Event", _TickEvent)
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda device=None: None)
+    cfg = bench.BenchConfig(tokens=[8], ll_tokens=[8], iters=3, warmup=0, progress=False)
+    runner = bench.RankBench(0, 1, cfg, bench.Impl())
+    runner.device = bench.torch.device("cuda")  # the GPU path, driven by the tick clock (nothing runs on a device)
+    monkeypatch.setattr(runner, "barrier", lambda: None)
+    for op in ("dispatch_cached", "combine"):
+        ((times,),) = runner.measure([lambda: None])
+        runner.record("x", "normal", op, "bfloat16", 8, times, (10, 5), announce=False)
+    host = {r["op"]: r["host_times"] for r in runner.records}
+    rows = {r["op"]: r for r in bench.aggregate([{"records": runner.records}])}
+    for op in ("dispatch_cached", "combine"):
+        assert len(host[op]) == cfg.iters
+        assert rows[op]["host_ms"] == pytest.approx(statistics.median(host[op]) * 1e3)
+        assert rows[op]["host_ms_rank_medians"] == [rows[op]["host_ms"]]
+    trip = rows[bench.ROUND_TRIP]
+    assert trip["host_ms"] == pytest.approx(rows["dispatch_cached"]["host_ms"] + rows["combine"]["host_ms"])
+    cpu = dict(runner.records[0], host_times=None)
+    assert bench.aggregate([{"records": [cpu]}])[0]["host_ms"] is None
 
 
 def _wire_of_both_forms(rank: int, world: int) -> list:

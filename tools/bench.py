@@ -14,7 +14,7 @@ Timing: `--warmup` untimed rounds, then `--iters` timed rounds, each after a bar
 all_reduce, plus a device synchronisation on GPUs); an op and its raw baseline alternate round by round.
 CPU: time.perf_counter around the call. GPU: a pair of torch.cuda.Event around the call (the host part of
 the call counts too: the device is idle at the start event); the host's own time to issue each call is kept
-as well ("host_times" in the JSON, "(host X ms)" on rank 0's progress lines). A figure is the max over ranks
+as well ("host_ms" in the JSON, "(host X ms)" on rank 0's progress lines). A figure is the max over ranks
 of each rank's median. `--timing back-to-back` (GPUs) times as DeepEP's tests do instead: bursts of calls
 issued back to back, an event pair around each (see TIMING).
 
@@ -944,6 +944,7 @@ def aggregate(per_rank: list[dict]) -> list[dict]:
             "cross_gbps": None,
             "raw_a2a_ms": None,
             "ratio_to_raw_a2a": None,
+            **host_figures(recs),
         }
         if counted[0]["bytes"] is not None:
             each = [r["bytes"] for r in counted]
@@ -963,6 +964,16 @@ def aggregate(per_rank: list[dict]) -> list[dict]:
     records = with_round_trips(records)
     link_baselines(records)
     return records
+
+
+def host_figures(recs: list[dict]) -> dict:
+    """GPU idle timing: the host's seconds to issue each call (kept per rank by `measure`), reduced as the device
+    times are: per-rank medians and their max, in ms. None where any rank has none (CPU, back-to-back, graphs)."""
+    host = [r.get("host_times") for r in recs]
+    if not host or not all(host):
+        return {"host_ms": None, "host_ms_rank_medians": None}
+    medians = [statistics.median(h) * 1e3 for h in host]
+    return {"host_ms": max(medians), "host_ms_rank_medians": medians}
 
 
 ROUND_TRIP = "dispatch_cached+combine"
@@ -997,7 +1008,7 @@ def _summed(a: dict, b: dict) -> dict:
     out = dict(a, op=ROUND_TRIP, raw_a2a_ms=None, ratio_to_raw_a2a=None)
     for key in ("time_ms", "time_ms_rank_medians", "samples_ms_rank0", "bytes_per_rank", "bytes_each_rank",
                 "cross_bytes_per_rank", "cross_bytes_each_rank", "wire_cross_bytes_per_rank",
-                "wire_cross_bytes_each_rank"):  # fmt: skip
+                "wire_cross_bytes_each_rank", "host_ms", "host_ms_rank_medians"):  # fmt: skip
         out[key] = add(key)
     seconds = out["time_ms"] / 1e3
     out["gbps"] = out["bytes_per_rank"] / seconds / 1e9 if out["bytes_per_rank"] and seconds > 0 else None
