@@ -173,6 +173,19 @@ def test_a_merge_shows_every_report_and_keeps_every_source(report: dict) -> None
     assert sorted({r["source"] for r in again["records"]}) == [0, 1, 2]
 
 
+def _config(argv: list[str]) -> bench.BenchConfig:
+    parser = bench.build_parser()
+    return bench.config_from_args(parser.parse_args(argv), parser)
+
+
+def test_back_to_back_timing_is_refused_without_gpu_ranks(capsys: pytest.CaptureFixture) -> None:
+    # A CPU world is timed call by call after barriers; a report saying "back-to-back" would misstate its method.
+    with pytest.raises(SystemExit) as exit_info:
+        _config(["--timing", "back-to-back"])
+    assert exit_info.value.code == 2 and "--dist-backend nccl" in capsys.readouterr().err
+    assert _config(["--timing", "back-to-back", "--dist-backend", "nccl"]).timing == "back-to-back"
+
+
 def test_repeated_sizes_run_once() -> None:
     assert bench._int_list(["32", "64,32", "128"]) == [32, 64, 128]
 

@@ -1373,6 +1373,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error(f"--hidden={args.hidden} must be a multiple of 128 for fp8")
     if min(tokens + ll_tokens) < 1 or args.iters < 1 or args.warmup < 0:
         parser.error("--tokens/--ll-tokens must be >= 1, --iters >= 1, --warmup >= 0")
+    if args.timing == "back-to-back" and (args.dist_backend or "gloo") != "nccl":
+        # Only GPU ranks have a device clock to time bursts with; a CPU world would be timed idle but labelled so.
+        parser.error("--timing back-to-back needs GPU ranks (--dist-backend nccl)")
     return BenchConfig(
         tokens=tokens,
         ll_tokens=ll_tokens,
