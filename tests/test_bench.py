@@ -186,6 +186,37 @@ def test_back_to_back_timing_is_refused_without_gpu_ranks(capsys: pytest.Capture
     assert _config(["--timing", "back-to-back", "--dist-backend", "nccl"]).timing == "back-to-back"
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tokens", "64,abc"], "--tokens 64,abc: give whole numbers"),
+        (["--ll-tokens", "1.5"], "--ll-tokens 1.5: give whole numbers"),
+        (["--hidden", "0"], "--hidden and --experts must be >= 1"),
+        (["--experts", "0", "--topk", "0"], "--hidden and --experts must be >= 1"),
+        (["--topk", "-1"], "--topk >= 0"),
+        (["--drop", "1.5"], "--drop=1.5 is not a fraction"),
+        (["--drop", "-0.1"], "--drop=-0.1 is not a fraction"),
+        (["--ranks", "0"], "the group size must be >= 1"),
+        (["--num-sms", "0"], "--num-sms=0 must be >= 1"),
+    ],
+)
+def test_impossible_arguments_are_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _config(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_merge_of_a_missing_or_foreign_file_is_a_usage_error(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    foreign, broken = tmp_path / "foreign.json", tmp_path / "broken.json"
+    foreign.write_text('{"records": []}')
+    broken.write_text("{")
+    for path, message in ((tmp_path / "missing.json", "No such file"), (foreign, "not a"), (broken, "Expecting")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--merge", str(path)])
+        assert exit_info.value.code == 2 and f"--merge {path}: " in (err := capsys.readouterr().err), err
+        assert message in err
+
+
 def test_repeated_sizes_run_once() -> None:
     assert bench._int_list(["32", "64,32", "128"]) == [32, 64, 128]
 

@@ -1355,6 +1355,45 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     return parser
 
 
+def _sizes(values: list[str], option: str, parser: argparse.ArgumentParser) -> list[int]:
+    """_int_list, with a usage error (not a traceback) for a value that is not a whole number."""
+    try:
+        return _int_list(values)
+    except ValueError:
+        parser.error(f"{option} {' '.join(values)}: give whole numbers, space- or comma-separated")
+
+
+def _check_shape(args: argparse.Namespace, ranks: int, parser: argparse.ArgumentParser) -> None:
+    """Usage errors for a workload no run could have (instead of a rank's traceback or a silent clamp)."""
+    if ranks < 1:
+        parser.error(f"the group size must be >= 1, not {ranks}")
+    if args.hidden < 1 or args.experts < 1 or args.topk < 0:
+        parser.error("--hidden and --experts must be >= 1, --topk >= 0")
+    if args.experts % ranks:
+        parser.error(f"--experts={args.experts} is not divisible by the group size {ranks}")
+    if args.topk > args.experts:
+        parser.error(f"--topk={args.topk} > --experts={args.experts}")
+    if not 0.0 <= args.drop <= 1.0:
+        parser.error(f"--drop={args.drop} is not a fraction in [0, 1]")
+    if args.num_sms is not None and args.num_sms < 1:
+        parser.error(f"--num-sms={args.num_sms} must be >= 1")
+
+
+def load_reports(paths: list[str], parser: argparse.ArgumentParser) -> list[dict]:
+    """The reports to merge; a missing, unreadable or foreign file is a usage error that names it."""
+    reports = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+        except (OSError, ValueError) as error:
+            parser.error(f"--merge {path}: {error}")
+        if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+            parser.error(f"--merge {path}: not a {SCHEMA} report")
+        reports.append(report)
+    return reports
+
+
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchConfig:
     dtypes = []
     for name in args.dtype:
@@ -1362,13 +1401,10 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             parser.error(f"--dtype {name!r}: choose from bfloat16 (bf16), fp8")
         if _DTYPE_ALIASES[name] not in dtypes:
             dtypes.append(_DTYPE_ALIASES[name])
-    tokens = _int_list(args.tokens)
-    ll_tokens = _int_list(args.ll_tokens) if args.ll_tokens else list(tokens)
+    tokens = _sizes(args.tokens, "--tokens", parser)
+    ll_tokens = _sizes(args.ll_tokens, "--ll-tokens", parser) if args.ll_tokens else list(tokens)
     ranks = int(os.environ["WORLD_SIZE"]) if args.launcher == "torchrun" else args.ranks
-    if ranks < 1 or args.experts % ranks:
-        parser.error(f"--experts={args.experts} is not divisible by the group size {ranks}")
-    if args.topk > args.experts:
-        parser.error(f"--topk={args.topk} > --experts={args.experts}")
+    _check_shape(args, ranks, parser)
     if "fp8" in dtypes and args.hidden % 128:
         parser.error(f"--hidden={args.hidden} must be a multiple of 128 for fp8")
     if min(tokens + ll_tokens) < 1 or args.iters < 1 or args.warmup < 0:
@@ -1430,11 +1466,7 @@ def main(
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.merge:
-        reports = []
-        for path in args.merge:
-            with open(path, encoding="utf-8") as f:
-                reports.append(json.load(f))
-        emit(merge_reports(reports), args)
+        emit(merge_reports(load_reports(args.merge, parser)), args)
         return 0
     cfg = config_from_args(args, parser)
     impl = impl or DeepEPPortable(
