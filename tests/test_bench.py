@@ -231,6 +231,16 @@ def test_kernel_time_rows_count_every_ranks_bytes() -> None:
     assert rows["kernels dispatch"]["bytes_per_rank"] == rows["dispatch"]["bytes_per_rank"] == 200
 
 
+def test_a_round_trip_of_no_bytes_has_a_rate_of_zero_as_its_parts() -> None:
+    # Every selection dropped (or one rank's cross bytes): 0 GB/s in every row, the summed round trip's included.
+    def rec(op: str) -> dict:
+        return dict(impl="x", mode="normal", op=op, dtype="bfloat16", tokens=8, times=[0.001], bytes=0, cross_bytes=0)
+
+    rows = {r["op"]: r for r in bench.aggregate([{"records": [rec("dispatch_cached"), rec("combine")]}])}
+    for op in ("dispatch_cached", "combine", bench.ROUND_TRIP):
+        assert rows[op]["gbps"] == 0.0 and rows[op]["cross_gbps"] == 0.0, op
+
+
 def test_plot_is_optional(report: dict, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: a message, no file, no error
     path = tmp_path / "plot.png"

@@ -954,8 +954,8 @@ def aggregate(per_rank: list[dict]) -> list[dict]:
                 bytes_each_rank=each,
                 cross_bytes_per_rank=sum(cross) / len(cross),
                 cross_bytes_each_rank=cross,
-                gbps=sum(each) / len(each) / time_s / 1e9 if time_s > 0 else None,
-                cross_gbps=sum(cross) / len(cross) / time_s / 1e9 if time_s > 0 else None,
+                gbps=_gbps(sum(each) / len(each), time_s),
+                cross_gbps=_gbps(sum(cross) / len(cross), time_s),
             )
         wire = [r.get("wire_bytes") for r in recs]
         if all(w is not None for w in wire):
@@ -1011,9 +1011,14 @@ def _summed(a: dict, b: dict) -> dict:
                 "wire_cross_bytes_each_rank", "host_ms", "host_ms_rank_medians"):  # fmt: skip
         out[key] = add(key)
     seconds = out["time_ms"] / 1e3
-    out["gbps"] = out["bytes_per_rank"] / seconds / 1e9 if out["bytes_per_rank"] and seconds > 0 else None
-    out["cross_gbps"] = out["cross_bytes_per_rank"] / seconds / 1e9 if out["cross_bytes_per_rank"] and seconds else None
+    out["gbps"] = _gbps(out["bytes_per_rank"], seconds)
+    out["cross_gbps"] = _gbps(out["cross_bytes_per_rank"], seconds)
     return out
+
+
+def _gbps(nbytes: float | None, seconds: float) -> float | None:
+    """GB/s (1e9 bytes/s): 0.0 for no bytes (nothing routed, one rank's cross bytes), None without a count."""
+    return None if nbytes is None or seconds <= 0 else nbytes / seconds / 1e9
 
 
 def _baseline_key(rec: dict) -> tuple | None:
