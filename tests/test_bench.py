@@ -241,6 +241,18 @@ def test_a_round_trip_of_no_bytes_has_a_rate_of_zero_as_its_parts() -> None:
         assert rows[op]["gbps"] == 0.0 and rows[op]["cross_gbps"] == 0.0, op
 
 
+def test_progress_total_counts_the_gpu_only_rows() -> None:
+    # docs/results/2026-11-22-h200-session10/run10b/cuda.txt printed "[ 12/4]": graph and kernel rows not counted.
+    cfg = bench.BenchConfig(tokens=[8], ll_tokens=[8, 16], mode="ll", dtypes=["bfloat16", "fp8"])
+    cfg.ll_graph = cfg.ll_kernel_times = True
+    sizes = len(cfg.ll_tokens) * len(cfg.dtypes)
+    assert cfg.num_steps(gpu=False) == sizes * 2  # the pair, ours and the raw one's; GPU-only rows never run
+    assert cfg.num_steps(gpu=True, op_alone=True) == sizes * (2 + 3 + 2)  # + graph pair, graph ops, kernel ops
+    assert cfg.num_steps(gpu=True, op_alone=False) == sizes * (2 + 1 + 2)  # upstream DeepEP: the pair's graph only
+    cfg.mode = "normal"
+    assert cfg.num_steps(gpu=True) == 1 + 3 * 2 + 2  # layout; fresh, cached, raw per dtype; combine and its raw
+
+
 def test_plot_is_optional(report: dict, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: a message, no file, no error
     path = tmp_path / "plot.png"

@@ -284,12 +284,19 @@ class BenchConfig:
     def modes(self) -> list[str]:
         return ["normal", "ll"] if self.mode == "all" else [self.mode]
 
-    def num_steps(self) -> int:
+    def num_steps(self, gpu: bool = False, op_alone: bool = True) -> int:
+        """Progress lines a run prints: every announced record (on GPUs the graph and kernel rows too; a graph
+        that fails to capture prints none, so this is then an upper bound)."""
         steps = 0
         if "normal" in self.modes:
             steps += len(self.tokens) * (1 + 3 * len(self.dtypes) + 2)
         if "ll" in self.modes:
-            steps += len(self.ll_tokens) * 2 * len(self.dtypes)
+            per_size = 2  # the pair, ours and the raw baseline's
+            if gpu and self.ll_graph:
+                per_size += 3 if op_alone else 1  # graph dispatch+combine, and each op alone where allowed
+            if gpu and self.ll_kernel_times:
+                per_size += 2  # kernels dispatch, kernels combine
+            steps += len(self.ll_tokens) * per_size * len(self.dtypes)
         return steps
 
 
@@ -416,9 +423,9 @@ class RankBench:
             return
         self.step += 1
         if self.cfg.progress and self.rank == 0:
-            total = self.cfg.num_steps()
+            total = self.cfg.num_steps(self.device.type == "cuda", self.impl.ll_op_alone_capturable)
             print(
-                f"[{self.step:>3}/{total}] {impl:<24} {mode:<6} {op:<16} {dtype:<8} tokens={tokens:<6} "
+                f"[{self.step:>3}/{total}] {impl:<24} {mode:<6} {op:<22} {dtype:<8} tokens={tokens:<6} "
                 f"rank-0 median {statistics.median(times) * 1e3:9.3f} ms"
                 + (f" (host {statistics.median(host) * 1e3:.3f} ms)" if (host := self.host_seconds(times)) else ""),
                 file=sys.stderr,
