@@ -158,6 +158,15 @@ def test_table_and_merge(report: dict) -> None:
     assert "deep_ep:reference" in text and "dispatch+combine" in text
 
 
+def test_markdown_puts_each_source_and_the_legend_on_its_own_list_item(report: dict) -> None:
+    # Plain consecutive lines would render as one run-on paragraph; a bare '*' footnote as an empty list item.
+    other = dict(report, records=[dict(r, bytes_per_rank=1.0) for r in report["records"]])
+    text = bench.format_table(bench.merge_reports([report, other]), markdown=True)
+    head = text.split("\n\n")[0].splitlines()
+    assert len(head) == 3 and all(line.startswith("- ") for line in head), head  # two sources, the legend
+    assert "A = " in head[-1] and "\n\\* the implementations moved different byte counts" in text
+
+
 def test_a_merge_shows_every_report_and_keeps_every_source(report: dict) -> None:
     # Two reports of one program: each keeps its own columns (its implementation and its own raw baseline).
     slower = dict(report, records=[dict(r, time_ms=r["time_ms"] * 2) for r in report["records"]])

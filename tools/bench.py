@@ -1189,8 +1189,10 @@ def format_table(report: dict, markdown: bool = False) -> str:
         if i == 0:
             text.append("-" * len(text[0]))
     legend = [f"{letter} = {name}" for letter, name in zip(letters, names)]
-    if markdown:
-        legend = [", ".join(legend)]
+    heading = _describe(report)
+    if markdown:  # one list item per source and the legend: plain lines would run into one paragraph
+        heading = [f"- {line}" for line in heading + [", ".join(legend)]]
+        legend = []
     notes = (
         "bytes/rank: DeepEP's accounting (received rows incl. own rank; LL: selections x message bytes), mean over "
         "ranks; cross/rank: the part between different ranks; ms: max over ranks of the per-rank median; "
@@ -1198,8 +1200,9 @@ def format_table(report: dict, markdown: bool = False) -> str:
         "all-to-all calls sent to other ranks per rank ('-': not through torch.distributed)."
     )
     if differing:
-        notes += "\n* the implementations moved different byte counts here (different workloads?); the first is shown."
-    return "\n".join(_describe(report) + legend + [""] + text + ["", notes])
+        star = "\\*" if markdown else "*"  # a bare '*' would open a Markdown list item and vanish
+        notes += f"\n{star} the implementations moved different byte counts here (different workloads?); first shown."
+    return "\n".join(heading + legend + [""] + text + ["", notes])
 
 
 def _describe(report: dict) -> list[str]:
