@@ -292,6 +292,27 @@ def test_timeline_of_a_trace() -> None:
     assert "busy 500 us (idle 150)" in bench.timeline(trace).splitlines()[1]
 
 
+def test_timeline_gives_each_op_to_the_call_that_issued_it() -> None:
+    """A device that lags the host: call 0's kernel starts after call 1 began. (docs/results/2026-11-22-4xh200-
+    session6/receiver-copy-experiment/profile_sms20.txt read 'call 1: ..., no GPU operation' and listed call 1's
+    kernel under call 2, issued at -61 us.)"""
+    trace = [
+        {"name": bench.CALL_MARK, "cat": "user_annotation", "ts": 0, "dur": 10},
+        {"name": "cudaLaunchKernel", "cat": "cuda_runtime", "ts": 5, "dur": 1, "args": {"correlation": 1}},
+        {"name": bench.CALL_MARK, "cat": "user_annotation", "ts": 20, "dur": 10},
+        {"name": "cudaLaunchKernel", "cat": "cuda_runtime", "ts": 25, "dur": 1, "args": {"correlation": 2}},
+        {"name": "first", "cat": "kernel", "ts": 30, "dur": 100, "args": {"correlation": 1}},
+        {"name": "second", "cat": "kernel", "ts": 130, "dur": 100, "args": {"correlation": 2}},
+    ]
+    lines = bench.timeline(trace).splitlines()
+    calls = [line for line in lines if line.startswith("call ")]
+    assert calls == [
+        "call 0: host 10 us; first GPU op at +30; GPU span 100 us, busy 100 us (idle 0); done at +130",
+        "call 1: host 10 us; first GPU op at +110; GPU span 100 us, busy 100 us (idle 0); done at +210",
+    ]
+    assert lines[2].split() == ["+5", "+30", "100.0", "first"] and lines[4].split() == ["+5", "+110", "100.0", "second"]
+
+
 def test_device_time_per_range_sums_the_ops_each_range_issued() -> None:
     """Kernels count toward the range whose host span holds their launch, wherever they run on the device:
     the dispatch's second kernel runs after the combine range began, and a graph launch issues two kernels."""

@@ -880,7 +880,8 @@ def device_time_per_range(trace: dict) -> dict[str, list[float]]:
 def timeline(trace: dict) -> str:
     """Per profiled call (a CALL_MARK range in a torch.profiler Chrome trace): how long the host took to issue
     it, when its first GPU operation started relative to the call's start, how long its GPU operations span
-    and how much of that span the GPU was busy, and each operation's start and duration in order."""
+    and how much of that span the GPU was busy, and each operation's start and duration in order. An operation
+    counts for the call whose host range issued it (by correlation id), wherever it ran on the device."""
     events = trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
     marks = sorted(
         (e for e in events if e.get("name") == CALL_MARK and e.get("cat") == "user_annotation"), key=lambda e: e["ts"]
@@ -899,7 +900,9 @@ def timeline(trace: dict) -> str:
     for i, mark in enumerate(marks):
         begin = mark["ts"]
         end = marks[i + 1]["ts"] if i + 1 < len(marks) else float("inf")
-        mine = [e for e in ops if begin <= e["ts"] < end]
+        # An op belongs to the call that issued it; calls are not synchronised, so a device that lags the host
+        # starts one call's ops after the next call began. The device start decides only where no issue is known.
+        mine = [e for e in ops if begin <= issued.get(e.get("args", {}).get("correlation"), e["ts"]) < end]
         if not mine:
             lines.append(f"call {i}: host {mark['dur']:.0f} us, no GPU operation")
             continue
