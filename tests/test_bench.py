@@ -215,6 +215,13 @@ def test_impossible_arguments_are_usage_errors(argv: list[str], message: str, ca
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_torchrun_launcher_outside_torchrun_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        _config(["--launcher", "torchrun"])
+    assert exit_info.value.code == 2 and "WORLD_SIZE is not set" in capsys.readouterr().err
+
+
 def test_merge_of_a_missing_or_foreign_file_is_a_usage_error(tmp_path, capsys: pytest.CaptureFixture) -> None:
     foreign, broken = tmp_path / "foreign.json", tmp_path / "broken.json"
     foreign.write_text('{"records": []}')

@@ -1421,6 +1421,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             dtypes.append(_DTYPE_ALIASES[name])
     tokens = _sizes(args.tokens, "--tokens", parser)
     ll_tokens = _sizes(args.ll_tokens, "--ll-tokens", parser) if args.ll_tokens else list(tokens)
+    if args.launcher == "torchrun" and "WORLD_SIZE" not in os.environ:
+        parser.error("--launcher torchrun: run under torchrun (WORLD_SIZE is not set), or use --launcher local")
     ranks = int(os.environ["WORLD_SIZE"]) if args.launcher == "torchrun" else args.ranks
     _check_shape(args, ranks, parser)
     if "fp8" in dtypes and args.hidden % 128:
