@@ -4,6 +4,7 @@ counts against an independent count from the routing. No timing assertions."""
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 import pytest
@@ -36,6 +37,8 @@ RECORD_FIELDS = {
     "cross_gbps",
     "raw_a2a_ms",
     "ratio_to_raw_a2a",
+    "host_ms",
+    "host_ms_rank_medians",
 }
 
 
@@ -155,6 +158,15 @@ def test_table_and_merge(report: dict) -> None:
     assert "deep_ep:reference" in text and "dispatch+combine" in text
 
 
+def test_markdown_puts_each_source_and_the_legend_on_its_own_list_item(report: dict) -> None:
+    # Plain consecutive lines would render as one run-on paragraph; a bare '*' footnote as an empty list item.
+    other = dict(report, records=[dict(r, bytes_per_rank=1.0) for r in report["records"]])
+    text = bench.format_table(bench.merge_reports([report, other]), markdown=True)
+    head = text.split("\n\n")[0].splitlines()
+    assert len(head) == 3 and all(line.startswith("- ") for line in head), head  # two sources, the legend
+    assert "A = " in head[-1] and "\n\\* the implementations moved different byte counts" in text
+
+
 def test_a_merge_shows_every_report_and_keeps_every_source(report: dict) -> None:
     # Two reports of one program: each keeps its own columns (its implementation and its own raw baseline).
     slower = dict(report, records=[dict(r, time_ms=r["time_ms"] * 2) for r in report["records"]])
@@ -170,6 +182,57 @@ def test_a_merge_shows_every_report_and_keeps_every_source(report: dict) -> None
     assert sorted({r["source"] for r in again["records"]}) == [0, 1, 2]
 
 
+def _config(argv: list[str]) -> bench.BenchConfig:
+    parser = bench.build_parser()
+    return bench.config_from_args(parser.parse_args(argv), parser)
+
+
+def test_back_to_back_timing_is_refused_without_gpu_ranks(capsys: pytest.CaptureFixture) -> None:
+    # A CPU world is timed call by call after barriers; a report saying "back-to-back" would misstate its method.
+    with pytest.raises(SystemExit) as exit_info:
+        _config(["--timing", "back-to-back"])
+    assert exit_info.value.code == 2 and "--dist-backend nccl" in capsys.readouterr().err
+    assert _config(["--timing", "back-to-back", "--dist-backend", "nccl"]).timing == "back-to-back"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tokens", "64,abc"], "--tokens 64,abc: give whole numbers"),
+        (["--ll-tokens", "1.5"], "--ll-tokens 1.5: give whole numbers"),
+        (["--hidden", "0"], "--hidden and --experts must be >= 1"),
+        (["--experts", "0", "--topk", "0"], "--hidden and --experts must be >= 1"),
+        (["--topk", "-1"], "--topk >= 0"),
+        (["--drop", "1.5"], "--drop=1.5 is not a fraction"),
+        (["--drop", "-0.1"], "--drop=-0.1 is not a fraction"),
+        (["--ranks", "0"], "the group size must be >= 1"),
+        (["--num-sms", "0"], "--num-sms=0 must be >= 1"),
+    ],
+)
+def test_impossible_arguments_are_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _config(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_torchrun_launcher_outside_torchrun_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        _config(["--launcher", "torchrun"])
+    assert exit_info.value.code == 2 and "WORLD_SIZE is not set" in capsys.readouterr().err
+
+
+def test_merge_of_a_missing_or_foreign_file_is_a_usage_error(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    foreign, broken = tmp_path / "foreign.json", tmp_path / "broken.json"
+    foreign.write_text('{"records": []}')
+    broken.write_text("{")
+    for path, message in ((tmp_path / "missing.json", "No such file"), (foreign, "not a"), (broken, "Expecting")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--merge", str(path)])
+        assert exit_info.value.code == 2 and f"--merge {path}: " in (err := capsys.readouterr().err), err
+        assert message in err
+
+
 def test_repeated_sizes_run_once() -> None:
     assert bench._int_list(["32", "64,32", "128"]) == [32, 64, 128]
 
@@ -182,6 +245,28 @@ def test_kernel_time_rows_count_every_ranks_bytes() -> None:
     ranks = [{"records": [rec("dispatch", 100), rec("kernels dispatch", 100)]}, {"records": [rec("dispatch", 300)]}]
     rows = {r["op"]: r for r in bench.aggregate(ranks)}
     assert rows["kernels dispatch"]["bytes_per_rank"] == rows["dispatch"]["bytes_per_rank"] == 200
+
+
+def test_a_round_trip_of_no_bytes_has_a_rate_of_zero_as_its_parts() -> None:
+    # Every selection dropped (or one rank's cross bytes): 0 GB/s in every row, the summed round trip's included.
+    def rec(op: str) -> dict:
+        return dict(impl="x", mode="normal", op=op, dtype="bfloat16", tokens=8, times=[0.001], bytes=0, cross_bytes=0)
+
+    rows = {r["op"]: r for r in bench.aggregate([{"records": [rec("dispatch_cached"), rec("combine")]}])}
+    for op in ("dispatch_cached", "combine", bench.ROUND_TRIP):
+        assert rows[op]["gbps"] == 0.0 and rows[op]["cross_gbps"] == 0.0, op
+
+
+def test_progress_total_counts_the_gpu_only_rows() -> None:
+    # docs/results/2026-11-22-h200-session10/run10b/cuda.txt printed "[ 12/4]": graph and kernel rows not counted.
+    cfg = bench.BenchConfig(tokens=[8], ll_tokens=[8, 16], mode="ll", dtypes=["bfloat16", "fp8"])
+    cfg.ll_graph = cfg.ll_kernel_times = True
+    sizes = len(cfg.ll_tokens) * len(cfg.dtypes)
+    assert cfg.num_steps(gpu=False) == sizes * 2  # the pair, ours and the raw one's; GPU-only rows never run
+    assert cfg.num_steps(gpu=True, op_alone=True) == sizes * (2 + 3 + 2)  # + graph pair, graph ops, kernel ops
+    assert cfg.num_steps(gpu=True, op_alone=False) == sizes * (2 + 1 + 2)  # upstream DeepEP: the pair's graph only
+    cfg.mode = "normal"
+    assert cfg.num_steps(gpu=True) == 1 + 3 * 2 + 2  # layout; fresh, cached, raw per dtype; combine and its raw
 
 
 def test_plot_is_optional(report: dict, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,6 +297,27 @@ def test_timeline_of_a_trace() -> None:
     gap = {"name": "late", "cat": "kernel", "ts": 1700, "dur": 50}
     trace["traceEvents"].append(gap)
     assert "busy 500 us (idle 150)" in bench.timeline(trace).splitlines()[1]
+
+
+def test_timeline_gives_each_op_to_the_call_that_issued_it() -> None:
+    """A device that lags the host: call 0's kernel starts after call 1 began. (docs/results/2026-11-22-4xh200-
+    session6/receiver-copy-experiment/profile_sms20.txt read 'call 1: ..., no GPU operation' and listed call 1's
+    kernel under call 2, issued at -61 us.)"""
+    trace = [
+        {"name": bench.CALL_MARK, "cat": "user_annotation", "ts": 0, "dur": 10},
+        {"name": "cudaLaunchKernel", "cat": "cuda_runtime", "ts": 5, "dur": 1, "args": {"correlation": 1}},
+        {"name": bench.CALL_MARK, "cat": "user_annotation", "ts": 20, "dur": 10},
+        {"name": "cudaLaunchKernel", "cat": "cuda_runtime", "ts": 25, "dur": 1, "args": {"correlation": 2}},
+        {"name": "first", "cat": "kernel", "ts": 30, "dur": 100, "args": {"correlation": 1}},
+        {"name": "second", "cat": "kernel", "ts": 130, "dur": 100, "args": {"correlation": 2}},
+    ]
+    lines = bench.timeline(trace).splitlines()
+    calls = [line for line in lines if line.startswith("call ")]
+    assert calls == [
+        "call 0: host 10 us; first GPU op at +30; GPU span 100 us, busy 100 us (idle 0); done at +130",
+        "call 1: host 10 us; first GPU op at +110; GPU span 100 us, busy 100 us (idle 0); done at +210",
+    ]
+    assert lines[2].split() == ["+5", "+30", "100.0", "first"] and lines[4].split() == ["+5", "+110", "100.0", "second"]
 
 
 def test_device_time_per_range_sums_the_ops_each_range_issued() -> None:
@@ -267,6 +373,30 @@ def test_back_to_back_timing_keeps_all_but_the_first_call_of_each_burst(monkeypa
     bursts = [list(range(2, bench.BURST + 2))] * (cfg.iters // bench.BURST)
     bursts.append(list(range(2, cfg.iters % bench.BURST + 2)))
     assert samples == [float(t) for burst in bursts for t in burst]  # 23 samples; each burst's first dropped
+
+
+def test_gpu_host_issue_times_reach_the_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle GPU timing keeps the host's issuing time per call; the report carries it as host_ms (the max over ranks
+    of the per-rank medians, as time_ms), summed into the round trip; runs without host times report None."""
+    monkeypatch.setattr(bench.torch.cuda, "Event", _TickEvent)
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda device=None: None)
+    cfg = bench.BenchConfig(tokens=[8], ll_tokens=[8], iters=3, warmup=0, progress=False)
+    runner = bench.RankBench(0, 1, cfg, bench.Impl())
+    runner.device = bench.torch.device("cuda")  # the GPU path, driven by the tick clock (nothing runs on a device)
+    monkeypatch.setattr(runner, "barrier", lambda: None)
+    for op in ("dispatch_cached", "combine"):
+        ((times,),) = runner.measure([lambda: None])
+        runner.record("x", "normal", op, "bfloat16", 8, times, (10, 5), announce=False)
+    host = {r["op"]: r["host_times"] for r in runner.records}
+    rows = {r["op"]: r for r in bench.aggregate([{"records": runner.records}])}
+    for op in ("dispatch_cached", "combine"):
+        assert len(host[op]) == cfg.iters
+        assert rows[op]["host_ms"] == pytest.approx(statistics.median(host[op]) * 1e3)
+        assert rows[op]["host_ms_rank_medians"] == [rows[op]["host_ms"]]
+    trip = rows[bench.ROUND_TRIP]
+    assert trip["host_ms"] == pytest.approx(rows["dispatch_cached"]["host_ms"] + rows["combine"]["host_ms"])
+    cpu = dict(runner.records[0], host_times=None)
+    assert bench.aggregate([{"records": [cpu]}])[0]["host_ms"] is None
 
 
 def _wire_of_both_forms(rank: int, world: int) -> list:

@@ -14,7 +14,7 @@ Timing: `--warmup` untimed rounds, then `--iters` timed rounds, each after a bar
 all_reduce, plus a device synchronisation on GPUs); an op and its raw baseline alternate round by round.
 CPU: time.perf_counter around the call. GPU: a pair of torch.cuda.Event around the call (the host part of
 the call counts too: the device is idle at the start event); the host's own time to issue each call is kept
-as well ("host_times" in the JSON, "(host X ms)" on rank 0's progress lines). A figure is the max over ranks
+as well ("host_ms" in the JSON, "(host X ms)" on rank 0's progress lines). A figure is the max over ranks
 of each rank's median. `--timing back-to-back` (GPUs) times as DeepEP's tests do instead: bursts of calls
 issued back to back, an event pair around each (see TIMING).
 
@@ -284,12 +284,19 @@ class BenchConfig:
     def modes(self) -> list[str]:
         return ["normal", "ll"] if self.mode == "all" else [self.mode]
 
-    def num_steps(self) -> int:
+    def num_steps(self, gpu: bool = False, op_alone: bool = True) -> int:
+        """Progress lines a run prints: every announced record (on GPUs the graph and kernel rows too; a graph
+        that fails to capture prints none, so this is then an upper bound)."""
         steps = 0
         if "normal" in self.modes:
             steps += len(self.tokens) * (1 + 3 * len(self.dtypes) + 2)
         if "ll" in self.modes:
-            steps += len(self.ll_tokens) * 2 * len(self.dtypes)
+            per_size = 2  # the pair, ours and the raw baseline's
+            if gpu and self.ll_graph:
+                per_size += 3 if op_alone else 1  # graph dispatch+combine, and each op alone where allowed
+            if gpu and self.ll_kernel_times:
+                per_size += 2  # kernels dispatch, kernels combine
+            steps += len(self.ll_tokens) * per_size * len(self.dtypes)
         return steps
 
 
@@ -416,9 +423,9 @@ class RankBench:
             return
         self.step += 1
         if self.cfg.progress and self.rank == 0:
-            total = self.cfg.num_steps()
+            total = self.cfg.num_steps(self.device.type == "cuda", self.impl.ll_op_alone_capturable)
             print(
-                f"[{self.step:>3}/{total}] {impl:<24} {mode:<6} {op:<16} {dtype:<8} tokens={tokens:<6} "
+                f"[{self.step:>3}/{total}] {impl:<24} {mode:<6} {op:<22} {dtype:<8} tokens={tokens:<6} "
                 f"rank-0 median {statistics.median(times) * 1e3:9.3f} ms"
                 + (f" (host {statistics.median(host) * 1e3:.3f} ms)" if (host := self.host_seconds(times)) else ""),
                 file=sys.stderr,
@@ -873,7 +880,8 @@ def device_time_per_range(trace: dict) -> dict[str, list[float]]:
 def timeline(trace: dict) -> str:
     """Per profiled call (a CALL_MARK range in a torch.profiler Chrome trace): how long the host took to issue
     it, when its first GPU operation started relative to the call's start, how long its GPU operations span
-    and how much of that span the GPU was busy, and each operation's start and duration in order."""
+    and how much of that span the GPU was busy, and each operation's start and duration in order. An operation
+    counts for the call whose host range issued it (by correlation id), wherever it ran on the device."""
     events = trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
     marks = sorted(
         (e for e in events if e.get("name") == CALL_MARK and e.get("cat") == "user_annotation"), key=lambda e: e["ts"]
@@ -892,7 +900,9 @@ def timeline(trace: dict) -> str:
     for i, mark in enumerate(marks):
         begin = mark["ts"]
         end = marks[i + 1]["ts"] if i + 1 < len(marks) else float("inf")
-        mine = [e for e in ops if begin <= e["ts"] < end]
+        # An op belongs to the call that issued it; calls are not synchronised, so a device that lags the host
+        # starts one call's ops after the next call began. The device start decides only where no issue is known.
+        mine = [e for e in ops if begin <= issued.get(e.get("args", {}).get("correlation"), e["ts"]) < end]
         if not mine:
             lines.append(f"call {i}: host {mark['dur']:.0f} us, no GPU operation")
             continue
@@ -944,6 +954,7 @@ def aggregate(per_rank: list[dict]) -> list[dict]:
             "cross_gbps": None,
             "raw_a2a_ms": None,
             "ratio_to_raw_a2a": None,
+            **host_figures(recs),
         }
         if counted[0]["bytes"] is not None:
             each = [r["bytes"] for r in counted]
@@ -953,8 +964,8 @@ def aggregate(per_rank: list[dict]) -> list[dict]:
                 bytes_each_rank=each,
                 cross_bytes_per_rank=sum(cross) / len(cross),
                 cross_bytes_each_rank=cross,
-                gbps=sum(each) / len(each) / time_s / 1e9 if time_s > 0 else None,
-                cross_gbps=sum(cross) / len(cross) / time_s / 1e9 if time_s > 0 else None,
+                gbps=_gbps(sum(each) / len(each), time_s),
+                cross_gbps=_gbps(sum(cross) / len(cross), time_s),
             )
         wire = [r.get("wire_bytes") for r in recs]
         if all(w is not None for w in wire):
@@ -963,6 +974,16 @@ def aggregate(per_rank: list[dict]) -> list[dict]:
     records = with_round_trips(records)
     link_baselines(records)
     return records
+
+
+def host_figures(recs: list[dict]) -> dict:
+    """GPU idle timing: the host's seconds to issue each call (kept per rank by `measure`), reduced as the device
+    times are: per-rank medians and their max, in ms. None where any rank has none (CPU, back-to-back, graphs)."""
+    host = [r.get("host_times") for r in recs]
+    if not host or not all(host):
+        return {"host_ms": None, "host_ms_rank_medians": None}
+    medians = [statistics.median(h) * 1e3 for h in host]
+    return {"host_ms": max(medians), "host_ms_rank_medians": medians}
 
 
 ROUND_TRIP = "dispatch_cached+combine"
@@ -997,12 +1018,17 @@ def _summed(a: dict, b: dict) -> dict:
     out = dict(a, op=ROUND_TRIP, raw_a2a_ms=None, ratio_to_raw_a2a=None)
     for key in ("time_ms", "time_ms_rank_medians", "samples_ms_rank0", "bytes_per_rank", "bytes_each_rank",
                 "cross_bytes_per_rank", "cross_bytes_each_rank", "wire_cross_bytes_per_rank",
-                "wire_cross_bytes_each_rank"):  # fmt: skip
+                "wire_cross_bytes_each_rank", "host_ms", "host_ms_rank_medians"):  # fmt: skip
         out[key] = add(key)
     seconds = out["time_ms"] / 1e3
-    out["gbps"] = out["bytes_per_rank"] / seconds / 1e9 if out["bytes_per_rank"] and seconds > 0 else None
-    out["cross_gbps"] = out["cross_bytes_per_rank"] / seconds / 1e9 if out["cross_bytes_per_rank"] and seconds else None
+    out["gbps"] = _gbps(out["bytes_per_rank"], seconds)
+    out["cross_gbps"] = _gbps(out["cross_bytes_per_rank"], seconds)
     return out
+
+
+def _gbps(nbytes: float | None, seconds: float) -> float | None:
+    """GB/s (1e9 bytes/s): 0.0 for no bytes (nothing routed, one rank's cross bytes), None without a count."""
+    return None if nbytes is None or seconds <= 0 else nbytes / seconds / 1e9
 
 
 def _baseline_key(rec: dict) -> tuple | None:
@@ -1166,8 +1192,10 @@ def format_table(report: dict, markdown: bool = False) -> str:
         if i == 0:
             text.append("-" * len(text[0]))
     legend = [f"{letter} = {name}" for letter, name in zip(letters, names)]
-    if markdown:
-        legend = [", ".join(legend)]
+    heading = _describe(report)
+    if markdown:  # one list item per source and the legend: plain lines would run into one paragraph
+        heading = [f"- {line}" for line in heading + [", ".join(legend)]]
+        legend = []
     notes = (
         "bytes/rank: DeepEP's accounting (received rows incl. own rank; LL: selections x message bytes), mean over "
         "ranks; cross/rank: the part between different ranks; ms: max over ranks of the per-rank median; "
@@ -1175,8 +1203,9 @@ def format_table(report: dict, markdown: bool = False) -> str:
         "all-to-all calls sent to other ranks per rank ('-': not through torch.distributed)."
     )
     if differing:
-        notes += "\n* the implementations moved different byte counts here (different workloads?); the first is shown."
-    return "\n".join(_describe(report) + legend + [""] + text + ["", notes])
+        star = "\\*" if markdown else "*"  # a bare '*' would open a Markdown list item and vanish
+        notes += f"\n{star} the implementations moved different byte counts here (different workloads?); first shown."
+    return "\n".join(heading + legend + [""] + text + ["", notes])
 
 
 def _describe(report: dict) -> list[str]:
@@ -1344,6 +1373,45 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     return parser
 
 
+def _sizes(values: list[str], option: str, parser: argparse.ArgumentParser) -> list[int]:
+    """_int_list, with a usage error (not a traceback) for a value that is not a whole number."""
+    try:
+        return _int_list(values)
+    except ValueError:
+        parser.error(f"{option} {' '.join(values)}: give whole numbers, space- or comma-separated")
+
+
+def _check_shape(args: argparse.Namespace, ranks: int, parser: argparse.ArgumentParser) -> None:
+    """Usage errors for a workload no run could have (instead of a rank's traceback or a silent clamp)."""
+    if ranks < 1:
+        parser.error(f"the group size must be >= 1, not {ranks}")
+    if args.hidden < 1 or args.experts < 1 or args.topk < 0:
+        parser.error("--hidden and --experts must be >= 1, --topk >= 0")
+    if args.experts % ranks:
+        parser.error(f"--experts={args.experts} is not divisible by the group size {ranks}")
+    if args.topk > args.experts:
+        parser.error(f"--topk={args.topk} > --experts={args.experts}")
+    if not 0.0 <= args.drop <= 1.0:
+        parser.error(f"--drop={args.drop} is not a fraction in [0, 1]")
+    if args.num_sms is not None and args.num_sms < 1:
+        parser.error(f"--num-sms={args.num_sms} must be >= 1")
+
+
+def load_reports(paths: list[str], parser: argparse.ArgumentParser) -> list[dict]:
+    """The reports to merge; a missing, unreadable or foreign file is a usage error that names it."""
+    reports = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+        except (OSError, ValueError) as error:
+            parser.error(f"--merge {path}: {error}")
+        if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+            parser.error(f"--merge {path}: not a {SCHEMA} report")
+        reports.append(report)
+    return reports
+
+
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchConfig:
     dtypes = []
     for name in args.dtype:
@@ -1351,17 +1419,19 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             parser.error(f"--dtype {name!r}: choose from bfloat16 (bf16), fp8")
         if _DTYPE_ALIASES[name] not in dtypes:
             dtypes.append(_DTYPE_ALIASES[name])
-    tokens = _int_list(args.tokens)
-    ll_tokens = _int_list(args.ll_tokens) if args.ll_tokens else list(tokens)
+    tokens = _sizes(args.tokens, "--tokens", parser)
+    ll_tokens = _sizes(args.ll_tokens, "--ll-tokens", parser) if args.ll_tokens else list(tokens)
+    if args.launcher == "torchrun" and "WORLD_SIZE" not in os.environ:
+        parser.error("--launcher torchrun: run under torchrun (WORLD_SIZE is not set), or use --launcher local")
     ranks = int(os.environ["WORLD_SIZE"]) if args.launcher == "torchrun" else args.ranks
-    if ranks < 1 or args.experts % ranks:
-        parser.error(f"--experts={args.experts} is not divisible by the group size {ranks}")
-    if args.topk > args.experts:
-        parser.error(f"--topk={args.topk} > --experts={args.experts}")
+    _check_shape(args, ranks, parser)
     if "fp8" in dtypes and args.hidden % 128:
         parser.error(f"--hidden={args.hidden} must be a multiple of 128 for fp8")
     if min(tokens + ll_tokens) < 1 or args.iters < 1 or args.warmup < 0:
         parser.error("--tokens/--ll-tokens must be >= 1, --iters >= 1, --warmup >= 0")
+    if args.timing == "back-to-back" and (args.dist_backend or "gloo") != "nccl":
+        # Only GPU ranks have a device clock to time bursts with; a CPU world would be timed idle but labelled so.
+        parser.error("--timing back-to-back needs GPU ranks (--dist-backend nccl)")
     return BenchConfig(
         tokens=tokens,
         ll_tokens=ll_tokens,
@@ -1416,11 +1486,7 @@ def main(
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.merge:
-        reports = []
-        for path in args.merge:
-            with open(path, encoding="utf-8") as f:
-                reports.append(json.load(f))
-        emit(merge_reports(reports), args)
+        emit(merge_reports(load_reports(args.merge, parser)), args)
         return 0
     cfg = config_from_args(args, parser)
     impl = impl or DeepEPPortable(
