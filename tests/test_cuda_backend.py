@@ -20,6 +20,7 @@ import torch.distributed as dist
 import deep_ep
 from deep_ep import Buffer
 from deep_ep.backends import availability, get_backend_class
+from deep_ep.backends.base import DispatchArgs
 from deep_ep.backends.cuda import (
     CudaBackend,
     PushCopy,
@@ -716,7 +717,36 @@ def _bookkeeping_cases(rank: int, world: int) -> int:
             assert_bit_equal("push plan dest (EMULATED kernel)", got.cache["cuda_dispatch_plan"].dest, plan.dest)
             compared += 1
         _compare_unpack(ref, sim, want, gen, rank, world)
+        compared += _compare_count_rows(ref, sim, masks[rank], num_channels, gen)
     return compared
+
+
+def _compare_count_rows(ref, sim, mask: torch.Tensor, num_channels: int, gen: torch.Generator) -> int:
+    """Both backends' row of the count exchange for the same inputs: mask layouts, count tensors of either dtype
+    and strided, ids of either dtype, column-major, with -1 and out-of-range ids (clamped), or no ids at all."""
+    num_tokens, num_ranks = mask.shape
+    num_experts = 4 * num_ranks
+    ids = torch.randint(-1, num_experts, (num_tokens, 3), generator=gen)
+    wild = ids.clone()
+    if num_tokens > 1:
+        wild[0, 0], wild[-1, 2] = -5, (1 << 40)  # beyond [-1, E): the row carries them clamped to [-2, E]
+    strided = torch.arange(2 * num_experts)[::2]  # a per-expert count tensor with stride 2
+    variants = [
+        (mask, mask.sum(0).int(), strided, ids),
+        (mask.t().contiguous().t(), mask.sum(0), strided.int(), ids.int().t().contiguous().t()),
+        (_mask_layouts(mask)[2], mask.sum(0).repeat_interleave(2)[::2], strided, wild),  # per_rank: stride 2
+        (mask, mask.sum(0), strided, torch.full_like(ids, num_experts + 7)),  # every id above E: both clamp to E
+        (mask, mask.sum(0).int(), strided.int(), None),
+        (mask[:0], torch.zeros(num_ranks, dtype=torch.int32), strided, ids[:0]),
+    ]
+    channel = channel_of_tokens(num_tokens, num_channels, torch.device("cpu"))
+    for in_rank, per_rank, per_expert, topk_idx in variants:
+        weights = None if topk_idx is None else torch.ones(topk_idx.shape)
+        x = torch.zeros(in_rank.shape[0], 8)
+        args = DispatchArgs(x, None, per_rank, in_rank, per_expert, topk_idx, weights, 1, 0, num_channels)
+        here = channel if in_rank.shape[0] == num_tokens else channel[:0]
+        assert_bit_equal("count row (EMULATED kernel)", sim._count_row(args, here), ref._count_row(args, here))
+    return len(variants)
 
 
 def _compare_unpack(ref, sim, route: Route, gen: torch.Generator, rank: int, world: int) -> None:
@@ -756,4 +786,4 @@ def _compare_unpack(ref, sim, route: Route, gen: torch.Generator, rank: int, wor
 def test_fresh_dispatch_bookkeeping_kernels_match_the_reference(tmp_path) -> None:
     """EMULATION of symmetric memory (the kernels run in Triton's interpreter; the code is the backend's own)."""
     env = {DIRECTORY_ENV: str(tmp_path), "TRITON_INTERPRET": "1"}
-    assert run_ranks(3, _bookkeeping_cases, env=env, timeout=280) == [12, 12, 12]
+    assert run_ranks(3, _bookkeeping_cases, env=env, timeout=280) == [36, 36, 36]

@@ -274,6 +274,11 @@ def output_words(rows: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     return words, words.stride(0) % 4 == 0 and words.data_ptr() % 16 == 0
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): a Triton block's extent."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _field_words(fmt: RowFormat, rows: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, list[int]] | None:
     """Packed byte rows [M, fmt.width] as int32 words, and the word offset of each named field; None where a
     field does not start on a word or the rows cannot be viewed as words."""
@@ -406,6 +411,40 @@ class CudaBackend(ReferenceBackend):
             route.cache["recv_src_idx"] = out["handle"][3]
         return out, route, pending
 
+    def _count_row(self, args: DispatchArgs, channel: torch.Tensor) -> torch.Tensor:
+        """The reference's count-exchange row, from one kernel."""
+        in_rank = args.is_token_in_rank
+        if self.comm.size == 1 or in_rank.device != self.device:
+            return super()._count_row(args, channel)
+        num_tokens, num_ranks = in_rank.shape
+        num_experts = args.num_tokens_per_expert.numel()
+        row = torch.empty(num_ranks * (1 + args.num_channels) + num_experts + 3, dtype=torch.int32, device=self.device)
+        topk_idx = args.topk_idx
+        num_topk = 0 if topk_idx is None else topk_idx.shape[1]
+        with on_device(self.device):
+            _fresh_dispatch_kernels().count_kernel[(1,)](
+                in_rank.view(torch.uint8),
+                args.num_tokens_per_rank,
+                args.num_tokens_per_expert,
+                row if topk_idx is None else topk_idx,
+                row,
+                num_tokens,
+                in_rank.stride(0),
+                in_rank.stride(1),
+                args.num_tokens_per_rank.stride(0),
+                num_experts,
+                args.num_tokens_per_expert.stride(0),
+                *((1, 1) if topk_idx is None else topk_idx.stride()),
+                tokens_per_channel(num_tokens, args.num_channels),
+                args.num_channels,
+                R=num_ranks,
+                R_POW2=_pow2(num_ranks),
+                K=num_topk,
+                K_POW2=_pow2(num_topk),
+                BLOCK=256,
+            )
+        return row
+
     def _exact_route(
         self,
         in_rank: torch.Tensor,
@@ -438,7 +477,7 @@ class CudaBackend(ReferenceBackend):
                 tokens_per_channel(num_tokens, channel_base.shape[0]),
                 rank,
                 R=num_ranks,
-                R_POW2=1 << (num_ranks - 1).bit_length(),
+                R_POW2=_pow2(num_ranks),
                 BLOCK=1024,
             )
         counts_list = route.all_counts
@@ -471,7 +510,7 @@ class CudaBackend(ReferenceBackend):
                 self.comm.rank * experts_per_rank,
                 experts_per_rank,
                 K=num_topk,
-                K_POW2=1 << (num_topk - 1).bit_length(),
+                K_POW2=_pow2(num_topk),
                 IDX64=topk_idx.dtype == torch.int64,
                 ROWS=64,
             )

@@ -82,25 +82,19 @@ class ReferenceBackend(LowLatencyMixin, Backend):
 
         # Count exchange: tokens per destination, per (destination, channel), per expert; one all-gather.
         channel = channel_of_tokens(num_tokens, args.num_channels, device)
-        per_channel = torch.zeros(num_ranks, args.num_channels, dtype=torch.int32, device=device)  # [dest, channel]
-        per_channel.index_add_(1, channel, in_rank.t().int())
-        parts = [args.num_tokens_per_rank.int(), per_channel.view(-1), args.num_tokens_per_expert.int()]
         width = num_ranks * (1 + args.num_channels) + num_experts
         host = None
         if host_sync_allowed(device):
-            # The host read DeepEP makes; the range of the expert ids rides along, so the input checks need no
-            # round trip of their own, and every count is read on the host: what derives from them (DeepEP's
+            # The host read DeepEP makes; every count is read on the host: what derives from them (DeepEP's
             # prefix matrices) is computed there and sent to the device in one copy.
-            # Each rank's token count too: a backend that copies token rows into peer-visible memory sizes it
-            # alike on every rank (Route.all_num_tokens).
-            tokens = in_rank.new_full((1,), num_tokens, dtype=torch.int32)
-            host = comm.all_gather_host(torch.cat([*parts, args.expert_id_range(), tokens]), "dispatch")
+            host = comm.all_gather_host(self._count_row(args, channel), "dispatch")
             rows = host.tolist()
             args.raise_on_bad_input(_bad_input_flags(rows, num_ranks, width, num_experts), rank)
             host = host[:, :width]
             matrices = _host_prefix_matrices(rows, rank, args.num_channels, device)
         else:  # CUDA-graph capture: nothing may be read on the host (a padded route, see below)
-            matrices = _prefix_matrices(comm.all_gather(torch.cat(parts), "dispatch"), rank, args.num_channels)
+            counts = torch.cat(_count_parts(args, channel))
+            matrices = _prefix_matrices(comm.all_gather(counts, "dispatch"), rank, args.num_channels)
         rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_counts, channel_base = matrices
 
         if args.num_worst_tokens:
@@ -161,6 +155,14 @@ class ReferenceBackend(LowLatencyMixin, Backend):
         }
 
         return out, route, pending.then(lambda: self._unpack(fmt, received, out, route, experts_per_rank))
+
+    def _count_row(self, args: DispatchArgs, channel: torch.Tensor) -> torch.Tensor:
+        """int32 [R + R * C + E + 3] on the device: this rank's row of a fresh dispatch's count exchange, the counts
+        (`_count_parts`) then the range of the expert ids (so the input checks need no round trip of their own)
+        and the token count (a backend that copies token rows into peer-visible memory sizes it alike on every
+        rank: Route.all_num_tokens)."""
+        tokens = args.is_token_in_rank.new_full((1,), args.is_token_in_rank.shape[0], dtype=torch.int32)
+        return torch.cat([*_count_parts(args, channel), args.expert_id_range(), tokens])
 
     def _exact_route(
         self,
@@ -260,6 +262,15 @@ class ReferenceBackend(LowLatencyMixin, Backend):
                 _sum_returned(route, rows, (), combined_weights, self._empty, own_rows(topk_weights))
 
         return combined_x, combined_weights, pending.then(reduce)
+
+
+def _count_parts(args: DispatchArgs, channel: torch.Tensor) -> list[torch.Tensor]:
+    """int32 on the device: tokens per destination [R] (as given), per (destination, channel) [R * C] (from the
+    mask; `channel`: each token's), per expert [E] (as given)."""
+    in_rank, num_channels = args.is_token_in_rank, args.num_channels
+    per_channel = torch.zeros(in_rank.shape[1], num_channels, dtype=torch.int32, device=in_rank.device)
+    per_channel.index_add_(1, channel, in_rank.t().int())
+    return [args.num_tokens_per_rank.int(), per_channel.view(-1), args.num_tokens_per_expert.int()]
 
 
 def _bad_input_flags(rows: list[list[int]], num_ranks: int, width: int, num_experts: int) -> list[tuple[bool, bool]]:

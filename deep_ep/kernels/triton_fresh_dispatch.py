@@ -1,6 +1,8 @@
-"""Triton kernels of the cuda backend's fresh dispatch: its bookkeeping in two launches instead of ~25 small torch
+"""Triton kernels of the cuda backend's fresh dispatch: its bookkeeping in three launches instead of ~40 small torch
 operations (each 10-20 us of host time on a GPU host, and a fresh dispatch is paced by the host).
 
+`count_kernel`, before the count exchange: this rank's row of it (tokens per destination, per (destination,
+channel), per expert, the range of the expert ids, the token count), as the reference's `_count_row`.
 `route_kernel`, once the count exchange is on the device: for every (token t, destination d) the running count of
 tokens 0..t sent to d, and from it DeepEP's `send_head`, the push kernel's destination row and the route's
 `send_tokens` (the reference computes these with `running_count`, `_send_head`, `nonzero` and `dispatch_push_plan`).
@@ -13,6 +15,71 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def count_kernel(
+    in_rank,  # uint8 [N, R]: is_token_in_rank's bytes, strides (in_stride_t, in_stride_d)
+    per_rank,  # [R] num_tokens_per_rank (an integer dtype), stride per_rank_stride
+    per_expert,  # [E] num_tokens_per_expert (an integer dtype), stride per_expert_stride
+    topk_idx,  # [N, K] (int32 or int64), strides (idx_stride_t, idx_stride_k) (read when K > 0)
+    row,  # int32 [R + R * C + E + 3] out: the count exchange's row
+    num_tokens,
+    in_stride_t,
+    in_stride_d,
+    per_rank_stride,
+    num_experts,
+    per_expert_stride,
+    idx_stride_t,
+    idx_stride_k,
+    tokens_per_channel,
+    num_channels,
+    R: tl.constexpr,
+    R_POW2: tl.constexpr,
+    K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program: the inputs are a few hundred KB at most, and the host, not the device, paces this call.
+    peers = tl.arange(0, R_POW2)
+    tl.store(row + peers, tl.load(per_rank + peers * per_rank_stride, mask=peers < R).to(tl.int32), mask=peers < R)
+    for c in range(0, num_channels):  # tokens per (destination, channel): channel c is a range of tokens
+        begin = c * tokens_per_channel
+        end = tl.minimum(begin + tokens_per_channel, num_tokens)
+        sent = tl.zeros((R_POW2,), dtype=tl.int32)
+        for start in range(begin, end, BLOCK):
+            t = start + tl.arange(0, BLOCK)
+            cell = (t < end)[:, None] & (peers < R)[None, :]
+            at = t.to(tl.int64)[:, None] * in_stride_t + peers[None, :] * in_stride_d
+            sent += tl.sum((tl.load(in_rank + at, mask=cell, other=0) != 0).to(tl.int32), 0)
+        tl.store(row + R + peers * num_channels + c, sent, mask=peers < R)
+    counts_end = R + R * num_channels
+    for start in range(0, num_experts, BLOCK):
+        e = start + tl.arange(0, BLOCK)
+        tl.store(
+            row + counts_end + e,
+            tl.load(per_expert + e.to(tl.int64) * per_expert_stride, mask=e < num_experts).to(tl.int32),
+            mask=e < num_experts,
+        )
+    # The range of the expert ids, clamped to [-2, E] ([-1, -1] without any), as DispatchArgs.expert_id_range.
+    low = tl.full((), 1 << 62, dtype=tl.int64)  # stays so without ids: then [-1, -1]
+    high = tl.full((), -(1 << 62), dtype=tl.int64)
+    if K > 0:
+        k = tl.arange(0, K_POW2)
+        for start in range(0, num_tokens, BLOCK):
+            t = start + tl.arange(0, BLOCK)
+            cell = (t < num_tokens)[:, None] & (k < K)[None, :]
+            ids = tl.load(topk_idx + t.to(tl.int64)[:, None] * idx_stride_t + k[None, :] * idx_stride_k, mask=cell).to(
+                tl.int64
+            )
+            low = tl.minimum(low, tl.min(tl.min(tl.where(cell, ids, 1 << 62), 1), 0))
+            high = tl.maximum(high, tl.max(tl.max(tl.where(cell, ids, -(1 << 62)), 1), 0))
+    none = (low == 1 << 62).to(tl.int64)  # 1 without ids
+    low = low * (1 - none) - none
+    high = high * (1 - none) - none
+    tl.store(row + counts_end + num_experts, tl.minimum(tl.maximum(low, -2), num_experts).to(tl.int32))
+    tl.store(row + counts_end + num_experts + 1, tl.minimum(tl.maximum(high, -2), num_experts).to(tl.int32))
+    tl.store(row + counts_end + num_experts + 2, num_tokens)
 
 
 @triton.jit
