@@ -33,6 +33,13 @@ def channel_of_tokens(num_tokens: int, num_channels: int, device: torch.device) 
     return torch.arange(num_tokens, device=device) // tokens_per_channel(num_tokens, num_channels)
 
 
+@functools.lru_cache(maxsize=16)
+def token_indices(num_tokens: int, device: torch.device) -> torch.Tensor:
+    """int32 [N]: 0..N-1, each token's index (the `src` field a dispatch sends along). Cached as
+    `channel_of_tokens`: callers only read it."""
+    return torch.arange(num_tokens, dtype=torch.int32, device=device)
+
+
 def tokens_per_channel(num_tokens: int, num_channels: int) -> int:
     """The length of DeepEP's channels: ceil(N / C) tokens (at least 1)."""
     return max(-(-num_tokens // num_channels), 1)

@@ -10,6 +10,7 @@ per-backend cache (`packing.HostBuffers`), since fresh host memory page-faults o
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -21,7 +22,7 @@ from ..errors import UnsupportedFeatureError
 from ..kernels import host_ordered_sum
 from ..kernels.ordered_sum import ordered_gather_sum
 from ..packing import HostBuffers, RowFormat, byte_rows
-from ..routing import Empty, Route, _torch_empty, channel_of_tokens, gather_rows, running_count
+from ..routing import Empty, Route, _torch_empty, channel_of_tokens, gather_rows, running_count, token_indices
 from .base import Backend, DispatchArgs
 from .reference_low_latency import LowLatencyMixin
 
@@ -115,20 +116,20 @@ class ReferenceBackend(LowLatencyMixin, Backend):
             route, send_head = self._exact_route(
                 in_rank, host[:, :num_ranks], rank_prefix_matrix, channel, channel_base, all_num_tokens
             )
-            host_experts = host[:, num_ranks * (1 + args.num_channels) :]
-            host_experts = host_experts[:, rank * experts_per_rank : (rank + 1) * experts_per_rank].sum(0)
+            first = num_ranks * (1 + args.num_channels) + rank * experts_per_rank  # this rank's experts' counts
+            received = [sum(column) for column in zip(*(row[first : first + experts_per_rank] for row in rows))]
             align = args.expert_alignment
-            count_list = [(c + align - 1) // align * align for c in host_experts.tolist()]
+            count_list = [(c + align - 1) // align * align for c in received]
 
         topk_idx = args.topk_idx
-        src = torch.arange(num_tokens, dtype=torch.int32, device=device)
+        src = token_indices(num_tokens, device)
         recv_x = self._empty((route.num_recv, *args.x.shape[1:]), args.x.dtype, device)
         # x travels apart, straight into recv_x (no pass to pack it or to unpack it); the small per-token
         # fields travel packed in one byte row.
         fields = dict(scales=args.x_scales, topk_idx=topk_idx, topk_weights=args.topk_weights, src=src)
         fmt = RowFormat.of(**fields)
         if fmt.width % 8:  # whole 8-byte words per row, so the row gathers move words, not bytes
-            fields["pad"] = torch.zeros(num_tokens, -fmt.width % 8, dtype=torch.uint8, device=device)
+            fields["pad"] = _zero_bytes(num_tokens, -fmt.width % 8, device)
             fmt = RowFormat.of(**fields)
         x_fmt = RowFormat.of(x=args.x)
         transfers = [(x_fmt.pack(x=args.x), byte_rows(recv_x, x_fmt.width)), (fmt.pack(**fields), None)]
@@ -319,15 +320,23 @@ def _host_prefix_matrices(rows: list[list[int]], rank: int, num_channels: int, d
     recv_counts = [counts[source][rank] for source in range(num_ranks)]
     shapes = [(num_ranks, num_ranks), (num_ranks, width), (num_ranks, width), (num_ranks,), (width, num_ranks)]
     parts = [rank_prefix, channel_prefix, recv_prefix, [recv_counts], base]
-    flat = torch.tensor([v for part in parts for row in part for v in row], dtype=torch.int32)
-    if device.type != "cpu":
-        flat = flat.to(device)
+    values = [v for part in parts for row in part for v in row]
+    if device.type == "cuda":  # from pinned memory: a copy the host need not wait for
+        flat = torch.tensor(values, dtype=torch.int32, pin_memory=True).to(device, non_blocking=True)
+    else:
+        flat = torch.tensor(values, dtype=torch.int32).to(device)
     out, begin = [], 0
     for shape in shapes:
         size = math.prod(shape)
         out.append(flat[begin : begin + size].view(shape))
         begin += size
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _zero_bytes(num_rows: int, width: int, device: torch.device) -> torch.Tensor:
+    """uint8 zeros [num_rows, width]: a packed row's padding. Cached (only ever read), as `channel_of_tokens`."""
+    return torch.zeros(num_rows, width, dtype=torch.uint8, device=device)
 
 
 def _send_head(
