@@ -7,7 +7,9 @@ docs/CUDA.md has the design, the memory-ordering argument and the results. In sh
   reads each token row once and stores it into every destination's workspace at its SPEC row (sources
   ascending, tokens ascending), the packed small per-token fields riding along; then one device barrier, and
   each rank copies its rows out. The same bytes land in the same rows as in the reference backend:
-  bit-identical by construction.
+  bit-identical by construction. The algorithm's bookkeeping (the count row, the route, the unpack) runs in three
+  small kernels (`deep_ep.kernels.triton_fresh_dispatch`) instead of the reference's torch operations, since the
+  host paces a fresh dispatch.
 - A cached dispatch pulls instead: each rank copies its token rows into its own workspace, one barrier, and
   `pull_rows_kernel` reads each received row straight from its source's workspace into the output (the handle's
   recv_src_idx says which row), so nothing is copied out afterwards.
