@@ -579,13 +579,14 @@ class Buffer:
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset low-latency buffers (the reference backend keeps none between calls; arguments are checked).
         A receive whose hook was never called (the hook lost to an exception, say) is finished here (filling
-        that call's outputs and statistics, as its hook would have), so the next low-latency call may go on."""
+        that call's outputs and statistics, as its hook would have), so the next low-latency call may go on.
+        The zero-copy staging tensor stays (DeepEP's clean zeroes only its signalling words): one obtained from
+        `get_next_low_latency_combine_buffer` before the clean is still what `zero_copy=True` reads."""
         self._check_alive()
         self._require_low_latency()
         checks.integer("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
         checks.integer("hidden", hidden, minimum=1)
         self._num_experts_check("num_experts", num_experts)
-        self._combine_buffers.clear()
         if self._unreceived_hook is not None:
             self._unreceived_hook[1]()  # clears the mark first, then receives (what peers sent must be taken)
 
