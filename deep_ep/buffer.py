@@ -579,13 +579,14 @@ class Buffer:
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset low-latency buffers (the reference backend keeps none between calls; arguments are checked).
         A receive whose hook was never called (the hook lost to an exception, say) is finished here (filling
-        that call's outputs and statistics, as its hook would have), so the next low-latency call may go on."""
+        that call's outputs and statistics, as its hook would have), so the next low-latency call may go on.
+        The zero-copy staging tensor stays (DeepEP's clean zeroes only its signalling words): one obtained from
+        `get_next_low_latency_combine_buffer` before the clean is still what `zero_copy=True` reads."""
         self._check_alive()
         self._require_low_latency()
         checks.integer("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
         checks.integer("hidden", hidden, minimum=1)
         self._num_experts_check("num_experts", num_experts)
-        self._combine_buffers.clear()
         if self._unreceived_hook is not None:
             self._unreceived_hook[1]()  # clears the mark first, then receives (what peers sent must be taken)
 
@@ -628,7 +629,7 @@ class Buffer:
             cumulative_local_expert_recv_stats: int32 [L], incremented by recv_count.
             dispatch_wait_recv_cost_stats: int64 [R], incremented by the wait for each source (ns).
             use_fp8: quantise on the wire with this Buffer's `low_latency_quant`; round_scale / use_ue8m0:
-            DeepEP's power-of-two scales and their packed form (fp8 only).
+            DeepEP's power-of-two scales and their packed form (fp8 only; no effect with use_fp8=False, as in DeepEP).
             async_finish / return_recv_hook: finish later through the event / the returned hook.
         Returns:
             recv_x: bf16 [L, R*T, H]; or (float8_e4m3fn [L, R*T, H], float32 [L, R*T, H//128] column-major
@@ -666,10 +667,12 @@ class Buffer:
                         f"hidden={hidden} must be a multiple of {512 if use_ue8m0 else 128} for fp8"
                         f"{' with use_ue8m0' if use_ue8m0 else ''}"
                     )
-            elif round_scale or use_ue8m0:
-                raise ValueError(
-                    f"round_scale/use_ue8m0 apply to the fp8 format only (use_fp8={use_fp8}, format {quant!r})"
-                )
+            elif use_fp8 and (round_scale or use_ue8m0):
+                raise ValueError(f"round_scale/use_ue8m0 apply to the fp8 format only, not {quant!r}")
+            if not use_fp8:
+                # bf16 carries no scales: DeepEP ignores both flags here, and callers (SGLang's bf16 dispatch)
+                # pass them regardless; cleared so that ranks differing only in them still agree.
+                round_scale = use_ue8m0 = False
             reason = self.runtime.max_hidden_error(hidden, "low_latency")
             if reason:
                 raise ValueError(reason)

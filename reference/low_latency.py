@@ -88,10 +88,10 @@ def low_latency_dispatch(
         raise ValueError(f"quant={quant!r} is not one of {_QUANT_FORMATS}")
     if use_ue8m0 and not round_scale:
         raise ValueError("use_ue8m0=True requires round_scale=True")
-    if round_scale and not (use_fp8 and quant == "fp8"):
-        # SPEC 6.1 defines rounded and ue8m0 scales for fp8 only (none for int8, none without use_fp8): refuse,
-        # as deep_ep.Buffer does (docs/SEMANTICS.md), rather than ignore them.
-        raise ValueError(f"round_scale/use_ue8m0 apply only to the fp8 format (use_fp8={use_fp8}, quant={quant!r})")
+    if use_fp8 and quant != "fp8" and round_scale:
+        # SPEC 6.1 defines rounded and ue8m0 scales for fp8 only: refuse them for int8, as deep_ep.Buffer does
+        # (docs/SEMANTICS.md). Without use_fp8 there are no scales, and DeepEP ignores both flags.
+        raise ValueError(f"round_scale/use_ue8m0 apply only to the fp8 format (quant={quant!r})")
     num_ranks = len(x)
     hidden = x[0].shape[1]
     num_rows = num_ranks * num_max_dispatch_tokens_per_rank  # R*T rows per local expert

@@ -480,7 +480,12 @@ def test_low_latency_fp8_and_int8_layouts():
     with pytest.raises(ValueError, match="round_scale"):
         low_latency_dispatch(x, idx, 2, 4, use_ue8m0=True)
     with pytest.raises(ValueError, match="apply only to the fp8 format"):  # as deep_ep.Buffer, not ignored
-        low_latency_dispatch(x, idx, 2, 4, use_fp8=False, round_scale=True)
+        low_latency_dispatch(x, idx, 2, 4, quant="int8", round_scale=True)
+    # Without use_fp8 there are no scales: DeepEP ignores both flags (SGLang's bf16 dispatch passes them).
+    plain = low_latency_dispatch(x, idx, 2, 4, use_fp8=False)
+    flagged = low_latency_dispatch(x, idx, 2, 4, use_fp8=False, round_scale=True, use_ue8m0=True)
+    for want, got in zip(plain, flagged):
+        assert all(torch.equal(want[key], got[key]) for key in want)
     with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank"):
         low_latency_dispatch(x, idx, 1, 4)
     with pytest.raises(ValueError, match="multiple of 512"):

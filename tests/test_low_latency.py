@@ -647,3 +647,47 @@ def _no_selections(rank: int, world: int) -> None:
 
 def test_no_selections_with_rows_of_any_width() -> None:
     run_ranks(2, _no_selections)
+
+
+def _bf16_ignores_scale_flags(rank: int, world: int) -> None:
+    # SGLang's bf16 dispatch passes DeepEP's fp8 scale flags with use_fp8=False; DeepEP ignores them there.
+    w = _workload(world, dict(experts_per_rank=2, topk=2, seed=62, routing="uniform", tokens=[4] * world), 512)
+    x, idx, weights = w.x[rank], w.topk_idx[rank], w.topk_weights[rank]
+    want_all = reference.low_latency_dispatch(w.x, w.topk_idx, 8, w.num_experts, use_fp8=False)
+    ys = [_expert_output(o["recv_x"], d) for d, o in enumerate(want_all)]
+    want_combined = reference.low_latency_combine(ys, w.topk_idx, w.topk_weights, 8)[rank]
+    buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
+    flags = dict(round_scale=True, use_ue8m0=True) if rank == 0 else {}  # differing in them is no mismatch
+    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, idx, 8, w.num_experts, use_fp8=False, **flags)
+    _check_dispatch(recv_x, recv_count, handle, want_all[rank], world, (8, 512, w.num_experts))
+    combined = _combine(buffer, "sync", _expert_output(recv_x, rank), idx, weights, handle)
+    assert_bit_equal("combined_x after a bf16 dispatch with scale flags", combined, want_combined)
+    int8 = Buffer(dist.group.WORLD, low_latency_mode=True, low_latency_quant="int8")
+    with pytest.raises(ValueError, match="fp8 format only"):  # int8 has no power-of-two scales to round to
+        int8.low_latency_dispatch(x, idx, 8, w.num_experts, round_scale=True)
+
+
+def test_bf16_dispatch_ignores_fp8_scale_flags_as_deepep() -> None:
+    run_ranks(2, _bf16_ignores_scale_flags)
+
+
+def _staging_survives_clean(rank: int, world: int) -> None:
+    w = _workload(world, dict(experts_per_rank=2, topk=2, seed=63, routing="uniform", tokens=[4] * world), 16)
+    x, idx, weights = w.x[rank], w.topk_idx[rank], w.topk_weights[rank]
+    want_all = reference.low_latency_dispatch(w.x, w.topk_idx, 8, w.num_experts, use_fp8=False)
+    ys = [_expert_output(o["recv_x"], d) for d, o in enumerate(want_all)]
+    want = reference.low_latency_combine(ys, w.topk_idx, w.topk_weights, 8)[rank]
+    buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
+    recv_x, recv_count, handle = _dispatch(buffer, "sync", x, idx, 8, w.num_experts, FORMATS["bf16"])
+    # A staging tensor obtained before clean_low_latency_buffer (DeepEP's clean leaves the staging data alone),
+    # asked for again by other code after the clean, then filled: zero_copy reads what was written into it.
+    staged = buffer.get_next_low_latency_combine_buffer(handle)
+    buffer.clean_low_latency_buffer(8, 16, w.num_experts)
+    assert buffer.get_next_low_latency_combine_buffer(handle) is staged
+    staged.copy_(_poison_unused_rows(_expert_output(recv_x, rank), recv_count))
+    combined = _combine(buffer, "sync", torch.zeros_like(staged), idx, weights, handle, zero_copy=True)
+    assert_bit_equal("combined_x (zero_copy, staged before a clean)", combined, want)
+
+
+def test_zero_copy_staging_survives_clean_low_latency_buffer() -> None:
+    run_ranks(2, _staging_survives_clean)
