@@ -22,7 +22,7 @@ from . import config as _config
 from .agreement import check_agreement, dtype_code, name_code, reject_agreement
 from .backends import list_backends, select_backend
 from .backends.base import DispatchArgs, LowLatencyDispatchArgs
-from .comm import Comm, Pending, host_sync_allowed
+from .comm import DEFAULT_TIMEOUT_S, Comm, Pending, default_timeout_s, host_sync_allowed
 from .config import Config
 from .errors import CommTimeoutError, UnsupportedFeatureError
 from .handles import DispatchHandle, LowLatencyHandle
@@ -67,7 +67,7 @@ class Buffer:
         self.group = group
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
-        self._comm = Comm(group)
+        self._comm = Comm(group, timeout_s=DEFAULT_TIMEOUT_S)  # DEEP_EP_COMM_TIMEOUT is checked below, on every rank
         self._comm.open_host_board()
         self.device = _default_device(self._comm)
         # The arguments are checked, then agreed on by every rank in one tiny all-gather: a rank that rejects its
@@ -79,6 +79,7 @@ class Buffer:
                 raise UnsupportedFeatureError(
                     "comm= (an mpi4py communicator) is not supported; pass a torch.distributed group"
                 )
+            self._comm.timeout_s = default_timeout_s()
             if enable_shrink:
                 raise UnsupportedFeatureError("enable_shrink=True (elastic EP with rank masks) is not supported yet")
             self.num_nvl_bytes = checks.integer("num_nvl_bytes", num_nvl_bytes, minimum=0)
@@ -146,9 +147,7 @@ class Buffer:
     @comm_timeout.setter
     def comm_timeout(self, seconds: float) -> None:
         self._check_alive()
-        if not seconds > 0:
-            raise ValueError(f"comm_timeout must be > 0 seconds, got {seconds!r}")
-        self._comm.timeout_s = float(seconds)
+        self._comm.timeout_s = checks.seconds("comm_timeout", seconds)
 
     def destroy(self) -> None:
         """Release the buffer (collective; only with `explicitly_destroy=True`); later calls raise."""

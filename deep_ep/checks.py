@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from typing import Any
 
@@ -59,6 +61,22 @@ def integer(name: str, value: Any, *, minimum: int | None = None) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+# The longest timeout taken (about 11.6 days): every wait turns it into a `datetime.timedelta`, and the GPU barrier
+# into whole milliseconds of a 32-bit count; an infinite or larger one would fail there, after the call was issued.
+MAX_TIMEOUT_S = 1e6
+
+
+def seconds(name: str, value: Any) -> float:
+    """`value` as a timeout in seconds: a real number in (0, MAX_TIMEOUT_S]; bools, strings, NaN and infinities
+    are refused (here, before any call waits with it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        raise ValueError(f"{name}={value!r} must be a finite number of seconds in (0, {MAX_TIMEOUT_S:g}]")
     return value
 
 

@@ -1,0 +1,72 @@
+"""A fixed slice of the error-path fuzzer (tests/fuzz_errors.py), and regression tests for what it found."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from fuzz_errors import fuzz
+
+from deep_ep import Buffer, CollectiveMismatchError
+from deep_ep.testing import run_ranks
+
+
+@pytest.mark.parametrize(
+    "backend,world,seeds",
+    [
+        ("reference", 2, range(0, 6)),
+        ("reference", 3, range(6, 10)),
+        pytest.param(
+            "cuda_sim",
+            2,
+            range(0, 2),
+            marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed"),
+        ),
+    ],
+)
+def test_fuzzed_corruptions_raise_on_every_rank_and_leave_the_buffer_exact(backend: str, world: int, seeds) -> None:
+    calls, findings = fuzz(backend, world, list(seeds), steps=4, timeout=120)
+    assert calls == 4 * len(seeds)
+    assert not findings, "\n".join("seed {} step {} rank {}: {}".format(*f) for f in findings)
+
+
+# ---- finding: comm_timeout took inf (or an unrepresentable number), and every later call failed mid-collective
+def _timeouts(rank: int, world: int) -> list[str]:
+    buffer = Buffer(dist.group.WORLD)
+    seen = []
+    for bad in (math.inf, math.nan, 1e12, -1.0, "5", True):
+        with pytest.raises((TypeError, ValueError), match="comm_timeout") as info:
+            buffer.comm_timeout = bad
+        seen.append(type(info.value).__name__)
+    assert buffer.comm_timeout == 300.0  # unchanged by the refused values
+    buffer.comm_timeout = 1e6  # the longest taken
+    idx = torch.tensor([[0], [1]])
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 2)
+    x = torch.arange(8.0).view(2, 4) + rank
+    got = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    assert got[0].shape == (world, 4)
+    return seen
+
+
+def test_comm_timeout_refuses_what_a_wait_cannot_take() -> None:
+    assert run_ranks(2, _timeouts, timeout=60)[0] == ["ValueError"] * 4 + ["TypeError"] * 2
+
+
+def _env_timeout(rank: int, world: int) -> str:
+    if rank == world - 1:
+        os.environ["DEEP_EP_COMM_TIMEOUT"] = "inf"
+    with pytest.raises(ValueError) as info:
+        Buffer(dist.group.WORLD)
+    os.environ.pop("DEEP_EP_COMM_TIMEOUT", None)
+    assert Buffer(dist.group.WORLD).comm_timeout == 300.0
+    return f"{type(info.value).__name__}: {info.value}"
+
+
+def test_a_bad_comm_timeout_env_fails_every_rank_at_once() -> None:
+    messages = run_ranks(2, _env_timeout, timeout=60)
+    assert "DEEP_EP_COMM_TIMEOUT=inf" in messages[1], messages
+    assert CollectiveMismatchError.__name__ in messages[0] and "rejected" in messages[0], messages
