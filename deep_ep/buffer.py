@@ -222,22 +222,27 @@ class Buffer:
     ) -> torch.Tensor:
         """A tensor view of this rank's local buffer (`num_nvl_bytes`, or `num_rdma_bytes` with use_rdma_buffer)."""
         self._check_alive()
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}")
+        offset = checks.integer("offset", offset, minimum=0)
+        shape = None if size is None else _sizes("size", size)
+        use_rdma_buffer = bool(use_rdma_buffer)  # one buffer per kind, whatever truthy value names it
         total = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
         if use_rdma_buffer not in self._local_buffers:
             self._local_buffers[use_rdma_buffer] = torch.zeros(total, dtype=torch.uint8, device=self.device)
         element = dtype.itemsize
-        if offset < 0 or offset % element or offset > total:
+        if offset % element or offset > total:
             raise ValueError(f"offset={offset} must be in [0, {total}] and a multiple of {element}")
         whole = (total - offset) // element * element  # DeepEP's view ignores a last partial element
         view = self._local_buffers[use_rdma_buffer][offset : offset + whole].view(dtype)
-        if size is None:
+        if shape is None:
             return view
         count = 1
-        for s in size:
+        for s in shape:
             count *= s
         if count > view.numel():
-            raise ValueError(f"size={list(size)} needs {count * element} bytes; {total - offset} are left after offset")
-        return view[:count].view(size)
+            raise ValueError(f"size={shape} needs {count * element} bytes; {total - offset} are left after offset")
+        return view[:count].view(shape)
 
     # ---- shared plumbing --------------------------------------------------------------------------
     def _agreement_on(self) -> bool:
@@ -918,6 +923,13 @@ def _default_device(comm: Comm) -> torch.device:
         if kind in comm.device_types and module is not None and module.is_available():
             return torch.device(kind, module.current_device())
     return torch.device("cpu")
+
+
+def _sizes(name: str, value: Any) -> list[int]:
+    """A shape argument (a torch.Size or a sequence of ints) as a list of sizes >= 0."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a torch.Size or a sequence of ints, got {type(value).__name__} {value!r}")
+    return [checks.integer(f"{name}[{i}]", s, minimum=0) for i, s in enumerate(value)]
 
 
 def _split_x(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

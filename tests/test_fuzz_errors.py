@@ -70,3 +70,29 @@ def test_a_bad_comm_timeout_env_fails_every_rank_at_once() -> None:
     messages = run_ranks(2, _env_timeout, timeout=60)
     assert "DEEP_EP_COMM_TIMEOUT=inf" in messages[1], messages
     assert CollectiveMismatchError.__name__ in messages[0] and "rejected" in messages[0], messages
+
+
+# ---- finding: get_local_buffer_tensor took a negative size (a silently shorter view) and failed on other bad
+# arguments with torch's or Python's messages, none naming the argument
+def _local_buffer(rank: int, world: int) -> list[str]:
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=64, num_rdma_bytes=32)
+    seen = []
+    for kwargs, name in [
+        (dict(dtype="bf16"), "dtype"),
+        (dict(dtype=torch.uint8, size=(-1,)), "size[0]"),
+        (dict(dtype=torch.uint8, size=torch.Size([2, -3])), "size[1]"),
+        (dict(dtype=torch.uint8, size=4), "size"),
+        (dict(dtype=torch.uint8, offset=2.0), "offset"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=name.replace("[", r"\[")):
+            buffer.get_local_buffer_tensor(**kwargs)
+        seen.append(name)
+    view = buffer.get_local_buffer_tensor(torch.bfloat16, size=torch.Size([2, 3]), offset=4)
+    assert view.shape == (2, 3) and view.data_ptr() == buffer.get_local_buffer_tensor(torch.uint8).data_ptr() + 4
+    rdma = buffer.get_local_buffer_tensor(torch.uint8, use_rdma_buffer=True)
+    assert buffer.get_local_buffer_tensor(torch.uint8, use_rdma_buffer="yes").data_ptr() == rdma.data_ptr()
+    return seen
+
+
+def test_get_local_buffer_tensor_names_its_bad_argument() -> None:
+    assert len(run_ranks(1, _local_buffer, timeout=60)[0]) == 5
