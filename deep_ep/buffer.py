@@ -80,6 +80,9 @@ class Buffer:
                     "comm= (an mpi4py communicator) is not supported; pass a torch.distributed group"
                 )
             self._comm.timeout_s = default_timeout_s()
+            checks.flags(
+                low_latency_mode=low_latency_mode, explicitly_destroy=explicitly_destroy, enable_shrink=enable_shrink
+            )
             if enable_shrink:
                 raise UnsupportedFeatureError("enable_shrink=True (elastic EP with rank masks) is not supported yet")
             self.num_nvl_bytes = checks.integer("num_nvl_bytes", num_nvl_bytes, minimum=0)
@@ -291,6 +294,7 @@ class Buffer:
                 reject_agreement(self._comm, op)
 
     def _begin(self, previous_event: EventOverlap | None, async_finish: bool, allocate_on_comm_stream: bool) -> None:
+        checks.flags(async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
         if previous_event is not None and not isinstance(previous_event, EventOverlap):
             raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
@@ -641,6 +645,13 @@ class Buffer:
         """
         with self._collective("low_latency_dispatch") as agree:
             self._require_low_latency()
+            checks.flags(
+                use_fp8=use_fp8,
+                round_scale=round_scale,
+                use_ue8m0=use_ue8m0,
+                async_finish=async_finish,
+                return_recv_hook=return_recv_hook,
+            )
             self._check_hook()
             checks.tensor("x", x, dtypes=(torch.bfloat16,), dim=2)
             device = x.device
@@ -763,6 +774,9 @@ class Buffer:
         """
         with self._collective("low_latency_combine") as agree:
             self._require_low_latency()
+            checks.flags(
+                use_logfmt=use_logfmt, zero_copy=zero_copy, async_finish=async_finish, return_recv_hook=return_recv_hook
+            )
             self._check_hook()
             if use_logfmt:
                 raise UnsupportedFeatureError("use_logfmt=True (LogFMT combine compression) is not supported")

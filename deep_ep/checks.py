@@ -64,6 +64,29 @@ def integer(name: str, value: Any, *, minimum: int | None = None) -> int:
     return value
 
 
+def flag(name: str, value: Any) -> bool:
+    """`value` as a bool: a bool, a numpy bool, or the int 0 or 1. Anything else (a string, None, 2) is refused
+    instead of being read by its truth: `use_fp8="no"` or `async_finish="False"` would silently mean True."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
+    if not isinstance(value, (str, bytes)):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            number = None
+        if number in (0, 1):
+            return bool(number)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def flags(**named: Any) -> None:
+    """`flag` for each keyword argument (by its name)."""
+    for name, value in named.items():
+        flag(name, value)
+
+
 # The longest timeout taken (about 11.6 days): every wait turns it into a `datetime.timedelta`, and the GPU barrier
 # into whole milliseconds of a 32-bit count; an infinite or larger one would fail there, after the call was issued.
 MAX_TIMEOUT_S = 1e6

@@ -142,7 +142,7 @@ class Rig:
 
     def __init__(self, rank: int, world: int, backend: str) -> None:
         self.rank, self.world, self.backend = rank, world, backend
-        self.buffer = Buffer(dist.group.WORLD, low_latency_mode=True, backend=backend)
+        self.buffer = Buffer(dist.group.WORLD, 1024, low_latency_mode=True, backend=backend)
         self.other = Buffer(dist.group.WORLD, low_latency_mode=True, backend=backend)
         for b in (self.buffer, self.other):
             b.comm_timeout = COMM_TIMEOUT_S
@@ -467,6 +467,22 @@ def _table() -> list[Corruption]:
         C("layout", "experts-float", _set("num_experts", lambda r, a: float(a["num_experts"])), ("num_experts",),
           "local"),
         C("layout", "event", bad_event, ("previous_event",), "local"),
+        C("layout", "async-str", _set("async_finish", lambda r, a: "no"), ("async_finish",), "local"),
+        # local calls beside the collectives
+        C("clean", "cap-zero", _set("num_max_dispatch_tokens_per_rank", lambda r, a: 0),
+          ("num_max_dispatch_tokens_per_rank",), "local"),
+        C("clean", "hidden-str", _set("hidden", lambda r, a: "8"), ("hidden",), "local"),
+        C("clean", "experts-indivisible", _set("num_experts", lambda r, a: a["num_experts"] + 1), ("num_experts",),
+          "local", _multi),
+        C("local_buffer", "dtype-str", _set("dtype", lambda r, a: "bf16"), ("dtype",), "local"),
+        C("local_buffer", "size-negative", _set("size", lambda r, a: (-1,)), ("size",), "local"),
+        C("local_buffer", "size-int", _set("size", lambda r, a: 4), ("size",), "local"),
+        C("local_buffer", "size-large", _set("size", lambda r, a: (4096,)), ("size",), "local"),
+        C("local_buffer", "offset-odd", _set("offset", lambda r, a: 3), ("offset",), "local"),
+        C("local_buffer", "offset-float", _set("offset", lambda r, a: 2.0), ("offset",), "local"),
+        C("next_buffer", "handle-normal", _set("handle", lambda r, a: r.foreign["normal"]), ("handle",), "local"),
+        C("next_buffer", "handle-foreign", _set("handle", lambda r, a: r.state["ll"]["handle"]), ("handle",),
+          "local"),
         # dispatch (fresh)
         C("dispatch", "x-1d", x_1d, ("x",)),
         C("dispatch", "x-list", x_list, ("x",)),
@@ -516,6 +532,7 @@ def _table() -> list[Corruption]:
         C("dispatch", "config-sms", _set("config", lambda r, a: Config(num_sms=0)), ("num_sms",)),
         C("dispatch", "config-type", _set("config", lambda r, a: {"num_sms": 20}), ("config",)),
         C("dispatch", "event", bad_event, ("previous_event",)),
+        C("dispatch", "async-str", _set("async_finish", lambda r, a: "no"), ("async_finish",)),
         C("dispatch", "comm-stream", _set("allocate_on_comm_stream", lambda r, a: True), ("allocate_on_comm_stream",)),
         C("dispatch", "hidden", x_hidden, ("hidden",), "mismatch", _halves),
         C("dispatch", "x-dtype", _set("x", lambda r, a: a["x"].float()), ("x_dtype",), "mismatch", _multi),
@@ -574,6 +591,7 @@ def _table() -> list[Corruption]:
         C("combine", "config-sms", _set("config", lambda r, a: Config(num_sms=1)), ("num_sms",)),
         C("combine", "config-type", _set("config", lambda r, a: 20), ("config",)),
         C("combine", "event", bad_event, ("previous_event",)),
+        C("combine", "async-none", _set("async_finish", lambda r, a: None), ("async_finish",)),
         # low-latency dispatch
         C("ll_dispatch", "x-float", _set("x", lambda r, a: a["x"].float()), ("x",)),
         C("ll_dispatch", "x-1d", x_1d, ("x",)),
@@ -604,6 +622,9 @@ def _table() -> list[Corruption]:
           "own", lambda c, r: c.experts // c.world > 1),
         C("ll_dispatch", "wait-stats-dtype", _set("dispatch_wait_recv_cost_stats", lambda r, a: torch.zeros(
             r.world, dtype=torch.int32)), ("dispatch_wait_recv_cost_stats",)),
+        C("ll_dispatch", "fp8-str", _set("use_fp8", lambda r, a: "no"), ("use_fp8",)),
+        C("ll_dispatch", "hook-str", _set("return_recv_hook", lambda r, a: "no"), ("return_recv_hook",)),
+        C("ll_dispatch", "round-none", _set("round_scale", lambda r, a: None), ("round_scale",)),
         C("ll_dispatch", "ue8m0", _set("use_ue8m0", lambda r, a: True), ("use_ue8m0",)),
         C("ll_dispatch", "round-scale", _set("round_scale", lambda r, a: True), ("round_scale",)),
         C("ll_dispatch", "fp8-hidden", _set("use_fp8", lambda r, a: True), ("hidden",), "own", _hidden_not_128),
@@ -641,6 +662,8 @@ def _table() -> list[Corruption]:
         C("ll_combine", "out-grad", _set("out", lambda r, a: torch.zeros(r.case.x.shape, dtype=torch.bfloat16,
           requires_grad=True)), ("out",)),
         C("ll_combine", "logfmt", _set("use_logfmt", lambda r, a: True), ("use_logfmt",)),
+        C("ll_combine", "zero-copy-str", _set("zero_copy", lambda r, a: "no"), ("zero_copy",)),
+        C("ll_combine", "async-2", _set("async_finish", lambda r, a: 2), ("async_finish",)),
         C("ll_combine", "zero-copy", _set("zero_copy", lambda r, a: True), ("zero_copy",)),
         C("ll_combine", "wait-stats", _set("combine_wait_recv_cost_stats", lambda r, a: torch.zeros(3, 3)),
           ("combine_wait_recv_cost_stats",)),
@@ -656,6 +679,9 @@ CORRUPTIONS = _table()
 # ---- one step: a valid round, one corrupted call, a valid round -------------------------------------------------
 _VALID_AFTER = {
     "layout": "fresh",
+    "clean": "low_latency",
+    "local_buffer": "fresh",
+    "next_buffer": "low_latency",
     "dispatch": "fresh",
     "cached": "cached",
     "combine": "combine",
@@ -669,10 +695,18 @@ def _call_args(rig: Rig, op: str, rng: random.Random) -> tuple[Callable[..., Any
     c, b = rig.case, rig.buffer
     if op in ("cached", "combine") and "normal" not in rig.state:
         rig.fresh(rng)
-    if op == "ll_combine" and "ll" not in rig.state:
+    if op in ("ll_combine", "next_buffer") and "ll" not in rig.state:
         rig.low_latency(rng)
     if op == "layout":
         return b.get_dispatch_layout, dict(topk_idx=c.idx, num_experts=c.experts)
+    if op == "clean":
+        return b.clean_low_latency_buffer, dict(num_max_dispatch_tokens_per_rank=c.cap, hidden=c.w.hidden,
+                                                num_experts=c.experts)  # fmt: skip
+    if op == "local_buffer":
+        return b.get_local_buffer_tensor, dict(dtype=torch.bfloat16, size=(4, 2), offset=8)
+    if op == "next_buffer":
+        # on the other Buffer (with its own handle): a zero-copy buffer on this one would make zero_copy=True valid
+        return rig.other.get_next_low_latency_combine_buffer, dict(handle=rig.foreign["ll"])
     if op == "dispatch":
         per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(c.idx, c.experts)
         layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)

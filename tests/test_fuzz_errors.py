@@ -96,3 +96,36 @@ def _local_buffer(rank: int, world: int) -> list[str]:
 
 def test_get_local_buffer_tensor_names_its_bad_argument() -> None:
     assert len(run_ranks(1, _local_buffer, timeout=60)[0]) == 5
+
+
+# ---- finding: flag arguments were read by their truth, so "no", "False" or 2 meant True (a string use_fp8 failed
+# with int()'s message instead)
+def _flags(rank: int, world: int) -> list[str]:
+    buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
+    x, idx = torch.ones(2, 128, dtype=torch.bfloat16), torch.tensor([[0], [1]])
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 2)
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    calls = {
+        "async_finish": lambda v: buffer.dispatch(x, async_finish=v, **layout),
+        "allocate_on_comm_stream": lambda v: buffer.get_dispatch_layout(idx, 2, allocate_on_comm_stream=v),
+        "use_fp8": lambda v: buffer.low_latency_dispatch(x, idx, 4, 2, use_fp8=v),
+        "return_recv_hook": lambda v: buffer.low_latency_dispatch(x, idx, 4, 2, return_recv_hook=v),
+    }
+    seen = []
+    for name, call in calls.items():
+        for bad in ("no", None, 2):
+            with pytest.raises(TypeError, match=f"{name} must be a bool"):
+                call(bad)
+        seen.append(name)
+    recv, count, handle, _, hook = buffer.low_latency_dispatch(x, idx, 4, 2, use_fp8=0, return_recv_hook=1)
+    hook()  # 0 and 1 (and numpy bools) are taken, as DeepEP's bindings take them
+    assert isinstance(recv, torch.Tensor) and int(count.sum()) == world
+    with pytest.raises(TypeError, match="zero_copy must be a bool"):
+        buffer.low_latency_combine(recv, idx, torch.ones(2, 1), handle, zero_copy="no")
+    with pytest.raises(TypeError, match="low_latency_mode must be a bool"):
+        Buffer(dist.group.WORLD, low_latency_mode="no")
+    return seen
+
+
+def test_flag_arguments_must_be_bools() -> None:
+    assert len(run_ranks(2, _flags, timeout=60)[0]) == 4
