@@ -113,9 +113,12 @@ def draw_case(rng: random.Random, rank: int, world: int, seed: int) -> Case:
 
 # ---- valid rounds: random valid edge inputs, compared with the spec ----------------------------------------------
 def _odd_strides(t: torch.Tensor, how: str) -> torch.Tensor:
-    """The same values with other strides: columns of a wider tensor, column-major, or at an odd offset."""
+    """The same values with other strides: columns of a wider tensor, column-major, or at an odd offset; or
+    "expanded": every row is row 0 (stride 0: other values, for the inputs that are only read)."""
     if t.dim() != 2 or t.numel() == 0:
         return t
+    if how == "expanded":
+        return t[:1].expand(t.shape)
     if how == "wide":
         wide = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype)
         wide[:, ::2] = t
@@ -237,11 +240,13 @@ class Rig:
         older = "old_normal" in self.state and rng.random() < 0.3  # an older handle of this Buffer is valid too
         st = self.state["old_normal" if older else "normal"]
         dtype = rng.choice([torch.bfloat16] * 2 + list(_X_DTYPES))  # any dtype, not the handle's dispatch's only
-        x = _odd_strides((c.x * 2).to(dtype), rng.choice(["plain", "wide", "column", "offset"]))
+        how = rng.choice(["plain", "wide", "column", "offset", "expanded"])
+        x = _odd_strides((c.x * 2).to(dtype), how)
         got = self.buffer.dispatch(x, handle=st["handle"], num_worst_tokens=rng.choice([0, st["worst"]]))[0]
-        want = reference.cached_dispatch([(t * 2).to(dtype) for t in c.w.x], c.in_ranks(), st["worst"])[c.rank]
+        xs = [_odd_strides((t * 2).to(dtype), how) for t in c.w.x]
+        want = reference.cached_dispatch(xs, c.in_ranks(), st["worst"])[c.rank]
         problem = _differ("recv_x", got, want)
-        return [f"cached dispatch ({dtype}, older={older}): {problem}"] if problem else []
+        return [f"cached dispatch ({dtype}, {how}, older={older}): {problem}"] if problem else []
 
     def combine(self, rng: random.Random) -> list[str]:
         c = self.case
@@ -256,7 +261,8 @@ class Rig:
             t = t if t.dtype in _COMBINE_DTYPES else t.to(torch.bfloat16)
             return torch.cat([t, t * 0.5], 1) if wider else t
 
-        x = _odd_strides(rows(st["recv_x"]), rng.choice(["plain", "wide", "offset"]))
+        how = rng.choice(["plain", "wide", "offset", "expanded"])
+        x = _odd_strides(rows(st["recv_x"]), how)
         bias = None
         if with_bias:
             bias = (None, _odd_strides(rows(c.x.to(st["dtype"])) * 0.25, rng.choice(["plain", "wide", "column"])))
@@ -264,7 +270,7 @@ class Rig:
         got, got_w, _ = self.buffer.combine(x, st["handle"], topk_weights=weights, bias=bias)
         spec = c.dispatch_spec(1, st["worst"], st["channels"], st["dtype"])
         want = reference.combine(
-            [rows(s["recv_x"]) for s in spec],
+            [_odd_strides(rows(s["recv_x"]), how) for s in spec],
             c.in_ranks(),
             [s["recv_topk_weights"] for s in spec] if with_weights else None,
             [rows(x.to(st["dtype"])) * 0.25 for x in c.w.x] if with_bias else None,
@@ -272,7 +278,7 @@ class Rig:
         problems = [_differ("combined_x", got, want["combined_x"])]
         if with_weights:
             problems.append(_differ("combined_topk_weights", got_w, want["combined_topk_weights"]))
-        variant = f"wider={wider} bias={with_bias} weights={with_weights}"
+        variant = f"{how} wider={wider} bias={with_bias} weights={with_weights}"
         return [f"combine ({variant}): {p}" for p in problems if p]
 
     def low_latency(self, rng: random.Random) -> list[str]:
@@ -654,7 +660,8 @@ def _table() -> list[Corruption]:
         C("ll_combine", "handle-foreign", _set("handle", lambda r, a: r.foreign["ll"]), ("handle",)),
         C("ll_combine", "handle-tuple", _set("handle", lambda r, a: tuple(a["handle"])), ("handle",)),
         C("ll_combine", "stale", _set("handle", _older("ll")), ("handle",), "one", _has_older("ll")),
-        C("ll_combine", "out-shape", _set("out", lambda r, a: torch.zeros(1, 1, dtype=torch.bfloat16)), ("out",)),
+        C("ll_combine", "out-shape", _set("out", lambda r, a: torch.zeros(r.case.x.shape[0] + 1, r.case.w.hidden,
+          dtype=torch.bfloat16)), ("out",)),
         C("ll_combine", "out-dtype", _set("out", lambda r, a: torch.zeros(r.case.x.shape, dtype=torch.float32)),
           ("out",)),
         C("ll_combine", "out-expanded", _set("out", lambda r, a: torch.zeros(1, r.case.w.hidden, dtype=torch.bfloat16)
