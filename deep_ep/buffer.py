@@ -645,6 +645,7 @@ class Buffer:
         """
         with self._collective("low_latency_dispatch") as agree:
             self._require_low_latency()
+            self._check_hook()  # first: a deferred receive is collective on some backends (a barrier)
             checks.flags(
                 use_fp8=use_fp8,
                 round_scale=round_scale,
@@ -652,7 +653,6 @@ class Buffer:
                 async_finish=async_finish,
                 return_recv_hook=return_recv_hook,
             )
-            self._check_hook()
             checks.tensor("x", x, dtypes=(torch.bfloat16,), dim=2)
             device = x.device
             num_tokens, hidden = x.shape
@@ -774,10 +774,10 @@ class Buffer:
         """
         with self._collective("low_latency_combine") as agree:
             self._require_low_latency()
+            self._check_hook()  # first: a deferred receive is collective on some backends (a barrier)
             checks.flags(
                 use_logfmt=use_logfmt, zero_copy=zero_copy, async_finish=async_finish, return_recv_hook=return_recv_hook
             )
-            self._check_hook()
             if use_logfmt:
                 raise UnsupportedFeatureError("use_logfmt=True (LogFMT combine compression) is not supported")
             handle = self._own_handle(handle, LowLatencyHandle)

@@ -129,3 +129,29 @@ def _flags(rank: int, world: int) -> list[str]:
 
 def test_flag_arguments_must_be_bools() -> None:
     assert len(run_ranks(2, _flags, timeout=60)[0]) == 4
+
+
+# ---- finding (in this branch's flag checks, before they were merged): a bad flag on one rank raised before the
+# call finished the previous call's deferred receive, which on the cuda backend holds a barrier: its peers waited
+def _flag_after_async(rank: int, world: int) -> str:
+    from deep_ep.testing import symm_mem_emulation
+
+    symm_mem_emulation.register()
+    buffer = Buffer(dist.group.WORLD, low_latency_mode=True, backend="cuda_sim")
+    buffer.comm_timeout = 10.0
+    x, idx, weights = torch.ones(2, 128, dtype=torch.bfloat16), torch.tensor([[0], [1]]), torch.ones(2, 1)
+    recv, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, 4, 2, use_fp8=False)
+    buffer.low_latency_combine(recv, idx, weights, handle, async_finish=True)  # CPU: its receive is deferred
+    with pytest.raises(ValueError if rank == 0 else TypeError) as info:
+        buffer.low_latency_dispatch(x, idx, 4, 2, use_fp8="no" if rank == 1 else False)
+    recv, count, handle, _, _ = buffer.low_latency_dispatch(x, idx, 4, 2, use_fp8=False)
+    combined = buffer.low_latency_combine(recv, idx, weights, handle)[0]
+    assert int(count.sum()) == world and torch.equal(combined, x)
+    return f"{type(info.value).__name__}: {info.value}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_a_bad_flag_on_one_rank_still_finishes_the_deferred_receive(tmp_path) -> None:
+    env = {"DEEP_EP_SIM_DIR": str(tmp_path), "TRITON_INTERPRET": "1"}
+    messages = run_ranks(2, _flag_after_async, env=env, timeout=60)
+    assert "rejected" in messages[0] and "use_fp8 must be a bool" in messages[1], messages
