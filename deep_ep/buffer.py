@@ -590,12 +590,14 @@ class Buffer:
         that call's outputs and statistics, as its hook would have), so the next low-latency call may go on."""
         self._check_alive()
         self._require_low_latency()
+        # The lost receive first, whatever the arguments: it is collective on some backends (a barrier), so a rank
+        # whose arguments are refused must still take its part, or its peers wait in it.
+        if self._unreceived_hook is not None:
+            self._unreceived_hook[1]()  # clears the mark first, then receives (what peers sent must be taken)
         checks.integer("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
         checks.integer("hidden", hidden, minimum=1)
         self._num_experts_check("num_experts", num_experts)
         self._combine_buffers.clear()
-        if self._unreceived_hook is not None:
-            self._unreceived_hook[1]()  # clears the mark first, then receives (what peers sent must be taken)
 
     def _require_low_latency(self) -> None:
         if not self.low_latency_mode:

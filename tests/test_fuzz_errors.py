@@ -155,3 +155,31 @@ def test_a_bad_flag_on_one_rank_still_finishes_the_deferred_receive(tmp_path) ->
     env = {"DEEP_EP_SIM_DIR": str(tmp_path), "TRITON_INTERPRET": "1"}
     messages = run_ranks(2, _flag_after_async, env=env, timeout=60)
     assert "rejected" in messages[0] and "use_fp8 must be a bool" in messages[1], messages
+
+
+# ---- finding: clean_low_latency_buffer checked its arguments before finishing a lost hook's receive, which on the
+# cuda backend holds a barrier: a rank with a bad argument skipped it, its peers waited there, and its own next
+# low-latency call raised "the hook ... was not called"
+def _clean_with_a_lost_hook(rank: int, world: int) -> list[int]:
+    from deep_ep.testing import symm_mem_emulation
+
+    symm_mem_emulation.register()
+    buffer = Buffer(dist.group.WORLD, low_latency_mode=True, backend="cuda_sim")
+    buffer.comm_timeout = 10.0
+    x, idx, weights = torch.ones(2, 128, dtype=torch.bfloat16), torch.tensor([[0], [1]]), torch.ones(2, 1)
+    _, count, _, _, _ = buffer.low_latency_dispatch(x, idx, 4, 2, use_fp8=False, return_recv_hook=True)  # hook lost
+    if rank == 1:
+        with pytest.raises(ValueError, match="num_experts"):
+            buffer.clean_low_latency_buffer(4, 128, 3)
+    else:
+        buffer.clean_low_latency_buffer(4, 128, 2)
+    received = count.tolist()  # the lost receive was taken on every rank
+    recv, count, handle, _, _ = buffer.low_latency_dispatch(x, idx, 4, 2, use_fp8=False)
+    assert torch.equal(buffer.low_latency_combine(recv, idx, weights, handle)[0], x)
+    return received
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_clean_low_latency_buffer_takes_the_lost_receive_even_with_bad_arguments(tmp_path) -> None:
+    env = {"DEEP_EP_SIM_DIR": str(tmp_path), "TRITON_INTERPRET": "1"}
+    assert run_ranks(2, _clean_with_a_lost_hook, env=env, timeout=40) == [[2], [2]]
