@@ -707,6 +707,8 @@ def _call_args(rig: Rig, op: str, rng: random.Random) -> tuple[Callable[..., Any
     if op == "layout":
         return b.get_dispatch_layout, dict(topk_idx=c.idx, num_experts=c.experts)
     if op == "clean":
+        if rng.random() < 0.5:  # a hook lost (an exception between dispatch and hook, say): clean takes its receive
+            b.low_latency_dispatch(c.x, c.idx, c.cap, c.experts, use_fp8=False, return_recv_hook=True)
         return b.clean_low_latency_buffer, dict(num_max_dispatch_tokens_per_rank=c.cap, hidden=c.w.hidden,
                                                 num_experts=c.experts)  # fmt: skip
     if op == "local_buffer":
