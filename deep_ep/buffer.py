@@ -22,7 +22,7 @@ from . import config as _config
 from .agreement import check_agreement, dtype_code, name_code, reject_agreement
 from .backends import list_backends, select_backend
 from .backends.base import DispatchArgs, LowLatencyDispatchArgs
-from .comm import Comm, Pending, host_sync_allowed
+from .comm import DEFAULT_TIMEOUT_S, Comm, Pending, default_timeout_s, host_sync_allowed
 from .config import Config
 from .errors import CommTimeoutError, UnsupportedFeatureError
 from .handles import DispatchHandle, LowLatencyHandle
@@ -67,7 +67,7 @@ class Buffer:
         self.group = group
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
-        self._comm = Comm(group)
+        self._comm = Comm(group, timeout_s=DEFAULT_TIMEOUT_S)  # DEEP_EP_COMM_TIMEOUT is checked below, on every rank
         self._comm.open_host_board()
         self.device = _default_device(self._comm)
         # The arguments are checked, then agreed on by every rank in one tiny all-gather: a rank that rejects its
@@ -79,6 +79,10 @@ class Buffer:
                 raise UnsupportedFeatureError(
                     "comm= (an mpi4py communicator) is not supported; pass a torch.distributed group"
                 )
+            self._comm.timeout_s = default_timeout_s()
+            checks.flags(
+                low_latency_mode=low_latency_mode, explicitly_destroy=explicitly_destroy, enable_shrink=enable_shrink
+            )
             if enable_shrink:
                 raise UnsupportedFeatureError("enable_shrink=True (elastic EP with rank masks) is not supported yet")
             self.num_nvl_bytes = checks.integer("num_nvl_bytes", num_nvl_bytes, minimum=0)
@@ -146,9 +150,7 @@ class Buffer:
     @comm_timeout.setter
     def comm_timeout(self, seconds: float) -> None:
         self._check_alive()
-        if not seconds > 0:
-            raise ValueError(f"comm_timeout must be > 0 seconds, got {seconds!r}")
-        self._comm.timeout_s = float(seconds)
+        self._comm.timeout_s = checks.seconds("comm_timeout", seconds)
 
     def destroy(self) -> None:
         """Release the buffer (collective; only with `explicitly_destroy=True`); later calls raise."""
@@ -223,22 +225,27 @@ class Buffer:
     ) -> torch.Tensor:
         """A tensor view of this rank's local buffer (`num_nvl_bytes`, or `num_rdma_bytes` with use_rdma_buffer)."""
         self._check_alive()
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}")
+        offset = checks.integer("offset", offset, minimum=0)
+        shape = None if size is None else _sizes("size", size)
+        use_rdma_buffer = bool(use_rdma_buffer)  # one buffer per kind, whatever truthy value names it
         total = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
         if use_rdma_buffer not in self._local_buffers:
             self._local_buffers[use_rdma_buffer] = torch.zeros(total, dtype=torch.uint8, device=self.device)
         element = dtype.itemsize
-        if offset < 0 or offset % element or offset > total:
+        if offset % element or offset > total:
             raise ValueError(f"offset={offset} must be in [0, {total}] and a multiple of {element}")
         whole = (total - offset) // element * element  # DeepEP's view ignores a last partial element
         view = self._local_buffers[use_rdma_buffer][offset : offset + whole].view(dtype)
-        if size is None:
+        if shape is None:
             return view
         count = 1
-        for s in size:
+        for s in shape:
             count *= s
         if count > view.numel():
-            raise ValueError(f"size={list(size)} needs {count * element} bytes; {total - offset} are left after offset")
-        return view[:count].view(size)
+            raise ValueError(f"size={shape} needs {count * element} bytes; {total - offset} are left after offset")
+        return view[:count].view(shape)
 
     # ---- shared plumbing --------------------------------------------------------------------------
     def _agreement_on(self) -> bool:
@@ -287,6 +294,7 @@ class Buffer:
                 reject_agreement(self._comm, op)
 
     def _begin(self, previous_event: EventOverlap | None, async_finish: bool, allocate_on_comm_stream: bool) -> None:
+        checks.flags(async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
         if previous_event is not None and not isinstance(previous_event, EventOverlap):
             raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
@@ -584,11 +592,13 @@ class Buffer:
         `get_next_low_latency_combine_buffer` before the clean is still what `zero_copy=True` reads."""
         self._check_alive()
         self._require_low_latency()
+        # The lost receive first, whatever the arguments: it is collective on some backends (a barrier), so a rank
+        # whose arguments are refused must still take its part, or its peers wait in it.
+        if self._unreceived_hook is not None:
+            self._unreceived_hook[1]()  # clears the mark first, then receives (what peers sent must be taken)
         checks.integer("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
         checks.integer("hidden", hidden, minimum=1)
         self._num_experts_check("num_experts", num_experts)
-        if self._unreceived_hook is not None:
-            self._unreceived_hook[1]()  # clears the mark first, then receives (what peers sent must be taken)
 
     def _require_low_latency(self) -> None:
         if not self.low_latency_mode:
@@ -638,7 +648,14 @@ class Buffer:
         """
         with self._collective("low_latency_dispatch") as agree:
             self._require_low_latency()
-            self._check_hook()
+            self._check_hook()  # first: a deferred receive is collective on some backends (a barrier)
+            checks.flags(
+                use_fp8=use_fp8,
+                round_scale=round_scale,
+                use_ue8m0=use_ue8m0,
+                async_finish=async_finish,
+                return_recv_hook=return_recv_hook,
+            )
             checks.tensor("x", x, dtypes=(torch.bfloat16,), dim=2)
             device = x.device
             num_tokens, hidden = x.shape
@@ -762,7 +779,10 @@ class Buffer:
         """
         with self._collective("low_latency_combine") as agree:
             self._require_low_latency()
-            self._check_hook()
+            self._check_hook()  # first: a deferred receive is collective on some backends (a barrier)
+            checks.flags(
+                use_logfmt=use_logfmt, zero_copy=zero_copy, async_finish=async_finish, return_recv_hook=return_recv_hook
+            )
             if use_logfmt:
                 raise UnsupportedFeatureError("use_logfmt=True (LogFMT combine compression) is not supported")
             handle = self._own_handle(handle, LowLatencyHandle)
@@ -922,6 +942,13 @@ def _default_device(comm: Comm) -> torch.device:
         if kind in comm.device_types and module is not None and module.is_available():
             return torch.device(kind, module.current_device())
     return torch.device("cpu")
+
+
+def _sizes(name: str, value: Any) -> list[int]:
+    """A shape argument (a torch.Size or a sequence of ints) as a list of sizes >= 0."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a torch.Size or a sequence of ints, got {type(value).__name__} {value!r}")
+    return [checks.integer(f"{name}[{i}]", s, minimum=0) for i, s in enumerate(value)]
 
 
 def _split_x(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

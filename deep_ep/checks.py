@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from typing import Any
 
@@ -59,6 +61,45 @@ def integer(name: str, value: Any, *, minimum: int | None = None) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def flag(name: str, value: Any) -> bool:
+    """`value` as a bool: a bool, a numpy bool, or the int 0 or 1. Anything else (a string, None, 2) is refused
+    instead of being read by its truth: `use_fp8="no"` or `async_finish="False"` would silently mean True."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
+    if not isinstance(value, (str, bytes)):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            number = None
+        if number in (0, 1):
+            return bool(number)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def flags(**named: Any) -> None:
+    """`flag` for each keyword argument (by its name)."""
+    for name, value in named.items():
+        flag(name, value)
+
+
+# The longest timeout taken (about 11.6 days): every wait turns it into a `datetime.timedelta`, and the GPU barrier
+# into whole milliseconds of a 32-bit count; an infinite or larger one would fail there, after the call was issued.
+MAX_TIMEOUT_S = 1e6
+
+
+def seconds(name: str, value: Any) -> float:
+    """`value` as a timeout in seconds: a real number in (0, MAX_TIMEOUT_S]; bools, strings, NaN and infinities
+    are refused (here, before any call waits with it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        raise ValueError(f"{name}={value!r} must be a finite number of seconds in (0, {MAX_TIMEOUT_S:g}]")
     return value
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from . import checks
 from .errors import CommTimeoutError
 from .host_board import CAPACITY_BYTES, HostBoard
 
@@ -24,9 +25,19 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _BACKEND_DEVICE = {"gloo": "cpu", "mpi": "cpu", "nccl": "cuda", "hccl": "npu", "xccl": "xpu"}
 
 
+DEFAULT_TIMEOUT_S = 300.0
+
+
 def default_timeout_s() -> float:
     """`DEEP_EP_COMM_TIMEOUT` (seconds, default 300), read when a Buffer is made, as the other DEEP_EP_* switches."""
-    return float(os.environ.get("DEEP_EP_COMM_TIMEOUT", "300"))
+    raw = os.environ.get("DEEP_EP_COMM_TIMEOUT")
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"DEEP_EP_COMM_TIMEOUT={raw!r} must be a number of seconds") from None
+    return checks.seconds("DEEP_EP_COMM_TIMEOUT", value)
 
 
 def group_device_types(group: dist.ProcessGroup) -> set[str]:

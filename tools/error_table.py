@@ -40,6 +40,7 @@ FOOTER = """
 | a peer exits in the middle of `dispatch` / `combine` | `CommTimeoutError` naming the operation ("a peer went away") | `test_dead_peer_raises_timeout_naming_the_op[exit-*]` |
 | a peer stalls in the middle of `dispatch` / `combine` | `CommTimeoutError` naming the operation after `buffer.comm_timeout` s | `test_dead_peer_raises_timeout_naming_the_op[stall-*]` |
 | random shapes with one random corruption (hypothesis) | only `ValueError`/`TypeError`, the same on every rank; otherwise results equal the spec | `test_fuzzed_arguments_give_documented_errors_or_exact_results` |
+| the error-path fuzzer (`tests/fuzz_errors.py`, 155 corruptions of every call's arguments on one rank or all, `reference` and `cuda_sim`, after random valid rounds with async calls left pending) | every rank raises (the spoiled one naming the argument; for arguments that must match, every rank's `CollectiveMismatchError` names the field); the next round equals the spec bit for bit | `tests/test_fuzz_errors.py` (a fixed slice); the script for more seeds |
 
 After a `CollectiveMismatchError` the Buffer is usable (tested). After a `CommTimeoutError` the peer is gone or
 late: the process group itself may be unusable, and the job should rebuild it.
