@@ -125,6 +125,14 @@ def _expert_output(recv_x, rank: int) -> torch.Tensor:
     return (deq * (1 + 0.25 * i + 0.5 * rank) + 0.0625 * j).to(torch.bfloat16)
 
 
+def _spec_round(w: Workload, rank: int, tokens_cap: int, **dispatch_kwargs) -> tuple[list[dict], torch.Tensor]:
+    """The executable spec's dispatch on every rank, and this rank's combine of `_expert_output` of what each
+    rank received: the expectation of one low-latency round."""
+    want_all = reference.low_latency_dispatch(w.x, w.topk_idx, tokens_cap, w.num_experts, **dispatch_kwargs)
+    ys = [_expert_output(o["recv_x"], d) for d, o in enumerate(want_all)]
+    return want_all, reference.low_latency_combine(ys, w.topk_idx, w.topk_weights, tokens_cap)[rank]
+
+
 def _poison_unused_rows(y: torch.Tensor, recv_count: torch.Tensor) -> torch.Tensor:
     y = y.clone()
     for i, n in enumerate(recv_count.tolist()):
@@ -420,9 +428,7 @@ def _mismatch(rank: int, world: int, fields: list[str]) -> None:
     fmt = FORMATS["fp8"]
     w = _workload(world, dict(experts_per_rank=2, topk=2, seed=80, routing="uniform", tokens=[3] * world), 128)
     x, idx, weights = w.x[rank], w.topk_idx[rank], w.topk_weights[rank]
-    want_all = reference.low_latency_dispatch(w.x, w.topk_idx, 4, w.num_experts)
-    ys = [_expert_output(o["recv_x"], d) for d, o in enumerate(want_all)]
-    want_combined = reference.low_latency_combine(ys, w.topk_idx, w.topk_weights, 4)[rank]
+    want_all, want_combined = _spec_round(w, rank, 4)
     buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
     odd = rank == world - 1  # one rank passes something else; every rank must raise
     for field in fields:
@@ -653,9 +659,7 @@ def _bf16_ignores_scale_flags(rank: int, world: int) -> None:
     # SGLang's bf16 dispatch passes DeepEP's fp8 scale flags with use_fp8=False; DeepEP ignores them there.
     w = _workload(world, dict(experts_per_rank=2, topk=2, seed=62, routing="uniform", tokens=[4] * world), 512)
     x, idx, weights = w.x[rank], w.topk_idx[rank], w.topk_weights[rank]
-    want_all = reference.low_latency_dispatch(w.x, w.topk_idx, 8, w.num_experts, use_fp8=False)
-    ys = [_expert_output(o["recv_x"], d) for d, o in enumerate(want_all)]
-    want_combined = reference.low_latency_combine(ys, w.topk_idx, w.topk_weights, 8)[rank]
+    want_all, want_combined = _spec_round(w, rank, 8, use_fp8=False)
     buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
     flags = dict(round_scale=True, use_ue8m0=True) if rank == 0 else {}  # differing in them is no mismatch
     recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, idx, 8, w.num_experts, use_fp8=False, **flags)
@@ -674,9 +678,7 @@ def test_bf16_dispatch_ignores_fp8_scale_flags_as_deepep() -> None:
 def _staging_survives_clean(rank: int, world: int) -> None:
     w = _workload(world, dict(experts_per_rank=2, topk=2, seed=63, routing="uniform", tokens=[4] * world), 16)
     x, idx, weights = w.x[rank], w.topk_idx[rank], w.topk_weights[rank]
-    want_all = reference.low_latency_dispatch(w.x, w.topk_idx, 8, w.num_experts, use_fp8=False)
-    ys = [_expert_output(o["recv_x"], d) for d, o in enumerate(want_all)]
-    want = reference.low_latency_combine(ys, w.topk_idx, w.topk_weights, 8)[rank]
+    _, want = _spec_round(w, rank, 8, use_fp8=False)
     buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
     recv_x, recv_count, handle = _dispatch(buffer, "sync", x, idx, 8, w.num_experts, FORMATS["bf16"])
     # A staging tensor obtained before clean_low_latency_buffer (DeepEP's clean leaves the staging data alone),
