@@ -637,7 +637,8 @@ class Buffer:
             x: bf16 [N, H], N <= num_max_dispatch_tokens_per_rank (T, equal on all ranks).
             topk_idx: int64 [N, K], -1 = none. num_experts: E, divisible by the group size.
             cumulative_local_expert_recv_stats: int32 [L], incremented by recv_count.
-            dispatch_wait_recv_cost_stats: int64 [R], incremented by the wait for each source (ns).
+            dispatch_wait_recv_cost_stats: int64 [R], incremented by the host's time in the receive (ns; on the
+                cuda backend its enqueue time, not the device's wait: docs/SEMANTICS.md).
             use_fp8: quantise on the wire with this Buffer's `low_latency_quant`; round_scale / use_ue8m0:
             DeepEP's power-of-two scales and their packed form (fp8 only; no effect with use_fp8=False, as in DeepEP).
             async_finish / return_recv_hook: finish later through the event / the returned hook.
@@ -773,7 +774,7 @@ class Buffer:
             int64 / float32 [N, K], the dispatched ones. handle: the low-latency dispatch's handle.
             zero_copy: read x from `get_next_low_latency_combine_buffer(handle)` instead.
             out: optional bf16 [N, H] to write into. use_logfmt: not supported (raises).
-            combine_wait_recv_cost_stats: int64 [R], incremented by the wait for each source (ns).
+            combine_wait_recv_cost_stats: int64 [R], incremented as dispatch_wait_recv_cost_stats is.
         Returns:
             combined_x bf16 [N, H]: fp32 sum over valid k of fp32(w) * fp32(row), from +0.0; event; hook.
         """
