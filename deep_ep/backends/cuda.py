@@ -309,7 +309,7 @@ def _companion_arguments(main: _Push, companion: _Push | None, aligned: str) -> 
     if companion is None:
         return _Push(main.src, False, 0, ROW_ALIGN // WORD), {}
     width = companion.src.shape[1]
-    return companion, {"WORDS2": width, "BLOCK2": max(16, 1 << (width - 1).bit_length()), aligned: companion.aligned}
+    return companion, {"WORDS2": width, "BLOCK2": max(16, _pow2(width)), aligned: companion.aligned}
 
 
 # ---- the backend -------------------------------------------------------------------------------------------
