@@ -65,8 +65,9 @@ setup(
     # Any torch from 2.4 on: an installed torch is never upgraded by this requirement.
     install_requires=["torch>=2.4"],
     extras_require={
-        # Triton (CPU interpreter) runs the cuda backend's kernels on the CPU in tests/test_cuda_backend.py.
-        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "triton>=3.2"],
+        # Triton (CPU interpreter) runs the cuda backend's kernels on the CPU in tests/test_cuda_backend.py; numpy:
+        # tests pass numpy arrays and integers where DeepEP users do.
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "triton>=3.2", "numpy"],
         "bench": ["matplotlib>=3.7"],
         "ascend": [torch_npu_requirement()],
     },

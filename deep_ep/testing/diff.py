@@ -39,6 +39,7 @@ command line.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import importlib
 import json
@@ -904,7 +905,8 @@ class _Frozen:
 def _freeze(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        # The bytes straight from memory (ctypes): no numpy, which a CPU install need not have.
+        data = ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
         return _Frozen(str(t.dtype).removeprefix("torch."), tuple(t.shape), data)
     if isinstance(value, dict):
         return {k: _freeze(v) for k, v in value.items()}
