@@ -585,7 +585,8 @@ class Buffer:
 
     # ---- low-latency mode (SPEC section 6) -------------------------------------------------------
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """Reset low-latency buffers (the reference backend keeps none between calls; arguments are checked).
+        """DeepEP's reset of the low-latency buffers. Nothing needs one here (the reference backend keeps none between
+        calls; the cuda backend zeroes its workspace itself when the layout changes), so the arguments are checked.
         A receive whose hook was never called (the hook lost to an exception, say) is finished here (filling
         that call's outputs and statistics, as its hook would have), so the next low-latency call may go on.
         The zero-copy staging tensor stays (DeepEP's clean zeroes only its signalling words): one obtained from

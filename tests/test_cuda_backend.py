@@ -687,9 +687,9 @@ def _exchanged_rows(masks: list[torch.Tensor], num_channels: int) -> list[list[i
 
 
 def _bookkeeping_cases(rank: int, world: int) -> int:
-    """EMULATION host (kernels in Triton's interpreter): the cuda backend's `_exact_route` and `_unpack` against the
-    reference backend's, bit for bit, over random masks, token counts across the kernel's 1024-token blocks, channel
-    counts, mask layouts, id dtypes and packed formats. Returns the cases compared."""
+    """EMULATION host (kernels in Triton's interpreter): the cuda backend's `_count_row`, `_exact_route` and `_unpack`
+    against the reference backend's, bit for bit, over random masks, token counts across the kernel's 1024-token
+    blocks, channel counts, mask layouts, id dtypes and packed formats. Returns the cases compared."""
     from deep_ep.testing import symm_mem_emulation
 
     symm_mem_emulation.register()

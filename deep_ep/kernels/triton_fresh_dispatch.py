@@ -5,10 +5,11 @@ operations (each 10-20 us of host time on a GPU host, and a fresh dispatch is pa
 channel), per expert, the range of the expert ids, the token count), as the reference's `_count_row`.
 `route_kernel`, once the count exchange is on the device: for every (token t, destination d) the running count of
 tokens 0..t sent to d, and from it DeepEP's `send_head`, the push kernel's destination row and the route's
-`send_tokens` (the reference computes these with `running_count`, `_send_head`, `nonzero` and `dispatch_push_plan`).
+`send_tokens` (the torch code: `running_count`, `_send_head` and `nonzero` in the reference, `dispatch_push_plan` in
+the cuda backend).
 `unpack_kernel`, once the packed per-token fields have arrived: the source index, and topk_idx / topk_weights
 made local (ids of this rank's experts shifted to 0..L-1, others -1 with weight +0.0), as the reference's unpack.
-Both produce the same bits as the torch code they replace (tests/test_cuda_backend.py compares them).
+All three produce the same bits as the torch code they replace (tests/test_cuda_backend.py compares them).
 """
 
 from __future__ import annotations
