@@ -81,7 +81,12 @@ class Buffer:
                 )
             self._comm.timeout_s = default_timeout_s()
             checks.flags(
-                low_latency_mode=low_latency_mode, explicitly_destroy=explicitly_destroy, enable_shrink=enable_shrink
+                low_latency_mode=low_latency_mode,
+                explicitly_destroy=explicitly_destroy,
+                enable_shrink=enable_shrink,
+                allow_nvlink_for_low_latency_mode=allow_nvlink_for_low_latency_mode,
+                allow_mnnvl=allow_mnnvl,
+                use_fabric=use_fabric,
             )
             if enable_shrink:
                 raise UnsupportedFeatureError("enable_shrink=True (elastic EP with rank masks) is not supported yet")
@@ -229,7 +234,7 @@ class Buffer:
             raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}")
         offset = checks.integer("offset", offset, minimum=0)
         shape = None if size is None else _sizes("size", size)
-        use_rdma_buffer = bool(use_rdma_buffer)  # one buffer per kind, whatever truthy value names it
+        use_rdma_buffer = checks.flag("use_rdma_buffer", use_rdma_buffer)  # a bool: one buffer per kind
         total = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
         if use_rdma_buffer not in self._local_buffers:
             self._local_buffers[use_rdma_buffer] = torch.zeros(total, dtype=torch.uint8, device=self.device)

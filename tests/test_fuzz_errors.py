@@ -82,6 +82,7 @@ def _local_buffer(rank: int, world: int) -> list[str]:
         (dict(dtype=torch.uint8, size=(-1,)), "size[0]"),
         (dict(dtype=torch.uint8, size=torch.Size([2, -3])), "size[1]"),
         (dict(dtype=torch.uint8, size=4), "size"),
+        (dict(dtype=torch.uint8, use_rdma_buffer="no"), "use_rdma_buffer"),  # "no" read by its truth meant True
         (dict(dtype=torch.uint8, offset=2.0), "offset"),
     ]:
         with pytest.raises((TypeError, ValueError), match=name.replace("[", r"\[")):
@@ -90,12 +91,12 @@ def _local_buffer(rank: int, world: int) -> list[str]:
     view = buffer.get_local_buffer_tensor(torch.bfloat16, size=torch.Size([2, 3]), offset=4)
     assert view.shape == (2, 3) and view.data_ptr() == buffer.get_local_buffer_tensor(torch.uint8).data_ptr() + 4
     rdma = buffer.get_local_buffer_tensor(torch.uint8, use_rdma_buffer=True)
-    assert buffer.get_local_buffer_tensor(torch.uint8, use_rdma_buffer="yes").data_ptr() == rdma.data_ptr()
+    assert buffer.get_local_buffer_tensor(torch.uint8, use_rdma_buffer=1).data_ptr() == rdma.data_ptr()
     return seen
 
 
 def test_get_local_buffer_tensor_names_its_bad_argument() -> None:
-    assert len(run_ranks(1, _local_buffer, timeout=60)[0]) == 5
+    assert len(run_ranks(1, _local_buffer, timeout=60)[0]) == 6
 
 
 # ---- finding: flag arguments were read by their truth, so "no", "False" or 2 meant True (a string use_fp8 failed
@@ -122,8 +123,9 @@ def _flags(rank: int, world: int) -> list[str]:
     assert isinstance(recv, torch.Tensor) and int(count.sum()) == world
     with pytest.raises(TypeError, match="zero_copy must be a bool"):
         buffer.low_latency_combine(recv, idx, torch.ones(2, 1), handle, zero_copy="no")
-    with pytest.raises(TypeError, match="low_latency_mode must be a bool"):
-        Buffer(dist.group.WORLD, low_latency_mode="no")
+    for name in ("low_latency_mode", "allow_mnnvl", "use_fabric", "allow_nvlink_for_low_latency_mode"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            Buffer(dist.group.WORLD, **{name: "no"})
     return seen
 
 
