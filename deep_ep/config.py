@@ -48,8 +48,9 @@ class Config:
     num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=256)`.
 
     `num_max_rdma_chunked_recv_tokens` is rounded up to a multiple of `num_max_rdma_chunked_send_tokens`
-    (so the default reads back as 258). A backend without chunked buffers ignores everything here except
-    `num_sms // 2`, the channel count that shapes the `channel_prefix_matrix` handle items.
+    (so the default reads back as 258). No backend has DeepEP's chunked queues, so the chunk sizes only enter
+    the size hints; dispatch and combine read `num_sms` alone (the cuda kernels' SM budget, and `num_sms // 2`,
+    the channel count that shapes the `channel_prefix_matrix` handle items).
     Instances are immutable, comparable and hashable.
     """
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -218,3 +220,59 @@ def test_low_latency_rdma_size_hint():
 
 def test_topk_idx_t():
     assert topk_idx_t is torch.int64
+
+
+CHUNK_FIELDS = FIELDS[1:]
+
+
+def _readme_config_section() -> str:
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    start = readme.index("### `Config(")
+    return readme[start : readme.index("\n### ", start + 1)]
+
+
+def test_unread_chunk_fields_are_documented():
+    # The claim, checked on the code: no module but config.py (checks, hints) names a chunk field, so no backend
+    # reads them. If one ever does, the README sentence below must change with it.
+    package = Path(__file__).resolve().parent.parent / "deep_ep"
+    readers = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if path.name != "config.py" and any(field in path.read_text(encoding="utf-8") for field in CHUNK_FIELDS)
+    ]
+    assert readers == []
+    # A DeepEP user tunes these (DeepEP's tests/test_intranode.py sweeps the NVL chunk size): the README must say
+    # that here they change nothing, and that a cached dispatch / combine config need not match the handle.
+    section = " ".join(_readme_config_section().split())
+    assert "no backend reads them" in section
+    assert "cached dispatch or a combine may pass a `config` whose `num_sms // 2` differs" in section
+
+
+def _other_channel_counts(rank: int, world: int) -> bool:
+    import torch.distributed as dist
+
+    from deep_ep import Buffer
+
+    buffer = Buffer(dist.group.WORLD)
+    generator = torch.Generator().manual_seed(rank)
+    x = torch.randn(6, 16, generator=generator).to(torch.bfloat16)
+    topk_idx = torch.randint(0, 4, (6, 2), generator=generator)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 4)
+    own = Config(num_sms=4)  # 2 channels in the handle
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, config=own
+    )
+    same = []
+    for other in (Config(num_sms=24), Config(num_sms=7)):  # another channel count, and an odd SM count
+        same.append(torch.equal(buffer.dispatch(x, handle=handle, config=other)[0], recv_x))
+        combined_own = buffer.combine(recv_x, handle, config=own)[0]
+        same.append(torch.equal(buffer.combine(recv_x, handle, config=other)[0], combined_own))
+    return all(same)
+
+
+def test_cached_dispatch_and_combine_take_another_channel_count():
+    # README (Config): the handle fixes the routing, so only a fresh dispatch's `num_sms // 2` matters.
+    from deep_ep.testing import run_ranks
+
+    assert run_ranks(2, _other_channel_counts) == [True, True]
