@@ -4,7 +4,7 @@
 # PART=check: cuda self-test; harness cuda vs reference and reference vs the executable spec over NCCL, both
 #   modes, every family and low-latency format; the low-latency CUDA-graph check.
 # PART=perf: issue 7 and 8's shape (4096 tokens x 7168 bf16, top-8 of 256), timed back to back as DeepEP's tests
-#   time, two rounds: the reference backend; the cuda backend at 20 and 32 SMs; upstream DeepEP at 20, 32, 64 SMs;
+#   time, ROUNDS rounds (default 1): the reference backend; the cuda backend at 20 and 32 SMs; upstream DeepEP at 20, 32, 64 SMs;
 #   low-latency at T = 128 (kernel times) for cuda and DeepEP.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
@@ -29,7 +29,7 @@ else
   NORMAL=(--mode normal --tokens 4096 --dtype bfloat16)
   LL=(--mode ll --ll-tokens 128 --dtype bfloat16 fp8 --ll-kernel-times)
   row() { grep -E "^(normal|ll|low)" $1 | grep -E "dispatch|combine" | cut -c1-130; }
-  for round in 1 2; do
+  for round in $(seq ${ROUNDS:-1}); do
     echo "=== round $round: reference"; timeout -k 5 90 "${OURS[@]}" --backend reference "${NORMAL[@]}" "${SHAPE[@]}" --json $R/ref_$round.json > $R/ref_$round.txt 2>&1; echo "exit $?"; row $R/ref_$round.txt
     for sms in 20 32; do
       echo "=== round $round: cuda, $sms SMs"; timeout -k 5 90 "${OURS[@]}" --backend cuda "${NORMAL[@]}" "${SHAPE[@]}" --num-sms $sms --json $R/cuda_sms${sms}_$round.json > $R/cuda_sms${sms}_$round.txt 2>&1; echo "exit $?"; row $R/cuda_sms${sms}_$round.txt
