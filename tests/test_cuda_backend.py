@@ -22,9 +22,11 @@ from deep_ep import Buffer
 from deep_ep.backends import availability, get_backend_class
 from deep_ep.backends.base import DispatchArgs
 from deep_ep.backends.cuda import (
+    COPY_ENGINES_ENV,
     CudaBackend,
     PushCopy,
     combine_plan,
+    copy_engines_wanted,
     combine_push_plan,
     dispatch_plan,
     dispatch_push_plan,
@@ -376,14 +378,16 @@ def _sim_cases(world: int) -> list[cuda_selftest.Case]:
 @pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="Triton not installed (pip install -e '.[test]')"
 )
-def test_backend_end_to_end_on_host_shared_memory_and_unavailable_here(tmp_path) -> None:
+@pytest.mark.parametrize("copy_engines", ["0", "1"])
+def test_backend_end_to_end_on_host_shared_memory_and_unavailable_here(tmp_path, copy_engines: str) -> None:
     # EMULATION: torch symmetric memory is replaced by shared files + gloo barriers and the push kernel runs in
-    # Triton's CPU interpreter; the backend code and the kernel are the real ones.
+    # Triton's CPU interpreter; the backend code and the kernel are the real ones. The combine sends its rows by
+    # the push kernel ("0") or as block copies ("1", on a GPU the copy engines' work).
     world = 3  # odd, with an idle rank and a rank without tokens among the workloads
     opts = cuda_selftest.Options(
         candidate="cuda_sim", timing=False, cases=_sim_cases(world), register=("cuda_sim", SimCudaBackend)
     )
-    env = {DIRECTORY_ENV: str(tmp_path), "TRITON_INTERPRET": "1"}
+    env = {DIRECTORY_ENV: str(tmp_path), "TRITON_INTERPRET": "1", COPY_ENGINES_ENV: copy_engines}
     results = run_ranks(world, _sim_round, opts, env=env)
     _check_unavailable_here(results[0][1])
     reports = [report for report, _ in results]
@@ -392,6 +396,18 @@ def test_backend_end_to_end_on_host_shared_memory_and_unavailable_here(tmp_path)
     assert len(reports[0].checks) > 100
     grown = {name.split("-rank")[0] for name in os.listdir(tmp_path)}
     assert len(grown) >= 2, f"the workspace never regrew: {sorted(grown)}"
+
+
+def test_copy_engines_setting(monkeypatch) -> None:
+    monkeypatch.delenv(COPY_ENGINES_ENV, raising=False)
+    assert [copy_engines_wanted(r) for r in (1, 2, 3, 4)] == [False, True, False, False]  # auto: 2 ranks
+    monkeypatch.setenv(COPY_ENGINES_ENV, "1")
+    assert copy_engines_wanted(4) and copy_engines_wanted(2)
+    monkeypatch.setenv(COPY_ENGINES_ENV, "0")
+    assert not copy_engines_wanted(2)
+    monkeypatch.setenv(COPY_ENGINES_ENV, "yes")
+    with pytest.raises(ValueError, match=COPY_ENGINES_ENV):
+        copy_engines_wanted(2)
 
 
 def test_host_tensors_ride_on_the_device_of_a_device_only_group() -> None:

@@ -15,7 +15,9 @@ docs/CUDA.md has the design, the memory-ordering argument and the results. In sh
   recv_src_idx says which row), so nothing is copied out afterwards.
 - Combine pushes each row received from a peer back into that peer's workspace (x, and the weights; a rank's rows
   from itself stay where they are), one barrier, and the source sums in SPEC order with the ordered-sum kernel
-  (`deep_ep.kernels.ordered_sum`), reading each row once, its own rows from the combine's input.
+  (`deep_ep.kernels.ordered_sum`), reading each row once, its own rows from the combine's input. The rows going
+  back to one peer are one contiguous block on both sides, so where the layouts match they go as one copy per peer
+  on the GPU's copy engines instead of the push kernel (`COPY_ENGINES_ENV`; measured faster on 2 GPUs).
 - Alternate calls use alternate halves of the workspace, so one barrier per call suffices: a rank writes into
   a half again only after a barrier that every peer reached after reading that half.
 - The push kernel runs on `Config.num_sms` SMs (a persistent grid). The copy-out is one torch copy (a memcpy where
@@ -34,6 +36,7 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +74,10 @@ def _fresh_dispatch_kernels() -> Any:
 
 
 ROW_ALIGN = 16  # bytes: workspace rows start 16-byte aligned, so the kernel stores 16-byte vectors
+# Whether a combine sends its blocks with the copy engines (one cudaMemcpy per peer) instead of the push kernel:
+# "auto" (the default) on 2-rank groups, where a copy moved 335-362 GB/s against the kernel's 240-274 (2xH200,
+# docs/results/2026-11-23-session24/tma_probe.py); "1" on any group; "0" never.
+COPY_ENGINES_ENV = "DEEP_EP_CUDA_COPY_ENGINES"
 
 
 # ---- the plan: which rows go where (pure host arithmetic, tested on the CPU) ----------------------------
@@ -117,6 +124,25 @@ def combine_plan(counts: list[list[int]], rank: int) -> list[PushCopy]:
             copies.append(PushCopy(source, begin, count, sum(counts[source][:rank])))
         begin += count
     return copies
+
+
+def copy_engines_wanted(num_ranks: int) -> bool:
+    """Whether a combine sends its blocks with the copy engines (`COPY_ENGINES_ENV`: auto, 0 or 1)."""
+    value = os.environ.get(COPY_ENGINES_ENV, "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"{COPY_ENGINES_ENV}={value!r}: expected auto, 0 or 1")
+    return value == "1" or (value == "auto" and num_ranks == 2)
+
+
+def copy_blocks(workspace: Any, region: int, rows: torch.Tensor, blocks: list[PushCopy]) -> None:
+    """Each block of byte rows [N, W] (contiguous, W a whole workspace row) into its peer's region that starts at
+    byte `region`: the same layout on both sides, so each block is one copy, which the GPU's copy engines run."""
+    width = rows.shape[1]
+    for block in blocks:
+        peer = workspace.peer(block.peer)
+        offset = peer.storage_offset() + region + block.dst_row * width
+        target = peer.as_strided((block.count, width), (width, 1), offset)
+        target.copy_(rows[block.src_begin : block.src_begin + block.count])
 
 
 def rows_received(counts: list[list[int]], rank: int, dispatch: bool) -> int:
@@ -329,6 +355,7 @@ class CudaBackend(ReferenceBackend):
         self._last_stream: torch.cuda.Stream | None = None
         self._logged: set[str] = set()
         self._low_latency = LowLatencyKernels(self)
+        self._copy_engines = copy_engines_wanted(comm.size)
 
     @classmethod
     def unavailable_reason(cls, group: dist.ProcessGroup, device: torch.device) -> str | None:
@@ -551,7 +578,7 @@ class CudaBackend(ReferenceBackend):
             self._log_once(reason, logging.INFO if self.comm.size == 1 else logging.WARNING)
             return super().combine(x, route, topk_weights, bias)
         tensors = [byte_rows(t, t.shape[1] * t.element_size()) for t in (x, topk_weights) if t is not None]
-        returned = self._push(self._plan(route, dispatch=False), tensors)
+        returned = self._push(self._plan(route, dispatch=False), tensors, self._combine_blocks(route, tensors))
         # Rows came back where `send_tokens` lists them (destination blocks ascending, tokens ascending), except
         # this rank's rows to itself, which the sum reads from the combine's input.
         rank = self.comm.rank
@@ -562,6 +589,20 @@ class CudaBackend(ReferenceBackend):
             rows = returned[1].view(topk_weights.dtype)
             combined_weights = ordered_gather_sum(rows, row_index, own=(rank, topk_weights))
         return combined_x, combined_weights, Pending(self.comm, "combine", [], [], on_host=False)
+
+    def _combine_blocks(self, route: Route, tensors: list[torch.Tensor]) -> list[PushCopy] | None:
+        """The combine's blocks for the copy engines, the peers in turn from the next rank on (so that at each step
+        every rank copies to a different peer); None where the push kernel sends the rows: copy engines off, or
+        rows that are not workspace rows byte for byte (contiguous, a whole number of ROW_ALIGN units)."""
+        if not self._copy_engines or any(not t.shape[1] or t.shape[1] % ROW_ALIGN or not t.is_contiguous() for t in tensors):
+            return None
+        blocks = route.cache.get("cuda_combine_blocks")
+        if blocks is None:
+            rank, size = self.comm.rank, self.comm.size
+            others = [block for block in combine_plan(route.all_counts, rank) if block.peer != rank]
+            blocks = sorted(others, key=lambda block: (block.peer - rank) % size)
+            route.cache["cuda_combine_blocks"] = blocks
+        return blocks
 
     # ---- the push ----------------------------------------------------------------------------------------
     def _plan(self, route: Route, dispatch: bool) -> PushPlan:
@@ -599,19 +640,25 @@ class CudaBackend(ReferenceBackend):
             yield workspace, region
             self._last_stream = current
 
-    def _push(self, plan: PushPlan, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _push(
+        self, plan: PushPlan, tensors: list[torch.Tensor], blocks: list[PushCopy] | None = None
+    ) -> list[torch.Tensor]:
         """Write the byte rows [num_rows, W] of each tensor into the ranks' workspaces per `plan` (one region per
         tensor), then one barrier. Returns this rank's received rows of each, [plan.received, W] views of its
-        workspace, valid on the current stream until its call after next starts."""
+        workspace, valid on the current stream until its call after next starts. `blocks` (the same rows as
+        contiguous blocks, see `copy_blocks`): copied with the copy engines instead of the push kernel."""
         pitches = [max(align_up(rows.shape[1], ROW_ALIGN), ROW_ALIGN) for rows in tensors]
         # Same counts and row widths on every rank, so every rank asks for the same size.
         with self._call(plan.capacity * sum(pitches)) as (workspace, region):
             words, deltas = workspace.local.view(torch.int32), self._word_deltas(workspace)
             received, pushes = [], []
             for rows, pitch in zip(tensors, pitches):
-                src, aligned = source_words(rows, pitch)
-                if rows.shape[0] and src.shape[1]:
-                    pushes.append(_Push(src, aligned, region // WORD, pitch // WORD))
+                if blocks is not None:
+                    copy_blocks(workspace, region, rows, blocks)
+                else:
+                    src, aligned = source_words(rows, pitch)
+                    if rows.shape[0] and src.shape[1]:
+                        pushes.append(_Push(src, aligned, region // WORD, pitch // WORD))
                 received.append(workspace_rows_view(workspace, region, plan.received, pitch, rows.shape[1]))
                 region += plan.capacity * pitch
             if len(pushes) == 2 and pushes[1].src.shape[1] <= _normal_kernels().COMPANION_MAX_WORDS:
