@@ -4,7 +4,8 @@
 # PART=check: cuda self-test; harness cuda vs reference and reference vs the executable spec over NCCL, both
 #   modes, every family and low-latency format; the low-latency CUDA-graph check.
 # PART=perf: issue 7 and 8's shape (4096 tokens x 7168 bf16, top-8 of 256), timed back to back as DeepEP's tests
-#   time, ROUNDS rounds (default 1): the reference backend; the cuda backend at 20 and 32 SMs; upstream DeepEP at 20, 32, 64 SMs;
+#   time, ROUNDS rounds (default 1): the reference backend; the cuda backend at 20 and 32 SMs (and at 32 with the combine
+#   on the copy engines, DEEP_EP_CUDA_COPY_ENGINES=1, plus queued_cuda.py); upstream DeepEP at 20, 32, 64 SMs;
 #   low-latency at T = 128 (kernel times) for cuda and DeepEP.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
@@ -34,6 +35,8 @@ else
     for sms in 20 32; do
       echo "=== round $round: cuda, $sms SMs"; timeout -k 5 90 "${OURS[@]}" --backend cuda "${NORMAL[@]}" "${SHAPE[@]}" --num-sms $sms --json $R/cuda_sms${sms}_$round.json > $R/cuda_sms${sms}_$round.txt 2>&1; echo "exit $?"; row $R/cuda_sms${sms}_$round.txt
     done
+    echo "=== round $round: cuda, 32 SMs, combine on the copy engines"; DEEP_EP_CUDA_COPY_ENGINES=1 timeout -k 5 90 "${OURS[@]}" --backend cuda "${NORMAL[@]}" "${SHAPE[@]}" --num-sms 32 --json $R/cuda_ce_sms32_$round.json > $R/cuda_ce_sms32_$round.txt 2>&1; echo "exit $?"; row $R/cuda_ce_sms32_$round.txt
+    echo "=== round $round: queued_cuda.py"; timeout -k 5 120 "${RUN[@]}" docs/results/2026-11-23-session24/queued_cuda.py > $R/queued_$round.txt 2>&1; echo "exit $?"; grep -E "^  |bits|MISMATCH" $R/queued_$round.txt
     for sms in 20 32 64; do
       echo "=== round $round: DeepEP, $sms SMs"; timeout -k 5 90 "${UPSTREAM[@]}" "${NORMAL[@]}" "${SHAPE[@]}" --num-sms $sms --json $R/deepep_sms${sms}_$round.json > $R/deepep_sms${sms}_$round.txt 2>&1; echo "exit $?"; row $R/deepep_sms${sms}_$round.txt
     done
