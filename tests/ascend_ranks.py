@@ -324,3 +324,16 @@ def lazy_import(rank: int, world: int) -> str:
     reason = module.AscendBackend.unavailable_reason(dist.group.WORLD, torch.device("cpu"))
     assert "torch_npu" not in sys.modules
     return reason
+
+
+def empty_tokens(rank: int, world: int) -> list:
+    """A3 (2-D x_active_mask): tokens whose K entries are all -1 combine to +0.0, not to what the op leaves in
+    rows it does not write (the EMULATION leaves NaN there, as the op leaves them uninitialised)."""
+    install("A3", generations=("v2",))
+    fused = Buffer(dist.group.WORLD, low_latency_mode=True, backend="ascend")
+    w = make_workload(world, 4, 1024, 2, 2 * world, seed=9)
+    idx = w.topk_idx[rank].clone()
+    idx[1] = -1  # token 1 selects nothing; the others keep their experts
+    recv, _, handle, _, _ = fused.low_latency_dispatch(w.x[rank], idx, 4, w.num_experts, use_fp8=False)
+    out, _, _ = fused.low_latency_combine(expert_output(recv, False), idx, w.topk_weights[rank], handle)
+    return out.float().tolist()

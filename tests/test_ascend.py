@@ -13,6 +13,7 @@ import torch
 from ascend_ranks import (
     availability,
     differential,
+    empty_tokens,
     fallback,
     hierarchy,
     lazy_import,
@@ -39,6 +40,14 @@ def test_emulated_ascend_matches_reference(world: int, chip: str, hidden: int) -
     for result in results:
         assert result["ops"] == ["npu_moe_distribute_combine_v2", "npu_moe_distribute_dispatch_v2"]
         assert result["fallbacks"] == []
+
+
+def test_a3_token_selecting_nothing_combines_to_zero() -> None:
+    """EMULATION: the A3 combine op writes only the tokens its 2-D x_active_mask activates (ops-transformer
+    moe_distribute_combine_v2.h, LocalWindowCopy) into an uninitialised output; the backend must give +0.0."""
+    for out in run_ranks(2, empty_tokens):
+        assert out[1] == [0.0] * 1024
+        assert not any(v != v for row in out for v in row), "NaN: a row the op never wrote leaked out"
 
 
 @pytest.mark.parametrize("chip,world,hidden", [("A2", 4, 64), ("A3", 8, 7168)])

@@ -600,8 +600,13 @@ class AscendBackend(ReferenceBackend):
             kwargs["expand_scales"] = route.expand_scales
         if route.extra["pass_alg"]:
             kwargs["comm_alg"] = limits.comm_alg
-        combined = op(**kwargs)
-        out.copy_(combined[:num_tokens])
+        combined = op(**kwargs)[:num_tokens]
+        if route.active_mask is not None and route.active_mask.dim() == 2:
+            # The op writes only the tokens its mask activates (its output is allocated uninitialised): a token
+            # whose K entries are all -1 gets SPEC 6.3's empty sum, +0.0, here.
+            selected = route.active_mask[:num_tokens].any(1, keepdim=True)
+            combined = torch.where(selected, combined, torch.zeros_like(combined))
+        out.copy_(combined)
         return Pending(comm, "low_latency_combine", [], [], on_host=x.device.type == "cpu")
 
 

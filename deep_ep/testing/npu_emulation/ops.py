@@ -17,6 +17,7 @@ docs/ASCEND.md for the sources):
   sum(expert_scales[t, k] * row), each product rounded, then one cast to the output dtype; under A2's
   'hierarchy' algorithm (picked by HCCL_INTRA_PCIE_ENABLE=1, HCCL_INTRA_ROCE_ENABLE=0 where no comm_alg is
   given) the weight is the row's dispatch-time scale (expand_scales), as the op's A2 kernels take it;
+  rows of tokens the x_active_mask leaves inactive are not written (NaN here; uninitialised on the NPU);
 - HCCL_BUFFSIZE too small for the documented formula fails the call, as the real op would fail.
 """
 
@@ -357,4 +358,7 @@ def combine(state: EmulationState, generation: str, a: dict[str, Any]) -> torch.
     for k in range(num_topk):
         product = weights[:, k : k + 1] * slots[:, k]  # rounded product, then a separate add
         acc = acc + torch.where(present[:, k : k + 1], product, torch.zeros_like(product))
-    return acc.to(expand_x.dtype)
+    # The op allocates x uninitialised and writes only the tokens x_active_mask activates (A3 kernel
+    # LocalWindowCopy loops over the active tokens only): NaN stands for the rows it never writes.
+    written = active.any(1, keepdim=True)
+    return torch.where(written, acc, torch.full_like(acc, float("nan"))).to(expand_x.dtype)
