@@ -337,3 +337,16 @@ def empty_tokens(rank: int, world: int) -> list:
     recv, _, handle, _, _ = fused.low_latency_dispatch(w.x[rank], idx, 4, w.num_experts, use_fp8=False)
     out, _, _ = fused.low_latency_combine(expert_output(recv, False), idx, w.topk_weights[rank], handle)
     return out.float().tolist()
+
+
+def uneven_buffsize(rank: int, world: int) -> str:
+    """HCCL_BUFFSIZE set differently on each rank: every rank must raise (none may wait for the others)."""
+    import os
+
+    install("A3")
+    os.environ["HCCL_BUFFSIZE"] = str(300 + rank)
+    fused = Buffer(dist.group.WORLD, low_latency_mode=True, backend="ascend")
+    w = make_workload(world, 4, 1024, 2, 4, seed=6)
+    with raises(ValueError, match="HCCL_BUFFSIZE differs across ranks") as info:
+        fused.low_latency_dispatch(w.x[rank], w.topk_idx[rank], 4, w.num_experts)
+    return str(info.value)

@@ -23,6 +23,7 @@ from ascend_ranks import (
     record_calls,
     small_buffsize,
     strict,
+    uneven_buffsize,
 )
 
 from deep_ep.backends import ascend
@@ -91,6 +92,12 @@ def test_strict_mode_raises_naming_the_limit() -> None:
 def test_hccl_buffsize_is_checked_against_the_documented_formula() -> None:
     messages = run_ranks(2, small_buffsize, env={"HCCL_BUFFSIZE": "1"})
     assert all("Set HCCL_BUFFSIZE=2" in m for m in messages)
+
+
+def test_hccl_buffsize_must_agree_across_ranks() -> None:
+    """The op docs require one HCCL_BUFFSIZE on every rank; a rank that raised alone would hang the others."""
+    messages = run_ranks(2, uneven_buffsize, timeout=60)
+    assert all("[300, 301] MB by rank" in m for m in messages)
 
 
 # ---- the ops as the backend calls them: schema keywords, meta shapes, argument checks -------------------

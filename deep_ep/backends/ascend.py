@@ -432,7 +432,22 @@ class AscendBackend(ReferenceBackend):
         if key in self._checked_sizes:
             return
         need = required_hccl_buffsize_mb(limits, *key)
-        have = hccl_buffsize_mb()
+        # Collective (every rank checks the same key on the same call): the op docs require one HCCL_BUFFSIZE on
+        # all ranks, and a rank that raised here alone would leave the others waiting in the next exchange.
+        try:
+            mine, unreadable = hccl_buffsize_mb(), ""
+        except ValueError as error:
+            mine, unreadable = -1, str(error)
+        every = [row[0] for row in self.comm.all_gather_ints([mine], "low_latency_dispatch")]
+        if -1 in every:
+            bad = [rank for rank, value in enumerate(every) if value == -1]
+            raise ValueError(unreadable or f"HCCL_BUFFSIZE is not an integer number of MB on rank(s) {bad}")
+        if len(set(every)) > 1:
+            raise ValueError(
+                f"HCCL_BUFFSIZE differs across ranks ({every} MB by rank): the Ascend low-latency ops require the "
+                f"same value on every rank. Set HCCL_BUFFSIZE={max(need, *every)} on every rank before it starts."
+            )
+        have = every[0]
         if have < need:
             num_ranks, tokens, hidden, num_topk, num_experts = key
             raise ValueError(
