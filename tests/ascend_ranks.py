@@ -350,3 +350,15 @@ def uneven_buffsize(rank: int, world: int) -> str:
     with raises(ValueError, match="HCCL_BUFFSIZE differs across ranks") as info:
         fused.low_latency_dispatch(w.x[rank], w.topk_idx[rank], 4, w.num_experts)
     return str(info.value)
+
+
+def changing_shape(rank: int, world: int) -> dict:
+    """Low-latency rounds with T = 4, then T = 8, then E doubled, on one Buffer (A3): the ops require global_bs
+    and moe_expert_num fixed per communicator, so only the first shape may take the fused path."""
+    state = install("A3", generations=("v2",))
+    fused, ref = fused_and_reference()
+    with logged() as records:
+        for cap, experts in ((4, 2 * world), (8, 2 * world), (4, 4 * world), (4, 2 * world)):
+            case = dict(CASES[0], hidden=1024, experts=experts, cap=cap)
+            ll_round(rank, world, fused, ref, case, use_fp8=False)
+    return {"ops": len(state.calls), "logged": records}

@@ -12,6 +12,7 @@ import pytest
 import torch
 from ascend_ranks import (
     availability,
+    changing_shape,
     differential,
     empty_tokens,
     fallback,
@@ -82,6 +83,14 @@ def test_a2_hierarchy_variables(generation: str) -> None:
         else:
             assert result["ops"] == ["npu_moe_distribute_combine_v2", "npu_moe_distribute_dispatch_v2"]
             assert result["logged"] == []
+
+
+def test_calls_that_change_global_bs_or_expert_count_run_the_reference_algorithm() -> None:
+    """The op docs fix global_bs and moe_expert_num for every call (layer) on one communicator: calls with another
+    T or E than the first fused call's run the reference algorithm (logged once per shape), bit-identical."""
+    for result in run_ranks(2, changing_shape):
+        assert result["ops"] == 4  # dispatch + combine of the two calls with the first shape
+        assert len(result["logged"]) == 2 and all("first fused call's (4, 4)" in m for m in result["logged"])
 
 
 def test_strict_mode_raises_naming_the_limit() -> None:

@@ -373,6 +373,7 @@ class AscendBackend(ReferenceBackend):
         self._op_group_name = ""
         self._checked_sizes: set[tuple[int, ...]] = set()
         self._pass_alg: bool | None = None
+        self._op_shape: tuple[int, int] | None = None  # (T, E) of the first fused call: fixed for the communicator
 
     @classmethod
     def unavailable_reason(cls, group: dist.ProcessGroup, device: torch.device) -> str | None:
@@ -415,6 +416,13 @@ class AscendBackend(ReferenceBackend):
                 f"and this {limits.ops} op cannot be told comm_alg='fullmesh'"
             )
         num_tokens_cap = args.num_max_dispatch_tokens_per_rank
+        if self._op_shape not in (None, (num_tokens_cap, args.num_experts)):
+            tokens, experts = self._op_shape
+            return (
+                f"num_max_dispatch_tokens_per_rank={num_tokens_cap}, num_experts={args.num_experts} differ from the "
+                f"first fused call's ({tokens}, {experts}): the ops require global_bs (= T * group size) and "
+                "moe_expert_num to stay the same in every call on one communicator"
+            )
         return unsupported_reason(
             limits, self.comm.size, num_tokens_cap, args.x.shape[1], args.topk_idx.shape[1], args.num_experts
         )
@@ -483,6 +491,7 @@ class AscendBackend(ReferenceBackend):
         device = x.device
         self._check_buffsize(limits, (num_ranks, tokens_cap, hidden, num_topk, num_experts))
         group_name = self._op_group_name_for_call()
+        self._op_shape = (tokens_cap, num_experts)
         capacity = tokens_cap * num_ranks * min(local, num_topk)  # A, as the op's meta function gives it
 
         # Every rank needs every source's ids to know which token each received row is (the ops' own

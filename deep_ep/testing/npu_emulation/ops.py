@@ -49,6 +49,7 @@ class EmulationState:
     device_name: str
     relax_world_size: bool = False
     comms: dict[str, dist.ProcessGroup] = field(default_factory=dict)
+    fixed: dict[str, tuple[int, int]] = field(default_factory=dict)  # comm name -> (global_bs, moe_expert_num)
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
@@ -110,6 +111,13 @@ def _check_common(
     ordered = ids.sort(1).values
     _check(not bool((ordered[:, 1:] == ordered[:, :-1]).any()), "the K expert_ids of a token must be distinct")
     global_bs = a["global_bs"]
+    # Documented: global_bs and moe_expert_num must be the same in every layer (call) on one EP communicator.
+    first = state.fixed.setdefault(a["group_ep"], (global_bs, num_experts))
+    _check(
+        first == (global_bs, num_experts),
+        f"global_bs, moe_expert_num = {global_bs, num_experts}, but {first} "
+        f"in an earlier call on group_ep={a['group_ep']!r}: they must stay the same in every call",
+    )
     _check(global_bs == 0 or (global_bs % num_ranks == 0 and global_bs >= bs * num_ranks), f"global_bs={global_bs}")
     max_bs = global_bs // num_ranks if global_bs else bs
     return num_ranks, local, bs, num_topk, max_bs
