@@ -11,7 +11,8 @@ docs/ASCEND.md for the sources):
 - output shapes and dtypes as torch-npu 2.14.0's meta functions give them (no TP, no shared experts);
 - quant_mode=2, the documented per-token int8 rule: s = 127 / max|x| (float32), q = int8(x * s),
   dynamic scale = 1 / s; rounding half to even; all-zero rows (0 * inf) give q = 0 and scale 0;
-- the received rows of `expand_x` grouped by local expert, then source rank, then token index;
+- the received rows of `expand_x` grouped by local expert, then source rank, then token index; rows past
+  the received count hold a marker (77 / NaN), as the op leaves them unwritten;
   `ep_recv_counts` = running totals in that (expert, source) order; `expert_token_nums` per expert;
 - combine: each row back to its token, summed in float32 over k ascending as
   sum(expert_scales[t, k] * row), each product rounded, then one cast to the output dtype; under A2's
@@ -246,9 +247,11 @@ def dispatch(state: EmulationState, generation: str, a: dict[str, Any]) -> tuple
     count = order.numel()
     _check(count <= capacity, f"received {count} rows, more than A={capacity}")
 
-    expand_x = payload.new_zeros(capacity, hidden)
+    # The op's outputs are allocated uninitialised and only the first `count` rows are written: the rest hold
+    # a marker here (77, NaN), so that a caller reading them shows up instead of seeing convenient zeros.
+    expand_x = payload.new_full((capacity, hidden), 77)
     expand_x[:count] = got["row"][order]
-    dynamic_scales = torch.zeros(capacity)
+    dynamic_scales = torch.full((capacity,), float("nan"))
     if quantized:
         dynamic_scales[:count] = got["scale"][order]
     blocks = torch.zeros(local * num_ranks, dtype=torch.long)
@@ -260,7 +263,7 @@ def dispatch(state: EmulationState, generation: str, a: dict[str, Any]) -> tuple
     expand_scales = torch.zeros(0)
     if expert_scales is not None:  # the meta function's size for chips before Ascend 950
         tail = max_bs * num_ranks * 2 * num_topk * (num_ranks // 8)
-        expand_scales = torch.zeros(capacity)
+        expand_scales = torch.full((capacity,), float("nan"))
         expand_scales[:count] = got["weight"][order]
     ep_recv_counts = torch.cat([ep_recv_counts, torch.zeros(tail, dtype=torch.int32)])
     if generation == "v2":
