@@ -324,3 +324,41 @@ def lazy_import(rank: int, world: int) -> str:
     reason = module.AscendBackend.unavailable_reason(dist.group.WORLD, torch.device("cpu"))
     assert "torch_npu" not in sys.modules
     return reason
+
+
+def empty_tokens(rank: int, world: int) -> list:
+    """A3 (2-D x_active_mask): tokens whose K entries are all -1 combine to +0.0, not to what the op leaves in
+    rows it does not write (the EMULATION leaves NaN there, as the op leaves them uninitialised)."""
+    install("A3", generations=("v2",))
+    fused = Buffer(dist.group.WORLD, low_latency_mode=True, backend="ascend")
+    w = make_workload(world, 4, 1024, 2, 2 * world, seed=9)
+    idx = w.topk_idx[rank].clone()
+    idx[1] = -1  # token 1 selects nothing; the others keep their experts
+    recv, _, handle, _, _ = fused.low_latency_dispatch(w.x[rank], idx, 4, w.num_experts, use_fp8=False)
+    out, _, _ = fused.low_latency_combine(expert_output(recv, False), idx, w.topk_weights[rank], handle)
+    return out.float().tolist()
+
+
+def uneven_buffsize(rank: int, world: int) -> str:
+    """HCCL_BUFFSIZE set differently on each rank: every rank must raise (none may wait for the others)."""
+    import os
+
+    install("A3")
+    os.environ["HCCL_BUFFSIZE"] = str(300 + rank)
+    fused = Buffer(dist.group.WORLD, low_latency_mode=True, backend="ascend")
+    w = make_workload(world, 4, 1024, 2, 4, seed=6)
+    with raises(ValueError, match="HCCL_BUFFSIZE differs across ranks") as info:
+        fused.low_latency_dispatch(w.x[rank], w.topk_idx[rank], 4, w.num_experts)
+    return str(info.value)
+
+
+def changing_shape(rank: int, world: int) -> dict:
+    """Low-latency rounds with T = 4, then T = 8, then E doubled, on one Buffer (A3): the ops require global_bs
+    and moe_expert_num fixed per communicator, so only the first shape may take the fused path."""
+    state = install("A3", generations=("v2",))
+    fused, ref = fused_and_reference()
+    with logged() as records:
+        for cap, experts in ((4, 2 * world), (8, 2 * world), (4, 4 * world), (4, 2 * world)):
+            case = dict(CASES[0], hidden=1024, experts=experts, cap=cap)
+            ll_round(rank, world, fused, ref, case, use_fp8=False)
+    return {"ops": len(state.calls), "logged": records}

@@ -12,7 +12,9 @@ import pytest
 import torch
 from ascend_ranks import (
     availability,
+    changing_shape,
     differential,
+    empty_tokens,
     fallback,
     hierarchy,
     lazy_import,
@@ -22,6 +24,7 @@ from ascend_ranks import (
     record_calls,
     small_buffsize,
     strict,
+    uneven_buffsize,
 )
 
 from deep_ep.backends import ascend
@@ -39,6 +42,14 @@ def test_emulated_ascend_matches_reference(world: int, chip: str, hidden: int) -
     for result in results:
         assert result["ops"] == ["npu_moe_distribute_combine_v2", "npu_moe_distribute_dispatch_v2"]
         assert result["fallbacks"] == []
+
+
+def test_a3_token_selecting_nothing_combines_to_zero() -> None:
+    """EMULATION: the A3 combine op writes only the tokens its 2-D x_active_mask activates (ops-transformer
+    moe_distribute_combine_v2.h, LocalWindowCopy) into an uninitialised output; the backend must give +0.0."""
+    for out in run_ranks(2, empty_tokens):
+        assert out[1] == [0.0] * 1024
+        assert not any(v != v for row in out for v in row), "NaN: a row the op never wrote leaked out"
 
 
 @pytest.mark.parametrize("chip,world,hidden", [("A2", 4, 64), ("A3", 8, 7168)])
@@ -74,6 +85,14 @@ def test_a2_hierarchy_variables(generation: str) -> None:
             assert result["logged"] == []
 
 
+def test_calls_that_change_global_bs_or_expert_count_run_the_reference_algorithm() -> None:
+    """The op docs fix global_bs and moe_expert_num for every call (layer) on one communicator: calls with another
+    T or E than the first fused call's run the reference algorithm (logged once per shape), bit-identical."""
+    for result in run_ranks(2, changing_shape):
+        assert result["ops"] == 4  # dispatch + combine of the two calls with the first shape
+        assert len(result["logged"]) == 2 and all("first fused call's (4, 4)" in m for m in result["logged"])
+
+
 def test_strict_mode_raises_naming_the_limit() -> None:
     messages = run_ranks(2, strict, env={ascend.FALLBACK_ENV: "raise"})
     assert "{16, 32, 64, 128, 256}" in messages[0]
@@ -82,6 +101,12 @@ def test_strict_mode_raises_naming_the_limit() -> None:
 def test_hccl_buffsize_is_checked_against_the_documented_formula() -> None:
     messages = run_ranks(2, small_buffsize, env={"HCCL_BUFFSIZE": "1"})
     assert all("Set HCCL_BUFFSIZE=2" in m for m in messages)
+
+
+def test_hccl_buffsize_must_agree_across_ranks() -> None:
+    """The op docs require one HCCL_BUFFSIZE on every rank; a rank that raised alone would hang the others."""
+    messages = run_ranks(2, uneven_buffsize, timeout=60)
+    assert all("[300, 301] MB by rank" in m for m in messages)
 
 
 # ---- the ops as the backend calls them: schema keywords, meta shapes, argument checks -------------------

@@ -373,6 +373,7 @@ class AscendBackend(ReferenceBackend):
         self._op_group_name = ""
         self._checked_sizes: set[tuple[int, ...]] = set()
         self._pass_alg: bool | None = None
+        self._op_shape: tuple[int, int] | None = None  # (T, E) of the first fused call: fixed for the communicator
 
     @classmethod
     def unavailable_reason(cls, group: dist.ProcessGroup, device: torch.device) -> str | None:
@@ -415,6 +416,13 @@ class AscendBackend(ReferenceBackend):
                 f"and this {limits.ops} op cannot be told comm_alg='fullmesh'"
             )
         num_tokens_cap = args.num_max_dispatch_tokens_per_rank
+        if self._op_shape not in (None, (num_tokens_cap, args.num_experts)):
+            tokens, experts = self._op_shape
+            return (
+                f"num_max_dispatch_tokens_per_rank={num_tokens_cap}, num_experts={args.num_experts} differ from the "
+                f"first fused call's ({tokens}, {experts}): the ops require global_bs (= T * group size) and "
+                "moe_expert_num to stay the same in every call on one communicator"
+            )
         return unsupported_reason(
             limits, self.comm.size, num_tokens_cap, args.x.shape[1], args.topk_idx.shape[1], args.num_experts
         )
@@ -432,7 +440,22 @@ class AscendBackend(ReferenceBackend):
         if key in self._checked_sizes:
             return
         need = required_hccl_buffsize_mb(limits, *key)
-        have = hccl_buffsize_mb()
+        # Collective (every rank checks the same key on the same call): the op docs require one HCCL_BUFFSIZE on
+        # all ranks, and a rank that raised here alone would leave the others waiting in the next exchange.
+        try:
+            mine, unreadable = hccl_buffsize_mb(), ""
+        except ValueError as error:
+            mine, unreadable = -1, str(error)
+        every = [row[0] for row in self.comm.all_gather_ints([mine], "low_latency_dispatch")]
+        if -1 in every:
+            bad = [rank for rank, value in enumerate(every) if value == -1]
+            raise ValueError(unreadable or f"HCCL_BUFFSIZE is not an integer number of MB on rank(s) {bad}")
+        if len(set(every)) > 1:
+            raise ValueError(
+                f"HCCL_BUFFSIZE differs across ranks ({every} MB by rank): the Ascend low-latency ops require the "
+                f"same value on every rank. Set HCCL_BUFFSIZE={max(need, *every)} on every rank before it starts."
+            )
+        have = every[0]
         if have < need:
             num_ranks, tokens, hidden, num_topk, num_experts = key
             raise ValueError(
@@ -468,6 +491,7 @@ class AscendBackend(ReferenceBackend):
         device = x.device
         self._check_buffsize(limits, (num_ranks, tokens_cap, hidden, num_topk, num_experts))
         group_name = self._op_group_name_for_call()
+        self._op_shape = (tokens_cap, num_experts)
         capacity = tokens_cap * num_ranks * min(local, num_topk)  # A, as the op's meta function gives it
 
         # Every rank needs every source's ids to know which token each received row is (the ops' own
@@ -600,8 +624,13 @@ class AscendBackend(ReferenceBackend):
             kwargs["expand_scales"] = route.expand_scales
         if route.extra["pass_alg"]:
             kwargs["comm_alg"] = limits.comm_alg
-        combined = op(**kwargs)
-        out.copy_(combined[:num_tokens])
+        combined = op(**kwargs)[:num_tokens]
+        if route.active_mask is not None and route.active_mask.dim() == 2:
+            # The op writes only the tokens its mask activates (its output is allocated uninitialised): a token
+            # whose K entries are all -1 gets SPEC 6.3's empty sum, +0.0, here.
+            selected = route.active_mask[:num_tokens].any(1, keepdim=True)
+            combined = torch.where(selected, combined, torch.zeros_like(combined))
+        out.copy_(combined)
         return Pending(comm, "low_latency_combine", [], [], on_host=x.device.type == "cpu")
 
 

@@ -11,12 +11,14 @@ docs/ASCEND.md for the sources):
 - output shapes and dtypes as torch-npu 2.14.0's meta functions give them (no TP, no shared experts);
 - quant_mode=2, the documented per-token int8 rule: s = 127 / max|x| (float32), q = int8(x * s),
   dynamic scale = 1 / s; rounding half to even; all-zero rows (0 * inf) give q = 0 and scale 0;
-- the received rows of `expand_x` grouped by local expert, then source rank, then token index;
+- the received rows of `expand_x` grouped by local expert, then source rank, then token index; rows past
+  the received count hold a marker (77 / NaN), as the op leaves them unwritten;
   `ep_recv_counts` = running totals in that (expert, source) order; `expert_token_nums` per expert;
 - combine: each row back to its token, summed in float32 over k ascending as
   sum(expert_scales[t, k] * row), each product rounded, then one cast to the output dtype; under A2's
   'hierarchy' algorithm (picked by HCCL_INTRA_PCIE_ENABLE=1, HCCL_INTRA_ROCE_ENABLE=0 where no comm_alg is
   given) the weight is the row's dispatch-time scale (expand_scales), as the op's A2 kernels take it;
+  rows of tokens the x_active_mask leaves inactive are not written (NaN here; uninitialised on the NPU);
 - HCCL_BUFFSIZE too small for the documented formula fails the call, as the real op would fail.
 """
 
@@ -48,6 +50,7 @@ class EmulationState:
     device_name: str
     relax_world_size: bool = False
     comms: dict[str, dist.ProcessGroup] = field(default_factory=dict)
+    fixed: dict[str, tuple[int, int]] = field(default_factory=dict)  # comm name -> (global_bs, moe_expert_num)
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
@@ -109,6 +112,13 @@ def _check_common(
     ordered = ids.sort(1).values
     _check(not bool((ordered[:, 1:] == ordered[:, :-1]).any()), "the K expert_ids of a token must be distinct")
     global_bs = a["global_bs"]
+    # Documented: global_bs and moe_expert_num must be the same in every layer (call) on one EP communicator.
+    first = state.fixed.setdefault(a["group_ep"], (global_bs, num_experts))
+    _check(
+        first == (global_bs, num_experts),
+        f"global_bs, moe_expert_num = {global_bs, num_experts}, but {first} "
+        f"in an earlier call on group_ep={a['group_ep']!r}: they must stay the same in every call",
+    )
     _check(global_bs == 0 or (global_bs % num_ranks == 0 and global_bs >= bs * num_ranks), f"global_bs={global_bs}")
     max_bs = global_bs // num_ranks if global_bs else bs
     return num_ranks, local, bs, num_topk, max_bs
@@ -237,9 +247,11 @@ def dispatch(state: EmulationState, generation: str, a: dict[str, Any]) -> tuple
     count = order.numel()
     _check(count <= capacity, f"received {count} rows, more than A={capacity}")
 
-    expand_x = payload.new_zeros(capacity, hidden)
+    # The op's outputs are allocated uninitialised and only the first `count` rows are written: the rest hold
+    # a marker here (77, NaN), so that a caller reading them shows up instead of seeing convenient zeros.
+    expand_x = payload.new_full((capacity, hidden), 77)
     expand_x[:count] = got["row"][order]
-    dynamic_scales = torch.zeros(capacity)
+    dynamic_scales = torch.full((capacity,), float("nan"))
     if quantized:
         dynamic_scales[:count] = got["scale"][order]
     blocks = torch.zeros(local * num_ranks, dtype=torch.long)
@@ -251,7 +263,7 @@ def dispatch(state: EmulationState, generation: str, a: dict[str, Any]) -> tuple
     expand_scales = torch.zeros(0)
     if expert_scales is not None:  # the meta function's size for chips before Ascend 950
         tail = max_bs * num_ranks * 2 * num_topk * (num_ranks // 8)
-        expand_scales = torch.zeros(capacity)
+        expand_scales = torch.full((capacity,), float("nan"))
         expand_scales[:count] = got["weight"][order]
     ep_recv_counts = torch.cat([ep_recv_counts, torch.zeros(tail, dtype=torch.int32)])
     if generation == "v2":
@@ -357,4 +369,7 @@ def combine(state: EmulationState, generation: str, a: dict[str, Any]) -> torch.
     for k in range(num_topk):
         product = weights[:, k : k + 1] * slots[:, k]  # rounded product, then a separate add
         acc = acc + torch.where(present[:, k : k + 1], product, torch.zeros_like(product))
-    return acc.to(expand_x.dtype)
+    # The op allocates x uninitialised and writes only the tokens x_active_mask activates (A3 kernel
+    # LocalWindowCopy loops over the active tokens only): NaN stands for the rows it never writes.
+    written = active.any(1, keepdim=True)
+    return torch.where(written, acc, torch.full_like(acc, float("nan"))).to(expand_x.dtype)
