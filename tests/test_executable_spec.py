@@ -598,3 +598,12 @@ def test_int8_cast_matches_a_vectorised_formulation():
     q, scales = int8_cast(x)
     assert torch.equal(q, want_q)
     assert _bits(scales) == _bits((torch.ones_like(s) / s).flatten())
+
+
+def test_low_latency_refuses_a_token_that_selects_an_expert_twice():
+    # docs/SEMANTICS.md: distinct experts per token in low-latency mode, as deep_ep.Buffer checks; repeated -1 is fine.
+    x = [torch.ones(2, 16, dtype=BF16)]
+    with pytest.raises(ValueError, match=r"topk_idx\[0\]\[1\] = \[1, -1, 1\] selects an expert twice"):
+        low_latency_dispatch(x, [_t([[0, -1, -1], [1, -1, 1]], torch.int64)], 2, 2, use_fp8=False)
+    out = low_latency_dispatch(x, [_t([[0, -1, -1], [1, -1, 0]], torch.int64)], 2, 2, use_fp8=False)
+    assert out[0]["recv_count"].tolist() == [2, 1]
