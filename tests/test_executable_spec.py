@@ -237,6 +237,9 @@ def test_combine_sums_bias_then_ranks_ascending():
     # bias_0, bias_1 come before the rows: (1 + 1) + 2**24, where rows first would give 2**24.
     got = combine([_t([[big]], F32)], [_t([[True]], torch.bool)], bias=[(_t([[1.0]], F32), _t([[1.0]], F32))])
     assert got[0]["combined_x"].item() == big + 2
+    # A pair may leave a place empty (DeepEP unpacks `bias_0, bias_1 = bias`, either None): the other is added.
+    for pair in ((None, _t([[3.0]], F32)), (_t([[3.0]], F32), None)):
+        assert combine([_t([[4.0]], F32)], [_t([[True]], torch.bool)], bias=[pair])[0]["combined_x"].item() == 7.0
     # The fp32 weight sum runs over destinations ascending too.
     w = [_t([[1.0]], F32), _t([[1.0]], F32), _t([[big]], F32)]
     assert combine(x, in_rank, topk_weights=w)[0]["combined_topk_weights"].item() == big + 2
