@@ -51,11 +51,12 @@ _INV_FP8_MAX = (torch.tensor(1.0, dtype=torch.float32) / torch.tensor(FP8_MAX, d
 
 
 def _pow2_ceil(t: torch.Tensor) -> torch.Tensor:
-    """2^ceil(log2(t)) for positive normal float32 `t`, from the bits: exponent field, +1 if any mantissa bit."""
+    """2^ceil(log2(t)) for positive normal float32 `t`, from the bits: exponent field, +1 if any mantissa bit.
+    Infinity and NaN come back as they are (a NaN's +1 would carry into the sign bit: -0.0)."""
     bits = t.view(torch.int32)
     exponent = (bits >> 23) & 0xFF
-    exponent = exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)
-    return (exponent << 23).view(torch.float32)
+    rounded = ((exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)) << 23).view(torch.float32)
+    return torch.where(exponent == 0xFF, t, rounded)
 
 
 def per_block_cast_to_fp8(

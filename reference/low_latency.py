@@ -36,6 +36,11 @@ def _check_inputs(
         bad = (idx < -1) | (idx >= num_experts)
         if bool(bad.any()):
             raise ValueError(f"topk_idx[{s}] holds expert id {int(idx[bad][0])} outside [-1, {num_experts})")
+        # docs/SEMANTICS.md: a token's experts are distinct (a repeat could overflow an expert's R*T rows).
+        for t, row in enumerate(idx.tolist()):
+            chosen = [e for e in row if e >= 0]
+            if len(set(chosen)) != len(chosen):
+                raise ValueError(f"topk_idx[{s}][{t}] = {row} selects an expert twice")
     if x is not None:
         if len(x) != num_ranks:
             raise ValueError(f"x has {len(x)} entries, topk_idx {num_ranks}")

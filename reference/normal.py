@@ -16,6 +16,7 @@ __all__ = ["cached_dispatch", "channel_range", "combine", "dispatch", "layout"]
 NUM_RANKS_PER_NODE = 8  # SPEC 3: an RDMA "node" is 8 consecutive ranks
 
 RecvX = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+Bias = torch.Tensor | tuple[torch.Tensor | None, torch.Tensor | None] | None
 
 
 def _align_up(value: int, alignment: int) -> int:
@@ -325,11 +326,12 @@ def cached_dispatch(x: list[RecvX], is_token_in_rank: list[torch.Tensor], num_wo
 _COMBINE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _bias_terms(bias: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None) -> list[torch.Tensor]:
+def _bias_terms(bias: Bias) -> list[torch.Tensor]:
+    """The biases in summation order; a pair may leave either place empty, as DeepEP's `(bias_0, bias_1)` may."""
     if bias is None:
         return []
     if isinstance(bias, tuple):
-        return list(bias)
+        return [b for b in bias if b is not None]
     return [bias]
 
 
@@ -337,13 +339,14 @@ def combine(
     x: list[torch.Tensor],
     is_token_in_rank: list[torch.Tensor],
     topk_weights: list[torch.Tensor] | None = None,
-    bias: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+    bias: list[Bias] | None = None,
 ) -> list[dict]:
     """SPEC 5 (normal `combine`) on every rank.
 
     `x[d]`: rank `d`'s rows `[>= num_recv_d, H]` (bf16, fp16 or fp32) in its dispatch receive order; rows past
     `num_recv_d` are padding and never read. `is_token_in_rank[s]`: rank `s`'s handle item (bool `[N_s, R]`).
-    `topk_weights[d]`: fp32 `[>= num_recv_d, K]` or None. `bias[s]`: None, `[N_s, H]` or a pair of those.
+    `topk_weights[d]`: fp32 `[>= num_recv_d, K]` or None. `bias[s]`: None, `[N_s, H]`, or a pair of those
+    (either may be None).
 
     Returns per rank `combined_x` (`[N_s, H]`, x's dtype: fp32 sum of bias_0, bias_1, then the rows from
     destination ranks ascending, one rounding) and `combined_topk_weights` (fp32 `[N_s, K]` or None: fp32

@@ -237,6 +237,9 @@ def test_combine_sums_bias_then_ranks_ascending():
     # bias_0, bias_1 come before the rows: (1 + 1) + 2**24, where rows first would give 2**24.
     got = combine([_t([[big]], F32)], [_t([[True]], torch.bool)], bias=[(_t([[1.0]], F32), _t([[1.0]], F32))])
     assert got[0]["combined_x"].item() == big + 2
+    # A pair may leave a place empty (DeepEP unpacks `bias_0, bias_1 = bias`, either None): the other is added.
+    for pair in ((None, _t([[3.0]], F32)), (_t([[3.0]], F32), None)):
+        assert combine([_t([[4.0]], F32)], [_t([[True]], torch.bool)], bias=[pair])[0]["combined_x"].item() == 7.0
     # The fp32 weight sum runs over destinations ascending too.
     w = [_t([[1.0]], F32), _t([[1.0]], F32), _t([[big]], F32)]
     assert combine(x, in_rank, topk_weights=w)[0]["combined_topk_weights"].item() == big + 2
@@ -598,3 +601,12 @@ def test_int8_cast_matches_a_vectorised_formulation():
     q, scales = int8_cast(x)
     assert torch.equal(q, want_q)
     assert _bits(scales) == _bits((torch.ones_like(s) / s).flatten())
+
+
+def test_low_latency_refuses_a_token_that_selects_an_expert_twice():
+    # docs/SEMANTICS.md: distinct experts per token in low-latency mode, as deep_ep.Buffer checks; repeated -1 is fine.
+    x = [torch.ones(2, 16, dtype=BF16)]
+    with pytest.raises(ValueError, match=r"topk_idx\[0\]\[1\] = \[1, -1, 1\] selects an expert twice"):
+        low_latency_dispatch(x, [_t([[0, -1, -1], [1, -1, 1]], torch.int64)], 2, 2, use_fp8=False)
+    out = low_latency_dispatch(x, [_t([[0, -1, -1], [1, -1, 0]], torch.int64)], 2, 2, use_fp8=False)
+    assert out[0]["recv_count"].tolist() == [2, 1]

@@ -186,6 +186,21 @@ def test_fp8_blocks_are_independent():
     assert q.float()[0, [0, 128]].tolist() == [448.0, 448.0]
 
 
+@pytest.mark.parametrize("round_scale,use_ue8m0", [(False, False), (True, False), (True, True)])
+def test_fp8_nan_block_gets_a_nan_scale_and_nan_bytes(round_scale, use_ue8m0):
+    # docs/SEMANTICS.md, for every scale option: rounding a NaN scale up must not carry into the sign bit (-0.0).
+    x = torch.ones(1, 512, dtype=torch.bfloat16)
+    x[0, 3] = float("nan")
+    x[0, 128 + 5] = float("inf")
+    q, s = per_block_cast_to_fp8(x, round_scale=round_scale, use_ue8m0=use_ue8m0)
+    assert all((c & 0x7F) == 0x7F for c in codes(q)[0, :128].tolist())  # every byte of the NaN block is a NaN
+    assert codes(q)[0, 129].item() == 0 and (codes(q)[0, 133].item() & 0x7F) == 0x7F  # 1 * 0 = 0, inf * 0 = NaN
+    if use_ue8m0:
+        assert s[0, 0].item() & 0xFFFF == 0xFFFF  # exponent bytes 0xFF (UE8M0's NaN), never 0x00 (2^-127)
+    else:
+        assert math.isnan(s[0, 0].item()) and s[0, 1].item() == math.inf
+
+
 def test_fp8_round_scale_is_power_of_two_ceiling():
     x = random_bf16(3, 4, 512, log2_mag=5, block_spread=10)
     _, s = per_block_cast_to_fp8(x, round_scale=True)

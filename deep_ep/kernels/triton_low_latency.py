@@ -272,9 +272,11 @@ def ll_fp8_payload_kernel(
     # NaN propagates as in torch's amax / clamp_min / clamp (Triton's max and clamp would drop it).
     amax = tl.maximum(tl.reduce(tl.abs(values), 1, _max_keeping_nan), 1e-4, propagate_nan=tl.PropagateNan.ALL)
     if ROUND_SCALE:
-        bits = (amax * inv_fp8_max).to(tl.int32, bitcast=True)
-        exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-        scale_inv = (exponent << 23).to(tl.float32, bitcast=True)
+        unrounded = amax * inv_fp8_max
+        bits = unrounded.to(tl.int32, bitcast=True)
+        exponent = (bits >> 23) & 0xFF
+        rounded = ((exponent + ((bits & 0x7FFFFF) != 0).to(tl.int32)) << 23).to(tl.float32, bitcast=True)
+        scale_inv = tl.where(exponent == 0xFF, unrounded, rounded)  # infinity and NaN as they are (quant._pow2_ceil)
         scale = tl.math.div_rn(tl.full([BLOCK_SCALES], 1.0, tl.float32), scale_inv)
     else:
         scale_inv = amax * inv_fp8_max
