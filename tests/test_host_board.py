@@ -247,6 +247,22 @@ def test_comm_timeout_env_is_read_when_the_buffer_is_made() -> None:
     assert run_ranks(2, _timeout_from_env, env={"DEEP_EP_COMM_TIMEOUT": "7"}) == [7.0, 7.0]
 
 
+def _buffer_without_a_peer(rank: int, world: int) -> str | None:
+    if rank == 1:
+        time.sleep(120)  # alive, but never makes its Buffer
+        return None
+    with pytest.raises(CommTimeoutError) as info:
+        Buffer(dist.group.WORLD)
+    return str(info.value)
+
+
+def test_buffer_waits_the_env_timeout_for_a_peer_that_never_comes() -> None:
+    # Before the fix the board's opening waited the default 300 s whatever DEEP_EP_COMM_TIMEOUT said: the world's
+    # 60 s deadline would kill rank 0 still waiting.
+    message = run_ranks(2, _buffer_without_a_peer, doomed=(1,), timeout=60, env={"DEEP_EP_COMM_TIMEOUT": "2"})[0]
+    assert "open the host board" in message and "within 2 s" in message, message
+
+
 def _descriptors_after_dropped_buffers(rank: int, world: int) -> int:
     def open_descriptors() -> int:
         return len(os.listdir("/proc/self/fd"))
