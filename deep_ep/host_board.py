@@ -86,13 +86,18 @@ class HostBoard:
     @classmethod
     def open(cls, comm: Comm) -> HostBoard | None:
         """A board for the group (collective), or None when some rank cannot map it (another machine or namespace)."""
-        # Every rank takes part in both exchanges even where the board cannot work, so all ranks decide alike.
-        supported = board_supported()
+        # Every rank takes part in every exchange even where the board cannot work, so all ranks decide alike.
+        # Rank 0 makes the board file only once every rank has come: a job killed while ranks are still arriving
+        # (a wait of up to comm_timeout) leaves no file behind in /dev/shm.
+        me = torch.tensor([int(board_supported()), os.getpid()])
+        present = comm.all_gather(me, "open the host board").tolist()
+        if not all(row[0] for row in present):
+            return None
         size_bytes = 8 * (1 + comm.size * 2 * _SLOT_WORDS)
         nonce = secrets.randbits(62) + 1
         path, memory, fd = "", None, -1
         try:
-            if comm.rank == 0 and supported:
+            if comm.rank == 0:
                 directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
                 fd, path = tempfile.mkstemp(prefix="deep_ep_board_", dir=directory)
                 os.ftruncate(fd, size_bytes)
@@ -106,20 +111,20 @@ class HostBoard:
                     offer[_PATH_WORDS] = nonce
             gathered = comm.all_gather(offer, "open the host board")[0].tolist()
             expected_nonce = gathered[_PATH_WORDS]
-            if comm.rank != 0 and supported and expected_nonce:
+            if comm.rank != 0 and expected_nonce:
                 memory, fd = _map_existing(bytes(c for c in gathered[:_PATH_WORDS] if c).decode(), size_bytes)
             mapped = memory is not None and int.from_bytes(memory[:8], "little", signed=True) == expected_nonce
-            everyone = comm.all_gather(torch.tensor([int(mapped), os.getpid()]), "open the host board").tolist()
+            everyone = comm.all_gather(torch.tensor(int(mapped)), "open the host board").tolist()
         except BaseException:
             _release(memory, fd)
             raise
         finally:
             if path:
                 os.unlink(path)  # the mappings and descriptors outlive the name; nothing is left behind
-        if not all(ok for ok, _ in everyone):
+        if not all(everyone):
             _release(memory, fd)
             return None
-        return cls(comm, memory, fd, [pid for _, pid in everyone])
+        return cls(comm, memory, fd, [pid for _, pid in present])
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -188,7 +188,15 @@ def _open_while_a_peer_is_gone(rank: int, world: int) -> tuple[str, bool]:
     import tempfile
 
     if rank == 1:
-        os._exit(0)  # dies at start-up, before its Buffer
+        gather = Comm.all_gather
+        calls = []
+
+        def exit_on_the_second(*args, **kwargs):  # dies once rank 0 has made the board file
+            calls.append(1)
+            return gather(*args, **kwargs) if len(calls) == 1 else os._exit(0)
+
+        Comm.all_gather = exit_on_the_second
+        Buffer(dist.group.WORLD)
     created = []
     make = tempfile.mkstemp
 
@@ -208,6 +216,36 @@ def _open_while_a_peer_is_gone(rank: int, world: int) -> tuple[str, bool]:
 def test_a_board_that_fails_to_open_leaves_no_file_behind() -> None:
     message, removed = run_ranks(2, _open_while_a_peer_is_gone, doomed=(1,), timeout=60)[0]
     assert "open the host board" in message and removed
+
+
+def _killed_while_waiting_for_peers(rank: int, world: int, record: str) -> None:
+    import signal
+    import tempfile
+
+    if rank == 1:
+        return None  # still on its way (as far as rank 0 can tell) when rank 0 is killed
+    make = tempfile.mkstemp
+
+    def recorded(*args, **kwargs):  # only observes which board file rank 0 makes
+        fd, path = make(*args, **kwargs)
+        with open(record, "w") as out:
+            out.write(path)
+        return fd, path
+
+    tempfile.mkstemp = recorded
+    # The job is killed (SIGKILL: no finally runs) while rank 0 waits in its first collective for the others.
+    Comm.all_gather = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+    Buffer(dist.group.WORLD)
+
+
+@pytest.mark.skipif(not board_supported(), reason="the host board needs x86-64 (or DEEP_EP_HOST_BOARD=0 is set)")
+def test_a_rank_killed_while_peers_are_still_coming_leaves_no_board_file(tmp_path) -> None:
+    record = tmp_path / "board_path"
+    run_ranks(2, _killed_while_waiting_for_peers, str(record), doomed=(0,), timeout=60)
+    left = record.read_text() if record.exists() else ""
+    if left and os.path.exists(left):
+        os.unlink(left)  # the old code's leak: tidied, then failed
+        pytest.fail(f"{left} was left behind")
 
 
 def _destroy_after_a_group_timeout(rank: int, world: int) -> tuple[bool, float]:
