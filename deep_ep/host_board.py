@@ -67,7 +67,7 @@ def board_supported() -> bool:
 class HostBoard:
     """Tensors of up to CAPACITY_BYTES swapped among the ranks of `comm`, all on this machine, through shared memory."""
 
-    def __init__(self, comm: Comm, memory: mmap.mmap, fd: int, pids: list[int]) -> None:
+    def __init__(self, comm: Comm, memory: mmap.mmap, fd: int, pids: list[int] | None) -> None:
         # The comm owns this board: a weak reference keeps the two out of a cycle, so both go (and the board file
         # is closed) as soon as their Buffer is dropped, not at the next cyclic garbage collection.
         self._comm = weakref.proxy(comm)
@@ -81,7 +81,7 @@ class HostBoard:
         self._calls = 0
         # A collective over the group notices a peer that died (its connection closes); a wait on the board
         # notices it by the peer's process, where this process can see every rank's (one PID namespace).
-        self._pids = pids if all(not _process_gone(pid) for pid in pids) else None
+        self._pids = pids if pids is not None and all(not _process_gone(pid) for pid in pids) else None
 
     @classmethod
     def open(cls, comm: Comm) -> HostBoard | None:
@@ -89,7 +89,7 @@ class HostBoard:
         # Every rank takes part in every exchange even where the board cannot work, so all ranks decide alike.
         # Rank 0 makes the board file only once every rank has come: a job killed while ranks are still arriving
         # (a wait of up to comm_timeout) leaves no file behind in /dev/shm.
-        me = torch.tensor([int(board_supported()), os.getpid()])
+        me = torch.tensor([int(board_supported()), os.getpid(), *_pid_namespace()])
         present = comm.all_gather(me, "open the host board").tolist()
         if not all(row[0] for row in present):
             return None
@@ -124,7 +124,11 @@ class HostBoard:
         if not all(everyone):
             _release(memory, fd)
             return None
-        return cls(comm, memory, fd, [pid for _, pid in present])
+        # A process ID names the same process only within one PID namespace (ranks in containers may share
+        # /dev/shm but not their PIDs): elsewhere a wait cannot look for dead ranks by their PIDs.
+        namespace = present[0][2:]
+        one_namespace = namespace != [0, 0] and all(row[2:] == namespace for row in present)
+        return cls(comm, memory, fd, [row[1] for row in present] if one_namespace else None)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -228,6 +232,15 @@ def _release(memory: mmap.mmap | None, fd: int) -> None:
         memory.close()
     if fd >= 0:
         os.close(fd)
+
+
+def _pid_namespace() -> tuple[int, int]:
+    """This process's PID namespace, as (device, inode) of /proc/self/ns/pid; (0, 0) where it cannot be seen."""
+    try:
+        info = os.stat("/proc/self/ns/pid")
+    except OSError:
+        return 0, 0
+    return info.st_dev, info.st_ino
 
 
 def _process_gone(pid: int) -> bool:

@@ -147,6 +147,23 @@ def test_a_rank_that_posted_and_exited_is_not_taken_for_dead() -> None:
     assert results[0] == [[0], [1]], results
 
 
+def _pids_across_namespaces(rank: int, world: int) -> list[int] | None:
+    from deep_ep import host_board
+
+    if rank == 1:  # as a rank in another container that shares /dev/shm: its PID means another process here
+        host_board._pid_namespace = lambda: (1, 4026531836)
+    board = HostBoard.open(Comm(dist.group.WORLD))
+    assert board is not None
+    return board._pids
+
+
+def test_ranks_in_different_pid_namespaces_are_not_watched_by_pid() -> None:
+    # Before the fix rank 0 watched rank 1's PID as if it named a process of its own namespace (seen for real
+    # with `unshare --pid`: rank 1 was PID 1 there, rank 0's init here): a dead rank went unnoticed, and the exit
+    # of whatever process the PID named here was taken for rank 1's.
+    assert run_ranks(2, _pids_across_namespaces) == [None, None]
+
+
 def _arrivals_at_the_deadline(rank: int, world: int) -> list[str]:
     """Rank 1 posts around rank 0's deadline, many times; rank 0 is descheduled for 1 ms right after it looks at
     the slots (its clock read sleeps, as a preempted process would), which widens the window in which a peer can
