@@ -30,7 +30,7 @@ import secrets
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -187,8 +187,8 @@ class HostBoard:
                 late = [r for r, i in enumerate(seq_words) if words[i] != call and r not in given_up]
                 raise CommTimeoutError(
                     f"{op}: ranks {late or [self._comm.rank]} did not reach the call before ranks {given_up} gave "
-                    f"up waiting (comm_timeout), seen on rank {self._comm.rank} of {self._comm.size}; every rank "
-                    "fails this call"
+                    f"up waiting (comm_timeout, or a rank's process exited), seen on rank {self._comm.rank} of "
+                    f"{self._comm.size}; every rank fails this call"
                 )
             spins += 1
             if spins < _SPIN_BEFORE_YIELD:
@@ -198,20 +198,21 @@ class HostBoard:
             waited = now - started
             where = f"seen on rank {self._comm.rank} of {self._comm.size}"
             if waited > self._comm.timeout_s:
-                with self._locked():
-                    late = [rank for rank, i in enumerate(seq_words) if words[i] != call]
-                    if not late:  # everyone posted after all: some may have seen it and gone on, so go on too
-                        return
-                    words[seq_words[self._comm.rank]] = -call  # late ranks will see that this call was given up
+                late = self._give_up(seq_words, call, range(self._comm.size))
+                if not late:  # everyone posted after all: some may have seen it and gone on, so go on too
+                    return
                 raise CommTimeoutError(
                     f"{op}: ranks {late} did not reach the call within {self._comm.timeout_s:g} s, {where}"
                 )
             if self._pids is not None and waited >= next_look:
                 next_look = waited + _LOOK_FOR_DEAD_S
-                late = [rank for rank, i in enumerate(seq_words) if words[i] != call]
+                # Ranks that neither posted nor gave up (a rank that gave up may have exited since: not gone).
+                late = [rank for rank, i in enumerate(seq_words) if abs(words[i]) < call]
                 gone = [rank for rank in late if _process_gone(self._pids[rank])]
-                # A peer may post and exit between the two looks: gone means exited with its slot still unposted.
-                gone = [rank for rank in gone if words[seq_words[rank]] != call]
+                if gone:
+                    # A peer may post and exit between the two looks: gone means exited with its slot still
+                    # unposted. The call is given up as on a timeout: a rank wrongly taken for gone fails it too.
+                    gone = self._give_up(seq_words, call, gone)
                 if gone:
                     raise CommTimeoutError(f"{op}: ranks {gone} went away (their processes exited), {where}")
             # Yield the core first (ranks may outnumber cores), then sleep so a long wait costs no CPU.
@@ -219,6 +220,15 @@ class HostBoard:
                 os.sched_yield()
             else:
                 time.sleep(_SLEEP_S)
+
+    def _give_up(self, seq_words: list[int], call: int, ranks: Iterable[int]) -> list[int]:
+        """Those of `ranks` that have not posted `call`, checked under the board's lock; if there are any, `call` is
+        marked given up on this rank's slot, so that a rank that posts it later raises too."""
+        with self._locked():
+            late = [rank for rank in ranks if self._words[seq_words[rank]] != call]
+            if late:
+                self._words[seq_words[self._comm.rank]] = -call
+        return late
 
     def close(self) -> None:
         del self._bytes
