@@ -100,9 +100,12 @@ class HostBoard:
             if comm.rank == 0:
                 directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
                 fd, path = tempfile.mkstemp(prefix="deep_ep_board_", dir=directory)
-                os.ftruncate(fd, size_bytes)
-                memory = mmap.mmap(fd, size_bytes)
-                memory[:8] = nonce.to_bytes(8, "little", signed=True)
+                # Every page now: a full /dev/shm (64 MiB in a Docker container, DataLoader workers') then means
+                # no board rather than SIGBUS at the first write to a page that cannot be had.
+                with contextlib.suppress(OSError):
+                    os.posix_fallocate(fd, 0, size_bytes)
+                    memory = mmap.mmap(fd, size_bytes)
+                    memory[:8] = nonce.to_bytes(8, "little", signed=True)
             offer = torch.zeros(_PATH_WORDS + 1, dtype=torch.int64)
             if memory is not None:
                 encoded = path.encode()

@@ -9,6 +9,9 @@ import contextlib
 import gc
 import os
 import random
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -301,6 +304,40 @@ def test_a_rank_killed_while_peers_are_still_coming_leaves_no_board_file(tmp_pat
     if left and os.path.exists(left):
         os.unlink(left)  # the old code's leak: tidied, then failed
         pytest.fail(f"{left} was left behind")
+
+
+def _buffer_on_a_full_dev_shm(rank: int, world: int) -> bool:
+    buffer = Buffer(dist.group.WORLD)
+    buffer._agree("combine", hidden=1, x_dtype=0, num_topk=0, num_worst_tokens=0, handle_serial=0, on_buffer_device=1)
+    return buffer._comm.board is not None
+
+
+def board_on_a_full_dev_shm() -> list[bool]:
+    """Run by the test below, inside a mount namespace whose /dev/shm is full."""
+    return run_ranks(2, _buffer_on_a_full_dev_shm, timeout=60)
+
+
+@pytest.mark.skipif(not board_supported() or shutil.which("unshare") is None, reason="needs x86-64 and unshare")
+def test_a_full_dev_shm_means_no_board_not_a_crash() -> None:
+    # Before the fix the board file was sparse: rank 0 died of SIGBUS at its first write to the board.
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = (
+        "mount -t tmpfs -o size=1m tmpfs /dev/shm || exit 77; head -c 1048576 /dev/zero > /dev/shm/filler; "
+        "exec \"$0\" -c 'import test_host_board; print(test_host_board.board_on_a_full_dev_shm())'"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(here), here])}
+    done = subprocess.run(
+        # a user namespace lets an unprivileged user mount a tmpfs of its own over /dev/shm
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, sys.executable],
+        cwd=here,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    if done.returncode == 77 or done.stderr.startswith("unshare:"):
+        pytest.skip(f"no mount namespace of our own here: {done.stderr.strip()}")
+    assert done.returncode == 0 and done.stdout.strip().endswith("[False, False]"), done.stdout + done.stderr
 
 
 def _destroy_after_a_group_timeout(rank: int, world: int) -> tuple[bool, float]:
