@@ -87,7 +87,7 @@ def dtype_code(dtype: torch.dtype | None) -> int:
     """A small integer for a dtype (-1 for None) that means the same on every rank."""
     if dtype is None:
         return -1
-    return _DTYPES.index(dtype) if dtype in _DTYPES else 1000 + sum(map(ord, str(dtype)))
+    return _DTYPES.index(dtype) if dtype in _DTYPES else 1000 + name_code(str(dtype))
 
 
 def name_code(name: str) -> int:

@@ -67,7 +67,13 @@ class Buffer:
         self.group = group
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
-        self._comm = Comm(group, timeout_s=DEFAULT_TIMEOUT_S)  # DEEP_EP_COMM_TIMEOUT is checked below, on every rank
+        # The board's opening already waits for every rank, so it waits DEEP_EP_COMM_TIMEOUT; a bad value is
+        # raised below instead, after the agreement, so that every rank fails alike.
+        try:
+            timeout_s = default_timeout_s()
+        except ValueError:
+            timeout_s = DEFAULT_TIMEOUT_S
+        self._comm = Comm(group, timeout_s=timeout_s)
         self._comm.open_host_board()
         self.device = _default_device(self._comm)
         # The arguments are checked, then agreed on by every rank in one tiny all-gather: a rank that rejects its

@@ -30,7 +30,7 @@ import secrets
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -67,7 +67,7 @@ def board_supported() -> bool:
 class HostBoard:
     """Tensors of up to CAPACITY_BYTES swapped among the ranks of `comm`, all on this machine, through shared memory."""
 
-    def __init__(self, comm: Comm, memory: mmap.mmap, fd: int, pids: list[int]) -> None:
+    def __init__(self, comm: Comm, memory: mmap.mmap, fd: int, pids: list[int] | None) -> None:
         # The comm owns this board: a weak reference keeps the two out of a cycle, so both go (and the board file
         # is closed) as soon as their Buffer is dropped, not at the next cyclic garbage collection.
         self._comm = weakref.proxy(comm)
@@ -81,23 +81,31 @@ class HostBoard:
         self._calls = 0
         # A collective over the group notices a peer that died (its connection closes); a wait on the board
         # notices it by the peer's process, where this process can see every rank's (one PID namespace).
-        self._pids = pids if all(not _process_gone(pid) for pid in pids) else None
+        self._pids = pids if pids is not None and all(not _process_gone(pid) for pid in pids) else None
 
     @classmethod
     def open(cls, comm: Comm) -> HostBoard | None:
         """A board for the group (collective), or None when some rank cannot map it (another machine or namespace)."""
-        # Every rank takes part in both exchanges even where the board cannot work, so all ranks decide alike.
-        supported = board_supported()
+        # Every rank takes part in every exchange even where the board cannot work, so all ranks decide alike.
+        # Rank 0 makes the board file only once every rank has come: a job killed while ranks are still arriving
+        # (a wait of up to comm_timeout) leaves no file behind in /dev/shm.
+        me = torch.tensor([int(board_supported()), os.getpid(), *_pid_namespace()])
+        present = comm.all_gather(me, "open the host board").tolist()
+        if not all(row[0] for row in present):
+            return None
         size_bytes = 8 * (1 + comm.size * 2 * _SLOT_WORDS)
         nonce = secrets.randbits(62) + 1
         path, memory, fd = "", None, -1
         try:
-            if comm.rank == 0 and supported:
+            if comm.rank == 0:
                 directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
                 fd, path = tempfile.mkstemp(prefix="deep_ep_board_", dir=directory)
-                os.ftruncate(fd, size_bytes)
-                memory = mmap.mmap(fd, size_bytes)
-                memory[:8] = nonce.to_bytes(8, "little", signed=True)
+                # Every page now: a full /dev/shm (64 MiB in a Docker container, DataLoader workers') then means
+                # no board rather than SIGBUS at the first write to a page that cannot be had.
+                with contextlib.suppress(OSError):
+                    os.posix_fallocate(fd, 0, size_bytes)
+                    memory = mmap.mmap(fd, size_bytes)
+                    memory[:8] = nonce.to_bytes(8, "little", signed=True)
             offer = torch.zeros(_PATH_WORDS + 1, dtype=torch.int64)
             if memory is not None:
                 encoded = path.encode()
@@ -106,20 +114,24 @@ class HostBoard:
                     offer[_PATH_WORDS] = nonce
             gathered = comm.all_gather(offer, "open the host board")[0].tolist()
             expected_nonce = gathered[_PATH_WORDS]
-            if comm.rank != 0 and supported and expected_nonce:
+            if comm.rank != 0 and expected_nonce:
                 memory, fd = _map_existing(bytes(c for c in gathered[:_PATH_WORDS] if c).decode(), size_bytes)
             mapped = memory is not None and int.from_bytes(memory[:8], "little", signed=True) == expected_nonce
-            everyone = comm.all_gather(torch.tensor([int(mapped), os.getpid()]), "open the host board").tolist()
+            everyone = comm.all_gather(torch.tensor(int(mapped)), "open the host board").tolist()
         except BaseException:
             _release(memory, fd)
             raise
         finally:
             if path:
                 os.unlink(path)  # the mappings and descriptors outlive the name; nothing is left behind
-        if not all(ok for ok, _ in everyone):
+        if not all(everyone):
             _release(memory, fd)
             return None
-        return cls(comm, memory, fd, [pid for _, pid in everyone])
+        # A process ID names the same process only within one PID namespace (ranks in containers may share
+        # /dev/shm but not their PIDs): elsewhere a wait cannot look for dead ranks by their PIDs.
+        namespace = present[0][2:]
+        one_namespace = namespace != [0, 0] and all(row[2:] == namespace for row in present)
+        return cls(comm, memory, fd, [row[1] for row in present] if one_namespace else None)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -178,8 +190,8 @@ class HostBoard:
                 late = [r for r, i in enumerate(seq_words) if words[i] != call and r not in given_up]
                 raise CommTimeoutError(
                     f"{op}: ranks {late or [self._comm.rank]} did not reach the call before ranks {given_up} gave "
-                    f"up waiting (comm_timeout), seen on rank {self._comm.rank} of {self._comm.size}; every rank "
-                    "fails this call"
+                    f"up waiting (comm_timeout, or a rank's process exited), seen on rank {self._comm.rank} of "
+                    f"{self._comm.size}; every rank fails this call"
                 )
             spins += 1
             if spins < _SPIN_BEFORE_YIELD:
@@ -189,20 +201,21 @@ class HostBoard:
             waited = now - started
             where = f"seen on rank {self._comm.rank} of {self._comm.size}"
             if waited > self._comm.timeout_s:
-                with self._locked():
-                    late = [rank for rank, i in enumerate(seq_words) if words[i] != call]
-                    if not late:  # everyone posted after all: some may have seen it and gone on, so go on too
-                        return
-                    words[seq_words[self._comm.rank]] = -call  # late ranks will see that this call was given up
+                late = self._give_up(seq_words, call, range(self._comm.size))
+                if not late:  # everyone posted after all: some may have seen it and gone on, so go on too
+                    return
                 raise CommTimeoutError(
                     f"{op}: ranks {late} did not reach the call within {self._comm.timeout_s:g} s, {where}"
                 )
             if self._pids is not None and waited >= next_look:
                 next_look = waited + _LOOK_FOR_DEAD_S
-                late = [rank for rank, i in enumerate(seq_words) if words[i] != call]
+                # Ranks that neither posted nor gave up (a rank that gave up may have exited since: not gone).
+                late = [rank for rank, i in enumerate(seq_words) if abs(words[i]) < call]
                 gone = [rank for rank in late if _process_gone(self._pids[rank])]
-                # A peer may post and exit between the two looks: gone means exited with its slot still unposted.
-                gone = [rank for rank in gone if words[seq_words[rank]] != call]
+                if gone:
+                    # A peer may post and exit between the two looks: gone means exited with its slot still
+                    # unposted. The call is given up as on a timeout: a rank wrongly taken for gone fails it too.
+                    gone = self._give_up(seq_words, call, gone)
                 if gone:
                     raise CommTimeoutError(f"{op}: ranks {gone} went away (their processes exited), {where}")
             # Yield the core first (ranks may outnumber cores), then sleep so a long wait costs no CPU.
@@ -210,6 +223,15 @@ class HostBoard:
                 os.sched_yield()
             else:
                 time.sleep(_SLEEP_S)
+
+    def _give_up(self, seq_words: list[int], call: int, ranks: Iterable[int]) -> list[int]:
+        """Those of `ranks` that have not posted `call`, checked under the board's lock; if there are any, `call` is
+        marked given up on this rank's slot, so that a rank that posts it later raises too."""
+        with self._locked():
+            late = [rank for rank in ranks if self._words[seq_words[rank]] != call]
+            if late:
+                self._words[seq_words[self._comm.rank]] = -call
+        return late
 
     def close(self) -> None:
         del self._bytes
@@ -223,6 +245,15 @@ def _release(memory: mmap.mmap | None, fd: int) -> None:
         memory.close()
     if fd >= 0:
         os.close(fd)
+
+
+def _pid_namespace() -> tuple[int, int]:
+    """This process's PID namespace, as (device, inode) of /proc/self/ns/pid; (0, 0) where it cannot be seen."""
+    try:
+        info = os.stat("/proc/self/ns/pid")
+    except OSError:
+        return 0, 0
+    return info.st_dev, info.st_ino
 
 
 def _process_gone(pid: int) -> bool:

@@ -9,6 +9,9 @@ import contextlib
 import gc
 import os
 import random
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -102,7 +105,7 @@ def _rank_that_exits(rank: int, world: int) -> str | None:
     if rank == world - 1:
         os._exit(0)  # gone before the call: the others must not wait out comm_timeout
     start = time.monotonic()
-    with pytest.raises(CommTimeoutError, match="went away") as info:
+    with pytest.raises(CommTimeoutError) as info:
         buffer._agree(
             "combine", hidden=1, x_dtype=0, num_topk=0, num_worst_tokens=0, handle_serial=0, on_buffer_device=1
         )
@@ -113,7 +116,9 @@ def _rank_that_exits(rank: int, world: int) -> str | None:
 
 def test_a_rank_that_exited_is_noticed_before_the_timeout() -> None:
     messages = run_ranks(3, _rank_that_exits, doomed=(2,), timeout=90)
-    assert all("ranks [2] went away" in m for m in messages[:2]), messages
+    # The first rank to notice gives the call up: the other may see that before it looks itself.
+    assert all("ranks [2] went away" in m or "ranks [2] did not reach" in m for m in messages[:2]), messages
+    assert any("ranks [2] went away" in m for m in messages[:2]), messages
 
 
 def _posts_then_exits(rank: int, world: int) -> list[list[int]] | None:
@@ -145,6 +150,59 @@ def test_a_rank_that_posted_and_exited_is_not_taken_for_dead() -> None:
     # waiter must read its slot again rather than report it gone (seen once in CI, on a busy two-core machine).
     results = run_ranks(2, _posts_then_exits, doomed=(1,), timeout=60)
     assert results[0] == [[0], [1]], results
+
+
+def _pids_across_namespaces(rank: int, world: int) -> list[int] | None:
+    from deep_ep import host_board
+
+    if rank == 1:  # as a rank in another container that shares /dev/shm: its PID means another process here
+        host_board._pid_namespace = lambda: (1, 4026531836)
+    board = HostBoard.open(Comm(dist.group.WORLD))
+    assert board is not None
+    return board._pids
+
+
+def test_ranks_in_different_pid_namespaces_are_not_watched_by_pid() -> None:
+    # Before the fix rank 0 watched rank 1's PID as if it named a process of its own namespace (seen for real
+    # with `unshare --pid`: rank 1 was PID 1 there, rank 0's init here): a dead rank went unnoticed, and the exit
+    # of whatever process the PID named here was taken for rank 1's.
+    assert run_ranks(2, _pids_across_namespaces) == [None, None]
+
+
+def _taken_for_gone(rank: int, world: int) -> list[str]:
+    """Rank 0 takes rank 1 for gone (as a PID that names another, exited process would make it); rank 1 then
+    comes after all."""
+    from deep_ep import host_board
+
+    comm = Comm(dist.group.WORLD)
+    board = HostBoard.open(comm)
+    assert board is not None
+    outcomes = []
+    if rank == 0:
+        peer = board._pids[1]
+        look = host_board._process_gone
+        host_board._process_gone = lambda pid: pid == peer or look(pid)
+    else:
+        dist.barrier()  # rank 1 comes only once rank 0 has raised
+    for call in range(2):
+        try:
+            outcomes.append(str(board.all_gather_ints([rank, call], "call")))
+        except CommTimeoutError as error:
+            outcomes.append("went away" if "went away" in str(error) else "gave up")
+        if rank == 0 and call == 0:
+            host_board._process_gone = look
+            dist.barrier()
+    board.close()
+    return outcomes
+
+
+def test_a_rank_taken_for_gone_that_still_comes_fails_the_same_call() -> None:
+    # Before the fix rank 0 raised without marking the call given up: rank 1 came, found rank 0's post and
+    # returned the rows, so the two ranks disagreed on whether the call happened.
+    assert run_ranks(2, _taken_for_gone, timeout=60) == [
+        ["went away", "[[0, 1], [1, 1]]"],
+        ["gave up", "[[0, 1], [1, 1]]"],
+    ]
 
 
 def _arrivals_at_the_deadline(rank: int, world: int) -> list[str]:
@@ -188,7 +246,15 @@ def _open_while_a_peer_is_gone(rank: int, world: int) -> tuple[str, bool]:
     import tempfile
 
     if rank == 1:
-        os._exit(0)  # dies at start-up, before its Buffer
+        gather = Comm.all_gather
+        calls = []
+
+        def exit_on_the_second(*args, **kwargs):  # dies once rank 0 has made the board file
+            calls.append(1)
+            return gather(*args, **kwargs) if len(calls) == 1 else os._exit(0)
+
+        Comm.all_gather = exit_on_the_second
+        Buffer(dist.group.WORLD)
     created = []
     make = tempfile.mkstemp
 
@@ -208,6 +274,70 @@ def _open_while_a_peer_is_gone(rank: int, world: int) -> tuple[str, bool]:
 def test_a_board_that_fails_to_open_leaves_no_file_behind() -> None:
     message, removed = run_ranks(2, _open_while_a_peer_is_gone, doomed=(1,), timeout=60)[0]
     assert "open the host board" in message and removed
+
+
+def _killed_while_waiting_for_peers(rank: int, world: int, record: str) -> None:
+    import signal
+    import tempfile
+
+    if rank == 1:
+        return None  # still on its way (as far as rank 0 can tell) when rank 0 is killed
+    make = tempfile.mkstemp
+
+    def recorded(*args, **kwargs):  # only observes which board file rank 0 makes
+        fd, path = make(*args, **kwargs)
+        with open(record, "w") as out:
+            out.write(path)
+        return fd, path
+
+    tempfile.mkstemp = recorded
+    # The job is killed (SIGKILL: no finally runs) while rank 0 waits in its first collective for the others.
+    Comm.all_gather = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+    Buffer(dist.group.WORLD)
+
+
+@pytest.mark.skipif(not board_supported(), reason="the host board needs x86-64 (or DEEP_EP_HOST_BOARD=0 is set)")
+def test_a_rank_killed_while_peers_are_still_coming_leaves_no_board_file(tmp_path) -> None:
+    record = tmp_path / "board_path"
+    run_ranks(2, _killed_while_waiting_for_peers, str(record), doomed=(0,), timeout=60)
+    left = record.read_text() if record.exists() else ""
+    if left and os.path.exists(left):
+        os.unlink(left)  # the old code's leak: tidied, then failed
+        pytest.fail(f"{left} was left behind")
+
+
+def _buffer_on_a_full_dev_shm(rank: int, world: int) -> bool:
+    buffer = Buffer(dist.group.WORLD)
+    buffer._agree("combine", hidden=1, x_dtype=0, num_topk=0, num_worst_tokens=0, handle_serial=0, on_buffer_device=1)
+    return buffer._comm.board is not None
+
+
+def board_on_a_full_dev_shm() -> list[bool]:
+    """Run by the test below, inside a mount namespace whose /dev/shm is full."""
+    return run_ranks(2, _buffer_on_a_full_dev_shm, timeout=60)
+
+
+@pytest.mark.skipif(not board_supported() or shutil.which("unshare") is None, reason="needs x86-64 and unshare")
+def test_a_full_dev_shm_means_no_board_not_a_crash() -> None:
+    # Before the fix the board file was sparse: rank 0 died of SIGBUS at its first write to the board.
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = (
+        "mount -t tmpfs -o size=1m tmpfs /dev/shm || exit 77; head -c 1048576 /dev/zero > /dev/shm/filler; "
+        "exec \"$0\" -c 'import test_host_board; print(test_host_board.board_on_a_full_dev_shm())'"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(here), here])}
+    done = subprocess.run(
+        # a user namespace lets an unprivileged user mount a tmpfs of its own over /dev/shm
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, sys.executable],
+        cwd=here,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    if done.returncode == 77 or done.stderr.startswith("unshare:"):
+        pytest.skip(f"no mount namespace of our own here: {done.stderr.strip()}")
+    assert done.returncode == 0 and done.stdout.strip().endswith("[False, False]"), done.stdout + done.stderr
 
 
 def _destroy_after_a_group_timeout(rank: int, world: int) -> tuple[bool, float]:
@@ -245,6 +375,22 @@ def _timeout_from_env(rank: int, world: int) -> float:
 def test_comm_timeout_env_is_read_when_the_buffer_is_made() -> None:
     # The ranks' forkserver imported deep_ep before this environment reached them.
     assert run_ranks(2, _timeout_from_env, env={"DEEP_EP_COMM_TIMEOUT": "7"}) == [7.0, 7.0]
+
+
+def _buffer_without_a_peer(rank: int, world: int) -> str | None:
+    if rank == 1:
+        time.sleep(120)  # alive, but never makes its Buffer
+        return None
+    with pytest.raises(CommTimeoutError) as info:
+        Buffer(dist.group.WORLD)
+    return str(info.value)
+
+
+def test_buffer_waits_the_env_timeout_for_a_peer_that_never_comes() -> None:
+    # Before the fix the board's opening waited the default 300 s whatever DEEP_EP_COMM_TIMEOUT said: the world's
+    # 60 s deadline would kill rank 0 still waiting.
+    message = run_ranks(2, _buffer_without_a_peer, doomed=(1,), timeout=60, env={"DEEP_EP_COMM_TIMEOUT": "2"})[0]
+    assert "open the host board" in message and "within 2 s" in message, message
 
 
 def _descriptors_after_dropped_buffers(rank: int, world: int) -> int:
