@@ -6,17 +6,17 @@ queue and is then read back (about 0.4 ms per call on 4xH200); over gloo on a sh
 Ranks that share a machine instead post their bytes to a shared mapped file: microseconds, and the device
 queue keeps running.
 
-Protocol: call k writes the payload to this rank's slot for parity k % 2 and then stores k in the slot's
-last word; a reader waits until every rank's slot holds k and copies the payloads. Two parities suffice: a
-rank can only begin call k + 2 after every rank has posted call k + 1, which each does only after reading
-call k. A rank whose wait for call k times out stores -k there instead: a rank that reaches call k later (or
-is waiting for it) then raises too, so every rank counts call k as failed and the next call pairs again; a
-sequence word beyond k, or -k, means its rank has given up on call k. Posting k and giving up are made under
-one lock (`flock` on the board file), and a rank gives up only if, under it, some rank has still not posted:
-otherwise a rank that posted just before could already have seen every rank posted and gone on. The store
-order this relies on (payload before sequence word, as seen by other cores) is what x86-64 guarantees for
-ordinary stores (payloads stay far below the size where memcpy turns to non-temporal stores); elsewhere the
-board is not used and the exchange goes over the group.
+Protocol: call k writes the payload to this rank's slot for parity k % 2 and then stores k in the slot's last word;
+a reader waits until every rank's slot holds k and copies the payloads. Two parities suffice: a rank writes
+call k + 2 only once every rank has posted (or given up) call k + 1, which each does only after reading call k (normally
+known already from the wait of call k + 1; after a give-up, waited for). A rank whose wait for call k times out
+stores -k there instead: a rank that reaches call k later (or is waiting for it) then raises too, so every rank
+counts call k as failed and the next call pairs again; a sequence word beyond k, or -k, means its rank has given up
+on call k. Posting k and giving up are made under one lock (`flock` on the board file), and a rank gives up only if,
+under it, some rank has still not posted: otherwise a rank that posted just before could already have seen every
+rank posted and gone on. The store order this relies on (payload before sequence word, as seen by other cores) is
+what x86-64 guarantees for ordinary stores (payloads stay far below the size where memcpy turns to non-temporal
+stores); elsewhere the board is not used and the exchange goes over the group.
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ class HostBoard:
         self._calls += 1
         call, parity, words = self._calls, self._calls % 2, self._words
         mine = self._slot(self._comm.rank, parity)
+        self._await_readers(call, mine, op)
         words[mine] = nbytes
         write(mine + 1)
         with self._locked():  # not between another rank's look at the slots and its giving up
@@ -181,6 +182,25 @@ class HostBoard:
         if any(n != nbytes for n in sizes):
             raise CollectiveMismatchError(f"{op}: ranks exchanged payloads of different sizes ({sizes} bytes)")
         return [slot + 1 for slot in slots]
+
+    def _await_readers(self, call: int, mine: int, op: str) -> None:
+        """Wait until no rank can still be reading call - 2 from this rank's slot `mine`: every rank has posted or
+        given up call - 1, which it does only after reading call - 2. That holds at once unless this rank gave up
+        call - 1 (it then began this call without waiting for every post), so this costs one look per call. A rank
+        that never comes fails this call on every rank, as a timeout in `_wait` does."""
+        previous = [self._slot(rank, 1 - call % 2) + _SLOT_WORDS - 1 for rank in range(self._comm.size)]
+        started = time.monotonic()
+        while late := [rank for rank, i in enumerate(previous) if abs(self._words[i]) < call - 1]:
+            waited = time.monotonic() - started
+            gone = self._pids is not None and any(_process_gone(self._pids[rank]) for rank in late)
+            if gone or waited > self._comm.timeout_s:
+                with self._locked():
+                    self._words[mine + _SLOT_WORDS - 1] = -call  # a rank that reaches this call fails it too
+                raise CommTimeoutError(
+                    f"{op}: ranks {late} did not finish the call before (their process exited, or comm_timeout "
+                    f"{self._comm.timeout_s:g} s), seen on rank {self._comm.rank} of {self._comm.size}"
+                )
+            time.sleep(_SLEEP_S)
 
     def _wait(self, seq_words: list[int], call: int, op: str) -> None:
         words, spins, started, next_look = self._words, 0, None, 0.0

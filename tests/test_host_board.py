@@ -205,6 +205,40 @@ def test_a_rank_taken_for_gone_that_still_comes_fails_the_same_call() -> None:
     ]
 
 
+def _stalled_reader(rank: int, world: int) -> list[str]:
+    """Rank 1 is descheduled for 3 s between seeing every rank's post of call 1 and copying the rows, while rank 0
+    (timeout 0.5 s) gives calls 2-4 up; then call 5 with a long timeout."""
+    comm = Comm(dist.group.WORLD, timeout_s=0.5)
+    board = HostBoard.open(comm)
+    assert board is not None
+    if rank == 1:
+        wait = board._wait
+
+        def stalled(seq_words: list[int], call: int, op: str) -> None:
+            wait(seq_words, call, op)
+            if call == 1:
+                time.sleep(3.0)
+
+        board._wait = stalled
+    outcomes = []
+    for call in range(1, 6):
+        comm.timeout_s = 30.0 if call == 5 else 0.5
+        try:
+            outcomes.append(str(board.all_gather_ints([100 * call + rank], f"call {call}")))
+        except CommTimeoutError:
+            outcomes.append("timed out")
+    board.close()
+    return outcomes
+
+
+def test_a_stalled_reader_never_reads_a_later_call() -> None:
+    # Before the fix rank 0, having given call 2 up, wrote call 3 into the slot rank 1 was about to read call 1
+    # from: rank 1 returned [[300], [101]] as call 1's rows, silently.
+    assert run_ranks(2, _stalled_reader, timeout=90) == [
+        ["[[100], [101]]", "timed out", "timed out", "timed out", "[[500], [501]]"],
+    ] * 2
+
+
 def _arrivals_at_the_deadline(rank: int, world: int) -> list[str]:
     """Rank 1 posts around rank 0's deadline, many times; rank 0 is descheduled for 1 ms right after it looks at
     the slots (its clock read sleeps, as a preempted process would), which widens the window in which a peer can
