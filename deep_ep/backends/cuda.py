@@ -594,7 +594,9 @@ class CudaBackend(ReferenceBackend):
         """The combine's blocks for the copy engines, the peers in turn from the next rank on (so that at each step
         every rank copies to a different peer); None where the push kernel sends the rows: copy engines off, or
         rows that are not workspace rows byte for byte (contiguous, a whole number of ROW_ALIGN units)."""
-        if not self._copy_engines or any(not t.shape[1] or t.shape[1] % ROW_ALIGN or not t.is_contiguous() for t in tensors):
+        if not self._copy_engines or any(
+            not t.shape[1] or t.shape[1] % ROW_ALIGN or not t.is_contiguous() for t in tensors
+        ):
             return None
         blocks = route.cache.get("cuda_combine_blocks")
         if blocks is None:
