@@ -34,12 +34,14 @@ class DispatchArgs:
     num_channels: int
 
     def expert_id_range(self) -> torch.Tensor:
-        """int32 [2] on the device: the smallest and largest expert id in topk_idx, clamped to [-2, E] ([-1, -1]
-        without topk_idx). A backend appends it to its count exchange, so the id check costs no round trip of its
-        own, and calls `raise_on_bad_input` with every rank's flags before any row moves."""
+        """int32 [2] on the device: the smallest and largest of the expert ids in topk_idx and -1 (the "none" id:
+        so [-1, -1] without ids), clamped to [-2, E]. All that is read of it is whether an id lies outside
+        [-1, E). A backend appends it to its count exchange, so the id check costs no round trip of its own, and
+        calls `raise_on_bad_input` with every rank's flags before any row moves."""
         if self.topk_idx is None or self.topk_idx.numel() == 0:
             return torch.full((2,), -1, dtype=torch.int32, device=self.x.device)
-        low_high = torch.stack(torch.aminmax(self.topk_idx))
+        low, high = torch.aminmax(self.topk_idx)
+        low_high = torch.stack([low.clamp(max=-1), high.clamp(min=-1)])
         return low_high.clamp(-2, self.num_tokens_per_expert.numel()).int()
 
     def raise_on_bad_input(self, flags: list[tuple[bool, bool]], rank: int) -> None:

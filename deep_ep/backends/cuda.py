@@ -447,11 +447,14 @@ class CudaBackend(ReferenceBackend):
             return super()._count_row(args, channel)
         num_tokens, num_ranks = in_rank.shape
         num_experts = args.num_tokens_per_expert.numel()
-        row = torch.empty(num_ranks * (1 + args.num_channels) + num_experts + 3, dtype=torch.int32, device=self.device)
+        # -1: where the id range's two slots start (the kernel's programs merge their ranges into them)
+        row = torch.full(
+            (num_ranks * (1 + args.num_channels) + num_experts + 3,), -1, dtype=torch.int32, device=self.device
+        )
         topk_idx = args.topk_idx
         num_topk = 0 if topk_idx is None else topk_idx.shape[1]
         with on_device(self.device):
-            _fresh_dispatch_kernels().count_kernel[(1,)](
+            _fresh_dispatch_kernels().count_kernel[(args.num_channels,)](
                 in_rank.view(torch.uint8),
                 args.num_tokens_per_rank,
                 args.num_tokens_per_expert,

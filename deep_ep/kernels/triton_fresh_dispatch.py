@@ -24,7 +24,7 @@ def count_kernel(
     per_rank,  # [R] num_tokens_per_rank (an integer dtype), stride per_rank_stride
     per_expert,  # [E] num_tokens_per_expert (an integer dtype), stride per_expert_stride
     topk_idx,  # [N, K] (int32 or int64), strides (idx_stride_t, idx_stride_k) (read when K > 0)
-    row,  # int32 [R + R * C + E + 3] out: the count exchange's row
+    row,  # int32 [R + R * C + E + 3] out, filled with -1 before the launch: the count exchange's row
     num_tokens,
     in_stride_t,
     in_stride_d,
@@ -41,46 +41,46 @@ def count_kernel(
     K_POW2: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # One program: the inputs are a few hundred KB at most, and the host, not the device, paces this call.
+    # One program per channel (a range of tokens): the host waits for this kernel right after it, and one program
+    # scanning every token took 125 us at 4096 tokens on an H200 (a few us this way).
+    c = tl.program_id(0)
     peers = tl.arange(0, R_POW2)
-    tl.store(row + peers, tl.load(per_rank + peers * per_rank_stride, mask=peers < R).to(tl.int32), mask=peers < R)
-    for c in range(0, num_channels):  # tokens per (destination, channel): channel c is a range of tokens
-        begin = c * tokens_per_channel
-        end = tl.minimum(begin + tokens_per_channel, num_tokens)
-        sent = tl.zeros((R_POW2,), dtype=tl.int32)
+    begin = c * tokens_per_channel
+    end = tl.minimum(begin + tokens_per_channel, num_tokens)
+    sent = tl.zeros((R_POW2,), dtype=tl.int32)  # this channel's tokens per destination
+    for start in range(begin, end, BLOCK):
+        t = start + tl.arange(0, BLOCK)
+        cell = (t < end)[:, None] & (peers < R)[None, :]
+        at = t.to(tl.int64)[:, None] * in_stride_t + peers[None, :] * in_stride_d
+        sent += tl.sum((tl.load(in_rank + at, mask=cell, other=0) != 0).to(tl.int32), 0)
+    tl.store(row + R + peers * num_channels + c, sent, mask=peers < R)
+    counts_end = R + R * num_channels
+    if K > 0:
+        # The range of this channel's expert ids, clamped to [-2, E], merged into the row's two slots (which start
+        # at -1): the range of every id and -1, as DispatchArgs.expert_id_range.
+        low = tl.full((), 1 << 62, dtype=tl.int64)
+        high = tl.full((), -(1 << 62), dtype=tl.int64)
+        k = tl.arange(0, K_POW2)
         for start in range(begin, end, BLOCK):
             t = start + tl.arange(0, BLOCK)
-            cell = (t < end)[:, None] & (peers < R)[None, :]
-            at = t.to(tl.int64)[:, None] * in_stride_t + peers[None, :] * in_stride_d
-            sent += tl.sum((tl.load(in_rank + at, mask=cell, other=0) != 0).to(tl.int32), 0)
-        tl.store(row + R + peers * num_channels + c, sent, mask=peers < R)
-    counts_end = R + R * num_channels
-    for start in range(0, num_experts, BLOCK):
-        e = start + tl.arange(0, BLOCK)
-        tl.store(
-            row + counts_end + e,
-            tl.load(per_expert + e.to(tl.int64) * per_expert_stride, mask=e < num_experts).to(tl.int32),
-            mask=e < num_experts,
-        )
-    # The range of the expert ids, clamped to [-2, E] ([-1, -1] without any), as DispatchArgs.expert_id_range.
-    low = tl.full((), 1 << 62, dtype=tl.int64)  # stays so without ids: then [-1, -1]
-    high = tl.full((), -(1 << 62), dtype=tl.int64)
-    if K > 0:
-        k = tl.arange(0, K_POW2)
-        for start in range(0, num_tokens, BLOCK):
-            t = start + tl.arange(0, BLOCK)
-            cell = (t < num_tokens)[:, None] & (k < K)[None, :]
+            cell = (t < end)[:, None] & (k < K)[None, :]
             ids = tl.load(topk_idx + t.to(tl.int64)[:, None] * idx_stride_t + k[None, :] * idx_stride_k, mask=cell).to(
                 tl.int64
             )
             low = tl.minimum(low, tl.min(tl.min(tl.where(cell, ids, 1 << 62), 1), 0))
             high = tl.maximum(high, tl.max(tl.max(tl.where(cell, ids, -(1 << 62)), 1), 0))
-    none = (low == 1 << 62).to(tl.int64)  # 1 without ids
-    low = low * (1 - none) - none
-    high = high * (1 - none) - none
-    tl.store(row + counts_end + num_experts, tl.minimum(tl.maximum(low, -2), num_experts).to(tl.int32))
-    tl.store(row + counts_end + num_experts + 1, tl.minimum(tl.maximum(high, -2), num_experts).to(tl.int32))
-    tl.store(row + counts_end + num_experts + 2, num_tokens)
+        tl.atomic_min(row + counts_end + num_experts, tl.minimum(tl.maximum(low, -2), num_experts).to(tl.int32))
+        tl.atomic_max(row + counts_end + num_experts + 1, tl.minimum(tl.maximum(high, -2), num_experts).to(tl.int32))
+    if c == 0:  # the counts given by the caller, and the token count
+        tl.store(row + peers, tl.load(per_rank + peers * per_rank_stride, mask=peers < R).to(tl.int32), mask=peers < R)
+        for start in range(0, num_experts, BLOCK):
+            e = start + tl.arange(0, BLOCK)
+            tl.store(
+                row + counts_end + e,
+                tl.load(per_expert + e.to(tl.int64) * per_expert_stride, mask=e < num_experts).to(tl.int32),
+                mask=e < num_experts,
+            )
+        tl.store(row + counts_end + num_experts + 2, num_tokens)
 
 
 @triton.jit
