@@ -6,8 +6,6 @@ reference backend bit-exact by construction.
 
 from __future__ import annotations
 
-import array
-import ctypes
 import threading
 from dataclasses import dataclass
 
@@ -164,30 +162,6 @@ class HostBuffers:
             held -= oldest.nbytes()
             self._storages.remove(oldest)
         del self._storages[: max(0, len(self._storages) - count)]
-
-
-class PinnedInts:
-    """Pinned host memory, reused call after call, for one small int32 host-to-device copy per call that the host
-    need not wait for (a fresh pinned tensor costs about 40 us of host time on a GPU host). It is rewritten only
-    once the device has read it: each copy records an event that the next `to_device` waits for."""
-
-    def __init__(self) -> None:
-        self._host: torch.Tensor | None = None
-        self._copied: torch.cuda.Event | None = None
-
-    def to_device(self, values: list[int], device: torch.device) -> torch.Tensor:
-        """int32 [len(values)] on the CUDA `device`, copied in stream order on its current stream."""
-        count = len(values)
-        if self._copied is None:
-            self._copied = torch.cuda.Event()
-        self._copied.synchronize()  # done long since in practice (the count exchange's host read came after it)
-        if self._host is None or self._host.numel() < count:
-            self._host = torch.empty(max(count, 256), dtype=torch.int32, pin_memory=True)
-        words = array.array("i", values)
-        ctypes.memmove(self._host.data_ptr(), words.buffer_info()[0], words.itemsize * count)
-        flat = self._host[:count].to(device, non_blocking=True)
-        self._copied.record()
-        return flat
 
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)

@@ -21,7 +21,7 @@ from ..comm import Pending, host_sync_allowed
 from ..errors import UnsupportedFeatureError
 from ..kernels import host_ordered_sum
 from ..kernels.ordered_sum import ordered_gather_sum
-from ..packing import HostBuffers, PinnedInts, RowFormat, byte_rows
+from ..packing import HostBuffers, RowFormat, byte_rows
 from ..routing import Empty, Route, _torch_empty, channel_of_tokens, gather_rows, running_count, token_indices
 from .base import Backend, DispatchArgs
 from .reference_low_latency import LowLatencyMixin
@@ -92,8 +92,7 @@ class ReferenceBackend(LowLatencyMixin, Backend):
             rows = host.tolist()
             args.raise_on_bad_input(_bad_input_flags(rows, num_ranks, width, num_experts), rank)
             host = host[:, :width]
-            pinned = self.__dict__.setdefault("_pinned_ints", PinnedInts())
-            matrices = _host_prefix_matrices(rows, rank, args.num_channels, device, pinned)
+            matrices = _host_prefix_matrices(rows, rank, args.num_channels, device)
         else:  # CUDA-graph capture: nothing may be read on the host (a padded route, see below)
             counts = torch.cat(_count_parts(args, channel))
             matrices = _prefix_matrices(comm.all_gather(counts, "dispatch"), rank, args.num_channels)
@@ -304,12 +303,10 @@ def _prefix_matrices(gathered: torch.Tensor, rank: int, num_channels: int) -> li
     return [rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, counts[:, rank].int(), channel_base]
 
 
-def _host_prefix_matrices(
-    rows: list[list[int]], rank: int, num_channels: int, device: torch.device, pinned: PinnedInts | None = None
-) -> list:
+def _host_prefix_matrices(rows: list[list[int]], rank: int, num_channels: int, device: torch.device) -> list:
     """`_prefix_matrices` of the exchanged counts read on the host (rows: [R][R + R * C + ...] ints), in Python
-    ints (a few hundred: cheaper than a dozen tiny torch operations), sent to `device` in one copy (on a GPU
-    through `pinned`) as int32 views of one tensor."""
+    ints (a few hundred: cheaper than a dozen tiny torch operations), sent to `device` in one copy as int32 views
+    of one tensor."""
     num_ranks, width = len(rows), num_channels
     counts = [row[:num_ranks] for row in rows]  # [source][destination]
     per_channel = [[row[num_ranks + d * width : num_ranks + (d + 1) * width] for d in range(num_ranks)] for row in rows]
@@ -324,12 +321,16 @@ def _host_prefix_matrices(
     shapes = [(num_ranks, num_ranks), (num_ranks, width), (num_ranks, width), (num_ranks,), (width, num_ranks)]
     parts = [rank_prefix, channel_prefix, recv_prefix, [recv_counts], base]
     values = [v for part in parts for row in part for v in row]
-    if device.type == "cuda" and pinned is not None:  # a copy the host need not wait for
-        flat = pinned.to_device(values, device)
+    if device.type == "cuda":  # from pinned memory: a copy the host need not wait for
+        flat = torch.tensor(values, dtype=torch.int32, pin_memory=True).to(device, non_blocking=True)
     else:
         flat = torch.tensor(values, dtype=torch.int32).to(device)
-    pieces = flat.split([math.prod(shape) for shape in shapes])
-    return [piece.view(shape) for piece, shape in zip(pieces, shapes)]
+    out, begin = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(flat[begin : begin + size].view(shape))
+        begin += size
+    return out
 
 
 @functools.lru_cache(maxsize=16)
