@@ -41,8 +41,7 @@ class DispatchArgs:
         if self.topk_idx is None or self.topk_idx.numel() == 0:
             return torch.full((2,), -1, dtype=torch.int32, device=self.x.device)
         low, high = torch.aminmax(self.topk_idx)
-        low_high = torch.stack([low.clamp(max=-1), high.clamp(min=-1)])
-        return low_high.clamp(-2, self.num_tokens_per_expert.numel()).int()
+        return torch.stack([low.clamp(-2, -1), high.clamp(-1, self.num_tokens_per_expert.numel())]).int()
 
     def raise_on_bad_input(self, flags: list[tuple[bool, bool]], rank: int) -> None:
         """Raise, on every rank, if any rank's flags (entry r: rank r's (invalid expert id, layout that does not
