@@ -82,10 +82,13 @@ def test_agreement_over_the_board_or_the_group(disable_on: int) -> None:
 
 def _absent_rank(rank: int, world: int) -> str | None:
     buffer = Buffer(dist.group.WORLD)
+    callers = dist.new_group(list(range(world - 1)))  # every rank takes part in making a group
     if rank == world - 1:
-        time.sleep(8)  # alive, but never calls
+        time.sleep(120)  # alive, but never calls (killed once the others report)
         return None
     buffer.comm_timeout = 2.0
+    # The callers start together, so on a loaded machine a slow start cannot pass for the absent rank.
+    dist.barrier(group=callers)
     start = time.monotonic()
     with pytest.raises(CommTimeoutError, match="combine") as info:
         buffer._agree(
@@ -96,7 +99,7 @@ def _absent_rank(rank: int, world: int) -> str | None:
 
 
 def test_a_rank_that_never_arrives_times_out_naming_the_op() -> None:
-    messages = run_ranks(3, _absent_rank, timeout=60)
+    messages = run_ranks(3, _absent_rank, doomed=(2,), timeout=60)
     assert all("ranks [2] did not reach" in m for m in messages[:2]), messages
 
 
