@@ -32,9 +32,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .agreement import dtype_code
-from .buffer import Buffer, _once
+from .buffer import Buffer
 from .config import Config
-from .utils import EventOverlap
+from .utils import EventOverlap, run_once
 
 __all__ = ["CombineResult", "DispatchResult", "combine", "dispatch"]
 
@@ -156,7 +156,7 @@ class _Dispatch(torch.autograd.Function):
         # Which received pairs are local, copied out of recv_topk_idx once it is filled (at the event's wait when
         # async): the caller owns recv_topk_idx and may rewrite it in place (say -1 -> an overflow bucket).
         local = torch.empty(recv_idx.shape, dtype=torch.bool, device=recv_idx.device)
-        fill_local = _once(lambda: torch.ge(recv_idx, 0, out=local))
+        fill_local = run_once(lambda: torch.ge(recv_idx, 0, out=local))
         after: list[Callable[[], None]] = [fill_local]
         if native:
             recv_x = recv

@@ -26,7 +26,7 @@ from .comm import DEFAULT_TIMEOUT_S, Comm, Pending, default_timeout_s, host_sync
 from .config import Config
 from .errors import CommTimeoutError, UnsupportedFeatureError
 from .handles import DispatchHandle, LowLatencyHandle
-from .utils import EventHandle, EventOverlap
+from .utils import EventHandle, EventOverlap, run_once
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
 _COUNT_DTYPES = (torch.int32, torch.int64)
@@ -751,7 +751,7 @@ class Buffer:
             )
             self._dispatches += 1
 
-            @_once
+            @run_once
             def receive() -> None:
                 start = time.perf_counter_ns()
                 pending.wait()
@@ -856,7 +856,7 @@ class Buffer:
             x, topk_weights = x.detach(), topk_weights.detach()
             pending = self.runtime.low_latency_combine(x, topk_idx.long(), topk_weights, handle.route, out)
 
-            @_once
+            @run_once
             def receive() -> None:
                 start = time.perf_counter_ns()
                 pending.wait()
@@ -924,28 +924,6 @@ class Buffer:
 
     def low_latency_clean_mask_buffer(self) -> None:
         raise UnsupportedFeatureError("low_latency_clean_mask_buffer needs enable_shrink, which is not supported yet")
-
-
-def _once(step: Callable[[], None]) -> Callable[[], None]:
-    """`step`, run at the first call only: a hook or event may be waited on twice, or a call with the handle may
-    have received the dispatch first; stats must count each receive once. A step that raised raises again at
-    every later call (its outputs were never filled), instead of returning as if it had received."""
-    done = False
-    failure: BaseException | None = None
-
-    def run() -> None:
-        nonlocal done, failure
-        if failure is not None:
-            raise RuntimeError(f"this receive failed earlier ({type(failure).__name__}: {failure})") from failure
-        if not done:
-            done = True
-            try:
-                step()
-            except BaseException as error:
-                failure = error
-                raise
-
-    return run
 
 
 def _default_device(comm: Comm) -> torch.device:

@@ -2,7 +2,8 @@
 
 On a GPU an event is a device event recorded on the current stream. On the CPU there is no stream: an
 asynchronous operation keeps its unfinished collectives and the step that unpacks their results, and
-`current_stream_wait()` completes them. Megatron imports both names from this module.
+`current_stream_wait()` completes them, once (`run_once`, which the receive hooks share). Megatron imports both
+event names from this module.
 """
 
 from __future__ import annotations
@@ -16,6 +17,28 @@ import torch.distributed as dist
 from .comm import group_device_types
 
 
+def run_once(step: Callable[[], None]) -> Callable[[], None]:
+    """`step`, run at the first call only: a hook or event may be waited on twice, or a call with the handle may
+    have received the dispatch first; stats must count each receive once. A step that raised raises again at
+    every later call (its outputs were never filled), instead of returning as if it had received."""
+    done = False
+    failure: BaseException | None = None
+
+    def run() -> None:
+        nonlocal done, failure
+        if failure is not None:
+            raise RuntimeError(f"this receive failed earlier ({type(failure).__name__}: {failure})") from failure
+        if not done:
+            done = True
+            try:
+                step()
+            except BaseException as error:
+                failure = error
+                raise
+
+    return run
+
+
 class EventHandle:
     """Marks a point of the current stream (a device event), or a pending CPU completion.
 
@@ -23,7 +46,7 @@ class EventHandle:
     """
 
     def __init__(self, device: torch.device | None = None, finish: Callable[[], None] | None = None) -> None:
-        self._finish = finish
+        self._finish = None if finish is None else run_once(finish)
         self._event = None
         device = device or _current_device()
         self._module = getattr(torch, device.type, None) if device.type != "cpu" else None
@@ -33,9 +56,9 @@ class EventHandle:
 
     def current_stream_wait(self) -> None:
         """Make the current stream (on the CPU: the caller) wait until the marked work is complete."""
-        finish, self._finish = self._finish, None
-        if finish is not None:
-            finish()
+        if self._finish is not None:
+            self._finish()  # if it raised, every later wait raises again: the outputs were never filled
+            self._finish = None
         if self._event is not None:
             self._module.current_stream().wait_event(self._event)
 

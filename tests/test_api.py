@@ -23,6 +23,7 @@ from deep_ep.backends import (
     select_backend,
     unregister_backend,
 )
+from deep_ep.backends.reference import ReferenceBackend
 from deep_ep.testing import run_ranks
 from deep_ep.testing.compare import assert_bit_equal
 from deep_ep.testing.workloads import make_workload
@@ -392,6 +393,43 @@ def test_handles_copy_like_deepep_tuples() -> None:
 
 def test_async_finish_defers_and_matches_sync() -> None:
     run_ranks(2, _async_round)
+
+
+class _UnpackFails(ReferenceBackend):
+    """The reference backend whose normal dispatch of 3 tokens fails after its transfer: a failing completion."""
+
+    name = "test-unpack-fails"
+
+    def dispatch(self, args):
+        out, route, pending = super().dispatch(args)
+        if args.x.shape[0] == 3:
+
+            def fail() -> None:
+                raise RuntimeError("the unpacking failed")
+
+            pending = pending.then(fail)
+        return out, route, pending
+
+
+def _failed_async_dispatch(rank: int, world: int) -> None:
+    register_backend("test-unpack-fails", _UnpackFails)
+    buffer = Buffer(dist.group.WORLD, backend="test-unpack-fails")
+    x, idx = torch.ones(3, 16, dtype=torch.bfloat16), torch.zeros(3, 1, dtype=torch.long)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 2 * world)
+    event = buffer.dispatch(x, None, per_rank, None, in_rank, per_expert, async_finish=True)[-1]
+    with pytest.raises(RuntimeError, match="the unpacking failed"):
+        event.current_stream_wait()
+    # Waited on again: it raises again instead of returning as if the outputs had been filled.
+    with pytest.raises(RuntimeError, match="this receive failed earlier"):
+        event.current_stream_wait()
+    assert not event.event.is_complete
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx[:2], 2 * world)
+    recv_x = buffer.dispatch(x[:2], None, per_rank, None, in_rank, per_expert)[0]  # the Buffer is still usable
+    assert recv_x.shape[0] == 2 * world * (rank == 0)
+
+
+def test_a_failed_async_completion_raises_at_every_wait() -> None:
+    run_ranks(2, _failed_async_dispatch)
 
 
 def _seed_code(rank: int, world: int) -> None:

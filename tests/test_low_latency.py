@@ -546,7 +546,7 @@ def test_bad_arguments_raise() -> None:
 def test_a_receive_that_failed_fails_again_instead_of_returning() -> None:
     """A hook or event waited on twice receives once; if that receive raised, a later wait must not return as
     though the outputs had been filled."""
-    from deep_ep.buffer import _once
+    from deep_ep.utils import run_once
 
     calls = []
 
@@ -554,13 +554,13 @@ def test_a_receive_that_failed_fails_again_instead_of_returning() -> None:
         calls.append(1)
         raise ValueError("the exchange failed")
 
-    hook = _once(receive)
+    hook = run_once(receive)
     with pytest.raises(ValueError, match="the exchange failed"):
         hook()
     with pytest.raises(RuntimeError, match="this receive failed earlier .ValueError: the exchange failed."):
         hook()
     assert calls == [1]  # never run twice
-    fine = _once(lambda: calls.append(2))
+    fine = run_once(lambda: calls.append(2))
     fine()
     fine()
     assert calls == [1, 2]
@@ -630,6 +630,10 @@ def _deferred_failures(rank: int, world: int) -> None:
     failing = buffer.low_latency_dispatch(x[:3], ids[:3], 4, 2 * world, use_fp8=False, async_finish=True)
     with pytest.raises(RuntimeError, match="the receive failed"):
         failing[3].current_stream_wait()
+    # Waited on again: it raises again instead of returning as if the outputs had been filled.
+    with pytest.raises(RuntimeError, match="this receive failed earlier"):
+        failing[3].current_stream_wait()
+    assert not failing[3].event.is_complete
     recv_x, count, _, _, _ = buffer.low_latency_dispatch(x, ids, 4, 2 * world, use_fp8=False)
     assert int(count.sum()) == 4 * world * (rank == 0)  # every token went to expert 0, on rank 0
 
