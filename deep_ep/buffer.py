@@ -96,6 +96,7 @@ class Buffer:
             )
             if enable_shrink:
                 raise UnsupportedFeatureError("enable_shrink=True (elastic EP with rank masks) is not supported yet")
+            qp_depth = _nvshmem_qp_depth() if low_latency_mode else None
             self.num_nvl_bytes = checks.integer("num_nvl_bytes", num_nvl_bytes, minimum=0)
             self.num_rdma_bytes = checks.integer("num_rdma_bytes", num_rdma_bytes, minimum=0)
             self.num_qps_per_rank = checks.integer("num_qps_per_rank", num_qps_per_rank, minimum=1)
@@ -135,8 +136,8 @@ class Buffer:
         self.use_fabric = use_fabric
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = False  # True is refused above
-        if low_latency_mode:  # read by DeepEP code; no backend here uses NVSHMEM, so it bounds nothing
-            self.nvshmem_qp_depth = int(os.environ.get("NVSHMEM_QP_DEPTH", "1024"))
+        if qp_depth is not None:
+            self.nvshmem_qp_depth = qp_depth
         self.check_agreement = os.environ.get("DEEP_EP_CHECK_AGREEMENT", "1") != "0"
         # Low-latency value checks (expert ids in range, distinct per token) read the device, one host round
         # trip per call; False (env DEEP_EP_CHECK_VALUES=0) skips them, as CUDA-graph capture must (docs/ERRORS.md).
@@ -924,6 +925,17 @@ class Buffer:
 
     def low_latency_clean_mask_buffer(self) -> None:
         raise UnsupportedFeatureError("low_latency_clean_mask_buffer needs enable_shrink, which is not supported yet")
+
+
+def _nvshmem_qp_depth() -> int:
+    """DeepEP's `nvshmem_qp_depth` (env NVSHMEM_QP_DEPTH, default 1024): read by DeepEP code; no backend here uses
+    NVSHMEM, so it bounds nothing. Checked before the agreement, so that a bad value fails every rank alike."""
+    raw = os.environ.get("NVSHMEM_QP_DEPTH", "1024")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"NVSHMEM_QP_DEPTH={raw!r} must be an integer") from None
+    return checks.integer("NVSHMEM_QP_DEPTH", value, minimum=1)
 
 
 def _default_device(comm: Comm) -> torch.device:

@@ -56,19 +56,22 @@ def test_comm_timeout_refuses_what_a_wait_cannot_take() -> None:
     assert run_ranks(2, _timeouts, timeout=60)[0] == ["ValueError"] * 4 + ["TypeError"] * 2
 
 
-def _env_timeout(rank: int, world: int) -> str:
+def _bad_env(rank: int, world: int, name: str, value: str) -> str:
     if rank == world - 1:
-        os.environ["DEEP_EP_COMM_TIMEOUT"] = "inf"
+        os.environ[name] = value
     with pytest.raises(ValueError) as info:
-        Buffer(dist.group.WORLD)
-    os.environ.pop("DEEP_EP_COMM_TIMEOUT", None)
-    assert Buffer(dist.group.WORLD).comm_timeout == 300.0
+        Buffer(dist.group.WORLD, low_latency_mode=True)
+    os.environ.pop(name, None)
+    buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
+    assert (buffer.comm_timeout, buffer.nvshmem_qp_depth) == (300.0, 1024)
     return f"{type(info.value).__name__}: {info.value}"
 
 
-def test_a_bad_comm_timeout_env_fails_every_rank_at_once() -> None:
-    messages = run_ranks(2, _env_timeout, timeout=60)
-    assert "DEEP_EP_COMM_TIMEOUT=inf" in messages[1], messages
+# (and later: a bad NVSHMEM_QP_DEPTH was read after the agreement, with Python's int() message on that rank only)
+@pytest.mark.parametrize("name,value", [("DEEP_EP_COMM_TIMEOUT", "inf"), ("NVSHMEM_QP_DEPTH", "abc")])
+def test_a_bad_env_value_fails_every_rank_at_once(name: str, value: str) -> None:
+    messages = run_ranks(2, _bad_env, name, value, timeout=60)
+    assert name in messages[1] and value in messages[1], messages  # the variable and its value, named
     assert CollectiveMismatchError.__name__ in messages[0] and "rejected" in messages[0], messages
 
 
