@@ -25,6 +25,10 @@ def tensor(
     failing in torch's write after the exchange."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}: call .to_dense() first")
+    if value.is_conj() or value.is_neg():
+        raise TypeError(f"{name} is a lazy conjugate or negative view: call .resolve_conj().resolve_neg() first")
     if dtypes is not None and value.dtype not in dtypes:
         allowed = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"{name} must have dtype {allowed}, got {value.dtype}")

@@ -188,3 +188,45 @@ def _clean_with_a_lost_hook(rank: int, world: int) -> list[int]:
 def test_clean_low_latency_buffer_takes_the_lost_receive_even_with_bad_arguments(tmp_path) -> None:
     env = {"DEEP_EP_SIM_DIR": str(tmp_path), "TRITON_INTERPRET": "1"}
     assert run_ranks(2, _clean_with_a_lost_hook, env=env, timeout=40) == [[2], [2]]
+
+
+# ---- finding (review, twenty-sixth session): a sparse tensor or a lazy conjugate view passed every check, then failed
+# inside the backend on its rank with torch's message, while its peers waited in the transfer until comm_timeout
+def _odd_tensor_on_one_rank(rank: int, world: int, argument: str, kind: str) -> str:
+    buffer = Buffer(dist.group.WORLD)
+    buffer.comm_timeout = 60.0
+    x = torch.arange(2 * 8, dtype=torch.float32).view(2, 8) + rank
+    idx, weights = torch.tensor([[0], [1]]), torch.ones(2, 1)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 2)
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=idx, topk_weights=weights, **layout)
+
+    def odd(t: torch.Tensor) -> torch.Tensor:
+        if rank != 0:
+            return t
+        return t.to_sparse() if kind == "sparse" else t.conj()
+
+    complex_x = torch.complex(x, -x)  # any dtype travels; a conjugate view needs a complex one
+    calls = {
+        "x": lambda: buffer.dispatch(odd(complex_x if kind == "conj" else x), **layout),
+        "cached x": lambda: buffer.dispatch(odd(complex_x if kind == "conj" else x), handle=handle),
+        "topk_weights": lambda: buffer.dispatch(x, topk_idx=idx, topk_weights=odd(weights), **layout),
+        "combine x": lambda: buffer.combine(odd(recv_x), handle),
+        "bias": lambda: buffer.combine(recv_x, handle, bias=odd(x)),
+    }
+    with pytest.raises((TypeError, CollectiveMismatchError)) as info:
+        calls[argument]()
+    assert torch.equal(buffer.combine(recv_x, handle)[0], x)  # the Buffer still moves data (each token to one rank)
+    return f"{type(info.value).__name__}: {info.value}"
+
+
+@pytest.mark.parametrize(
+    "argument,kind",
+    [("x", "sparse"), ("x", "conj"), ("cached x", "conj"), ("topk_weights", "sparse"), ("combine x", "sparse"),
+     ("bias", "sparse")],
+)  # fmt: skip
+def test_a_sparse_or_conjugate_view_argument_is_refused_before_any_transfer(argument: str, kind: str) -> None:
+    messages = run_ranks(2, _odd_tensor_on_one_rank, argument, kind, timeout=60)
+    name = argument.split()[-1]
+    assert messages[0].startswith(f"TypeError: {name} ") and ("dense" in messages[0] or "conjugate" in messages[0])
+    assert "CollectiveMismatchError" in messages[1] and "rejected" in messages[1], messages
