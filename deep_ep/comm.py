@@ -63,12 +63,20 @@ class Pending:
 
     def __init__(self, comm: Comm, op: str, works: list, finish: list[Callable[[], None]], on_host: bool) -> None:
         self._comm, self._op, self._works, self._finish, self._on_host = comm, op, works, finish, on_host
+        # The steps write the call's outputs, made in the call's inference mode: a wait outside it (an async
+        # call's event, a hook) must write them in that mode, or torch refuses the in-place update.
+        self._inference = torch.is_inference_mode_enabled()
 
     def wait(self) -> None:
         works, self._works = self._works, []
         for work in works:
             self._comm.wait(work, self._op, self._on_host)
         finish, self._finish = self._finish, []
+        if finish and torch.is_inference_mode_enabled() != self._inference:
+            with torch.inference_mode(self._inference):
+                for step in finish:
+                    step()
+            return
         for step in finish:
             step()
 

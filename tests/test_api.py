@@ -432,6 +432,38 @@ def test_a_failed_async_completion_raises_at_every_wait() -> None:
     run_ranks(2, _failed_async_dispatch)
 
 
+def _issued_in_inference_mode(rank: int, world: int) -> None:
+    w = make_workload(world, 9, 16, 2, 4 * world, seed=7)
+    x, idx, weights = w.x[rank], w.topk_idx[rank], w.topk_weights[rank]
+    buffer, ll = Buffer(dist.group.WORLD), Buffer(dist.group.WORLD, low_latency_mode=True)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, w.num_experts)
+    kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    sync = buffer.dispatch(x, topk_idx=idx, topk_weights=weights, **kwargs)
+    ll_sync = ll.low_latency_dispatch(x, idx, 16, w.num_experts, use_fp8=False)
+    # Issued inside inference mode (outputs are inference tensors), completed outside it: as on a GPU, it works.
+    with torch.inference_mode():
+        out = buffer.dispatch(x, topk_idx=idx, topk_weights=weights, async_finish=True, **kwargs)
+    out[-1].current_stream_wait()
+    for i in range(3):
+        assert_bit_equal(f"dispatch output {i}", out[i], sync[i])
+    with torch.inference_mode():
+        combined, _, event = buffer.combine(sync[0], sync[4], async_finish=True)
+    event.current_stream_wait()
+    assert_bit_equal("combine", combined, buffer.combine(sync[0], sync[4])[0])
+    with torch.inference_mode():
+        recv_x, count, _, _, hook = ll.low_latency_dispatch(
+            x, idx, 16, w.num_experts, use_fp8=False, return_recv_hook=True
+        )
+    hook()
+    assert torch.equal(count, ll_sync[1])
+    for expert, n in enumerate(count.tolist()):  # rows past the count are not defined
+        assert_bit_equal(f"low-latency recv_x of expert {expert}", recv_x[expert, :n], ll_sync[0][expert, :n])
+
+
+def test_an_async_call_issued_in_inference_mode_completes_outside_it() -> None:
+    run_ranks(2, _issued_in_inference_mode)
+
+
 def _seed_code(rank: int, world: int) -> None:
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     import seed_user_code as user
