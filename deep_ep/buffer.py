@@ -11,6 +11,7 @@ import itertools
 import operator
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -144,7 +145,7 @@ class Buffer:
         self.check_values = os.environ.get("DEEP_EP_CHECK_VALUES", "1") != "0"
         self.runtime = backend_class(self._comm, self.device, self.low_latency_quant)
         self._destroyed = False
-        self._unreceived_hook: tuple[str, Callable[[], None]] | None = None  # (op, its hook)
+        self._unreceived_hook: tuple[str, Callable[[], None], object] | None = None  # (op, its hook, its mark)
         # A CPU low-latency call with async_finish receives when its event is waited on; the next low-latency
         # call finishes it first, so that two never share the backend's low-latency state.
         self._deferred_receive: Callable[[], None] | None = None
@@ -871,14 +872,18 @@ class Buffer:
         self, receive: Callable[[], None], op: str, async_finish: bool, return_recv_hook: bool, device: torch.device
     ) -> tuple[EventOverlap, Callable[[], None] | None]:
         if return_recv_hook:
+            # The hook holds its Buffer weakly and is marked by a token, not by itself: a hook that referred to
+            # itself and its Buffer made a cycle that kept a dropped Buffer (and its board) until a cyclic collection.
+            owner, mark = weakref.ref(self), object()
 
             def hook() -> None:
+                buffer = owner()
                 # Only this call's hook clears the mark: an older hook called again must not clear a newer one's.
-                if self._unreceived_hook is not None and self._unreceived_hook[1] is hook:
-                    self._unreceived_hook = None
+                if buffer is not None and buffer._unreceived_hook is not None and buffer._unreceived_hook[2] is mark:
+                    buffer._unreceived_hook = None
                 receive()
 
-            self._unreceived_hook = (op, hook)
+            self._unreceived_hook = (op, hook, mark)
             return EventOverlap(), hook
         if async_finish and device.type == "cpu":
 

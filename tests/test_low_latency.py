@@ -8,6 +8,9 @@ combine carry NaN in those rows, so a combine that read one would show it.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -697,3 +700,33 @@ def _staging_survives_clean(rank: int, world: int) -> None:
 
 def test_zero_copy_staging_survives_clean_low_latency_buffer() -> None:
     run_ranks(2, _staging_survives_clean)
+
+
+# ---- finding (review, twenty-sixth session): a hook referred to itself and its Buffer, a reference cycle that kept a
+# dropped Buffer (its host board's mapping and descriptors) alive until the next cyclic garbage collection
+def _dropped_with_hooks(rank: int, world: int) -> list[bool]:
+    x, ids, weights = torch.ones(2, 16, dtype=torch.bfloat16), torch.tensor([[0], [1]]), torch.ones(2, 1)
+    alive = []
+    gc.disable()  # as training loops that collect by hand: nothing but reference counts frees the Buffer
+    try:
+        for called in (True, False):
+            buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
+            recv, _, handle, _, hook = buffer.low_latency_dispatch(
+                x, ids, 4, 2 * world, use_fp8=False, return_recv_hook=True
+            )
+            hook()
+            combined, _, hook = buffer.low_latency_combine(recv, ids, weights, handle, return_recv_hook=True)
+            if called:
+                hook()
+            else:
+                buffer.clean_low_latency_buffer(4, 16, 2 * world)  # takes the lost receive
+            owner = weakref.ref(buffer)
+            del buffer, recv, handle, hook, combined
+            alive.append(owner() is not None)
+    finally:
+        gc.enable()
+    return alive
+
+
+def test_a_buffer_whose_calls_returned_hooks_is_freed_when_dropped() -> None:
+    assert run_ranks(2, _dropped_with_hooks, timeout=60) == [[False, False]] * 2
