@@ -192,7 +192,7 @@ class HostBoard:
         started = time.monotonic()
         while late := [rank for rank, i in enumerate(previous) if abs(self._words[i]) < call - 1]:
             waited = time.monotonic() - started
-            gone = self._pids is not None and any(_process_gone(self._pids[rank]) for rank in late)
+            gone = self._pids is not None and any(self._exited_unposted(r, previous[r], call - 1) for r in late)
             if gone or waited > self._comm.timeout_s:
                 with self._locked():
                     self._words[mine + _SLOT_WORDS - 1] = -call  # a rank that reaches this call fails it too
@@ -205,14 +205,7 @@ class HostBoard:
     def _wait(self, seq_words: list[int], call: int, op: str) -> None:
         words, spins, started, next_look = self._words, 0, None, 0.0
         while any(words[i] != call for i in seq_words):
-            given_up = [rank for rank, i in enumerate(seq_words) if words[i] == -call or abs(words[i]) > call]
-            if given_up:
-                late = [r for r, i in enumerate(seq_words) if words[i] != call and r not in given_up]
-                raise CommTimeoutError(
-                    f"{op}: ranks {late or [self._comm.rank]} did not reach the call before ranks {given_up} gave "
-                    f"up waiting (comm_timeout, or a rank's process exited), seen on rank {self._comm.rank} of "
-                    f"{self._comm.size}; every rank fails this call"
-                )
+            self._raise_if_given_up(seq_words, call, op)
             spins += 1
             if spins < _SPIN_BEFORE_YIELD:
                 continue
@@ -224,17 +217,17 @@ class HostBoard:
                 late = self._give_up(seq_words, call, range(self._comm.size))
                 if not late:  # everyone posted after all: some may have seen it and gone on, so go on too
                     return
+                self._raise_if_given_up(seq_words, call, op)  # a peer that gave up meanwhile is not late
                 raise CommTimeoutError(
                     f"{op}: ranks {late} did not reach the call within {self._comm.timeout_s:g} s, {where}"
                 )
             if self._pids is not None and waited >= next_look:
                 next_look = waited + _LOOK_FOR_DEAD_S
-                # Ranks that neither posted nor gave up (a rank that gave up may have exited since: not gone).
+                # Ranks that exited without posting or giving up this call (one that did either, then exited, is
+                # not gone: it reached the call). The call is then given up as on a timeout.
                 late = [rank for rank, i in enumerate(seq_words) if abs(words[i]) < call]
-                gone = [rank for rank in late if _process_gone(self._pids[rank])]
+                gone = [rank for rank in late if self._exited_unposted(rank, seq_words[rank], call)]
                 if gone:
-                    # A peer may post and exit between the two looks: gone means exited with its slot still
-                    # unposted. The call is given up as on a timeout: a rank wrongly taken for gone fails it too.
                     gone = self._give_up(seq_words, call, gone)
                 if gone:
                     raise CommTimeoutError(f"{op}: ranks {gone} went away (their processes exited), {where}")
@@ -243,6 +236,23 @@ class HostBoard:
                 os.sched_yield()
             else:
                 time.sleep(_SLEEP_S)
+
+    def _raise_if_given_up(self, seq_words: list[int], call: int, op: str) -> None:
+        """Raise if a peer gave `call` up (or went on past it): every rank fails a call that one gave up."""
+        words, me = self._words, self._comm.rank
+        given_up = [r for r, i in enumerate(seq_words) if r != me and (words[i] == -call or abs(words[i]) > call)]
+        if given_up:
+            late = [r for r, i in enumerate(seq_words) if r != me and words[i] != call and r not in given_up]
+            raise CommTimeoutError(
+                f"{op}: ranks {late or [self._comm.rank]} did not reach the call before ranks {given_up} gave "
+                f"up waiting (comm_timeout, or a rank's process exited), seen on rank {self._comm.rank} of "
+                f"{self._comm.size}; every rank fails this call"
+            )
+
+    def _exited_unposted(self, rank: int, seq_word: int, call: int) -> bool:
+        """Whether `rank` exited without posting or giving up `call`. Its word is read after its exit is seen: a
+        rank that posted or gave up, then exited before this look, is not taken for gone (its word is final)."""
+        return _process_gone(self._pids[rank]) and abs(self._words[seq_word]) < call
 
     def _give_up(self, seq_words: list[int], call: int, ranks: Iterable[int]) -> list[int]:
         """Those of `ranks` that have not posted `call`, checked under the board's lock; if there are any, `call` is
