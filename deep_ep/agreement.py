@@ -16,7 +16,14 @@ from .errors import CollectiveMismatchError
 
 # The fields each operation agrees on, in wire order. Adding a field appends to its op's tuple.
 OPERATIONS: dict[str, tuple[str, ...]] = {
-    "create": ("backend", "low_latency_mode", "low_latency_quant", "num_nvl_bytes", "num_rdma_bytes"),
+    "create": (
+        "backend",
+        "low_latency_mode",
+        "explicitly_destroy",
+        "low_latency_quant",
+        "num_nvl_bytes",
+        "num_rdma_bytes",
+    ),
     "dispatch": (
         "hidden",
         "x_dtype",

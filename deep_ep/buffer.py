@@ -120,6 +120,7 @@ class Buffer:
                 labels={"backend": list_backends(), "low_latency_quant": ["fp8", "int8"]},
                 backend=name_code(backend_class.name),
                 low_latency_mode=int(bool(low_latency_mode)),
+                explicitly_destroy=int(bool(explicitly_destroy)),  # destroy() is collective: alike on every rank
                 low_latency_quant=name_code(self.low_latency_quant),
                 num_nvl_bytes=self.num_nvl_bytes,
                 num_rdma_bytes=self.num_rdma_bytes,

@@ -772,6 +772,7 @@ def _create_apart(rank: int, world: int, what: str) -> tuple[str, str]:
         "sizes": dict(num_nvl_bytes=1 << 20 if last else 1 << 21),
         "rdma": dict(num_rdma_bytes=1 << 20 if last else 0),
         "quant": dict(low_latency_quant="int8" if last else "fp8"),
+        "destroy": dict(explicitly_destroy=last),  # destroy() is collective (found by review, twenty-sixth session)
     }[what]
     with pytest.raises((ValueError, CollectiveMismatchError)) as info:
         Buffer(dist.group.WORLD, **arguments)
@@ -788,6 +789,7 @@ def _create_apart(rank: int, world: int, what: str) -> tuple[str, str]:
         ("sizes", "num_nvl_bytes: rank 0=2097152, rank 1=2097152, rank 2=1048576", None),
         ("rdma", "num_rdma_bytes: rank 0=0, rank 1=0, rank 2=1048576", None),
         ("quant", "low_latency_quant: rank 0='fp8', rank 1='fp8', rank 2='int8'", None),
+        ("destroy", "explicitly_destroy: rank 0=0, rank 1=0, rank 2=1", None),
     ],
 )
 def test_buffers_created_apart_fail_on_every_rank(what: str, last_says: str, others_say: str | None) -> None:
