@@ -75,6 +75,11 @@ class Buffer:
         except ValueError:
             timeout_s = DEFAULT_TIMEOUT_S
         self._comm = Comm(group, timeout_s=timeout_s)
+        if self._comm.out_of_step is not None:  # checked before the board's opening, a collective over the group
+            raise CommTimeoutError(
+                f"Buffer(...): a wait on this group timed out before ({self._comm.out_of_step}); its collectives may "
+                "no longer pair up on every rank, so no Buffer is made on it: make a new process group"
+            )
         self._comm.open_host_board()
         self.device = _default_device(self._comm)
         # The arguments are checked, then agreed on by every rank in one tiny all-gather: a rank that rejects its

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -85,6 +86,9 @@ class Pending:
         return self
 
 
+_OUT_OF_STEP: weakref.WeakKeyDictionary[dist.ProcessGroup, str] = weakref.WeakKeyDictionary()
+
+
 class Comm:
     """One group's collectives as deep_ep uses them."""
 
@@ -95,9 +99,13 @@ class Comm:
         self.device_types = group_device_types(group)
         self.timeout_s = default_timeout_s() if timeout_s is None else timeout_s
         self.board: HostBoard | None = None
-        # Set when a wait on the group timed out: the group's collectives may then pair differently on each rank
-        # (a late rank's transfer with another call's), so the owner refuses every later call.
-        self.out_of_step: str | None = None
+
+    @property
+    def out_of_step(self) -> str | None:
+        """Why a wait on this group timed out, if one did: the group's collectives may then pair differently on
+        each rank (a late rank's transfer with another call's), so every Buffer on the group refuses its calls,
+        those made later included (gloo aborts the process on a mispaired transfer)."""
+        return _OUT_OF_STEP.get(self.group)
 
     def open_host_board(self) -> None:
         """Collective: small all-gathers go through host shared memory from now on if every rank is on this host."""
@@ -137,8 +145,11 @@ class Comm:
                 why = "a peer went away (its connection closed)"
             else:
                 raise
-            self.out_of_step = f"{op}: {why}"
-            raise CommTimeoutError(f"{op}: {why}, seen on rank {self.rank} of {self.size} ({error})") from error
+            _OUT_OF_STEP[self.group] = f"{op}: {why}"
+            raise CommTimeoutError(
+                f"{op}: {why}, seen on rank {self.rank} of {self.size} ({error}); the group's collectives may no "
+                "longer pair up on every rank: make a new process group (and Buffer) to go on"
+            ) from error
 
     def all_gather(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         """Every rank's `tensor` stacked: [R, *tensor.shape], on `tensor`'s device (blocking)."""

@@ -655,6 +655,34 @@ def test_dead_peer_raises_timeout_naming_the_op(op: str, how: str) -> None:
     assert all(m and op in m for m in messages[:2]), messages
 
 
+# ---- finding (review, twenty-sixth session): a Buffer made again on a group where a wait had timed out took part in
+# collectives that no longer paired up on every rank, and gloo aborted the process
+def _buffer_again_after_a_group_timeout(rank: int, world: int) -> str:
+    os.environ["DEEP_EP_COMM_TIMEOUT"] = "1" if rank == 0 else "3"
+    os.environ["DEEP_EP_HOST_BOARD"] = "0"  # every exchange over the group
+    if rank == 1:
+        time.sleep(4.0)  # late for the first Buffer: rank 0's wait on the group times out
+    with pytest.raises(CommTimeoutError, match="make a new process group"):
+        Buffer(dist.group.WORLD)
+    refused = ""
+    if rank == 0:
+        with pytest.raises(CommTimeoutError, match="no Buffer is made on it") as info:
+            Buffer(dist.group.WORLD)  # before any collective: nothing to mispair
+        refused = str(info.value)
+    del os.environ["DEEP_EP_COMM_TIMEOUT"]
+    buffer = Buffer(dist.new_group(list(range(world))))  # what the errors say to do
+    x, idx = torch.ones(2, 16) * (rank + 1), torch.tensor([[0], [1]])
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 2)
+    recv_x, *_, handle, _ = buffer.dispatch(x, None, per_rank, None, in_rank, per_expert)
+    assert torch.equal(buffer.combine(recv_x, handle)[0], x)
+    return refused
+
+
+def test_no_buffer_is_made_on_a_group_whose_wait_timed_out() -> None:
+    messages = run_ranks(2, _buffer_again_after_a_group_timeout, timeout=90)
+    assert "a wait on this group timed out before" in messages[0], messages
+
+
 def test_public_error_types() -> None:
     assert issubclass(deep_ep.CollectiveMismatchError, ValueError)
     assert issubclass(deep_ep.CommTimeoutError, TimeoutError)
