@@ -9,6 +9,7 @@ Everything the reference algorithm sends goes through `Comm`, so three concerns 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import weakref
@@ -73,19 +74,17 @@ class Pending:
         for work in works:
             self._comm.wait(work, self._op, self._on_host)
         finish, self._finish = self._finish, []
-        if finish and torch.is_inference_mode_enabled() != self._inference:
-            with torch.inference_mode(self._inference):
-                for step in finish:
-                    step()
-            return
-        for step in finish:
-            step()
+        same_mode = torch.is_inference_mode_enabled() == self._inference
+        with contextlib.nullcontext() if same_mode else torch.inference_mode(self._inference):
+            for step in finish:
+                step()
 
     def then(self, step: Callable[[], None]) -> Pending:
         self._finish.append(step)
         return self
 
 
+# Groups on which a wait timed out, with why (held weakly: a group dropped by the job is forgotten).
 _OUT_OF_STEP: weakref.WeakKeyDictionary[dist.ProcessGroup, str] = weakref.WeakKeyDictionary()
 
 
